@@ -1,0 +1,190 @@
+"""The engine: one file in, one :class:`~service_shared.messages.EngineOutput` out.
+
+``analyze_file`` is a module-level, keyword-only, pure function of a path and small picklable
+arguments, so it can run in a process pool; it returns a pydantic model that pickles back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from service_shared.messages import EngineOutput, KeyResult, MoodResult, Segment, TempoResult
+
+from analysis_service.audio.decode import iter_mono_blocks, probe
+from analysis_service.audio.features import FeatureExtractor, Features
+from analysis_service.audio.key import KeyEstimate
+from analysis_service.audio.mood import MoodEstimate
+from analysis_service.audio.registry import Analyzer, build_registry, resolve
+from analysis_service.audio.tempo import TempoEstimate
+from analysis_service.audio.timeline import estimate_timeline
+from analysis_service.errors import SilentAudio, TooShort
+from analysis_service.settings import EngineSettings
+
+#: ``progress(fraction, stage)``: fraction of the work done in [0, 1] and the current stage name.
+ProgressCallback = Callable[[float, str], None]
+
+#: Below this peak level (dBFS) a recording counts as silence.
+SILENCE_PEAK_DBFS = -70.0
+MIN_DURATION_S = 2.0
+#: Share of the progress bar given to decoding + features (the rest is analysis).
+_DECODE_SHARE = 0.85
+
+
+def _noop(_fraction: float, _stage: str) -> None:
+    return None
+
+
+def analyze_file(
+    path: str | os.PathLike[str],
+    *,
+    settings: EngineSettings,
+    analyses: Iterable[str] | None = None,
+    timeline: bool | None = None,
+    progress: ProgressCallback | None = None,
+    registry: Mapping[str, Analyzer] | None = None,
+) -> EngineOutput:
+    """Decode ``path`` once, compute the shared features once, and run the analyzers over them.
+
+    Parameters
+    ----------
+    path : path-like
+        The audio file.
+    settings : EngineSettings
+        Analysis rate and input limits.
+    analyses : iterable of str, optional
+        Analyzer names to report (default: all registered). Dependencies run as needed.
+    timeline : bool, optional
+        Force or suppress the segment timeline; by default only files longer than
+        ``settings.timeline_threshold_s`` get one.
+    progress : callable, optional
+        Called with ``(fraction, stage)`` as work proceeds (at least once per decoded block).
+    registry : mapping, optional
+        Analyzers by name (default: :func:`build_registry`).
+
+    Raises
+    ------
+    analysis_service.errors.AudioInputError
+        A subclass naming what is wrong with the input (missing, not audio, silent, too long...).
+    """
+    report = progress or _noop
+    registry = build_registry() if registry is None else registry
+    plan = resolve(registry, analyses)
+    wanted = set(registry) if analyses is None else set(analyses)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    info = probe(path, settings=settings)
+    report(0.0, "decode")
+    features, decode_s, features_s = _extract(
+        info_blocks=iter_mono_blocks(info, target_rate=settings.sample_rate),
+        sample_rate=settings.sample_rate,
+        expected_s=info.duration_s,
+        report=report,
+    )
+    timings["decode"] = round(decode_s + (time.perf_counter() - t0 - decode_s - features_s), 4)
+    timings["features"] = round(features_s, 4)
+    _check_signal(features, path=str(path))
+
+    results: dict[str, Any] = {}
+    for i, analyzer in enumerate(plan):
+        report(_DECODE_SHARE + (1 - _DECODE_SHARE) * i / (len(plan) + 1), analyzer.name)
+        t = time.perf_counter()
+        results[analyzer.name] = analyzer.run(features, results)
+        timings[analyzer.name] = round(time.perf_counter() - t, 4)
+
+    segments = None
+    if timeline if timeline is not None else features.duration_s > settings.timeline_threshold_s:
+        report(_DECODE_SHARE + (1 - _DECODE_SHARE) * len(plan) / (len(plan) + 1), "timeline")
+        t = time.perf_counter()
+        segments = [
+            Segment(start_s=s.start_s, end_s=s.end_s, bpm=s.bpm, key=s.key) for s in estimate_timeline(features)
+        ]
+        timings["timeline"] = round(time.perf_counter() - t, 4)
+    timings["total"] = round(time.perf_counter() - t0, 4)
+    report(1.0, "done")
+    return _output(info, features, results, wanted, plan, segments, timings)
+
+
+def _extract(
+    *, info_blocks: Iterable[np.ndarray], sample_rate: int, expected_s: float, report: ProgressCallback
+) -> tuple[Features, float, float]:
+    """Stream decoded blocks through the feature extractor; time both sides."""
+    fx = FeatureExtractor(sample_rate=sample_rate)
+    expected = max(expected_s * sample_rate, 1.0)
+    done = 0
+    features_s = 0.0
+    decode_s = 0.0
+    blocks = iter(info_blocks)
+    while True:
+        t = time.perf_counter()
+        block = next(blocks, None)
+        decode_s += time.perf_counter() - t
+        if block is None:
+            break
+        t = time.perf_counter()
+        fx.push(block)
+        features_s += time.perf_counter() - t
+        done += len(block)
+        report(min(done / expected, 1.0) * _DECODE_SHARE, "decode")
+    t = time.perf_counter()
+    features = fx.finish()
+    features_s += time.perf_counter() - t
+    return features, decode_s, features_s
+
+
+def _check_signal(features: Features, *, path: str) -> None:
+    if features.duration_s < MIN_DURATION_S:
+        raise TooShort(
+            f"audio is {features.duration_s:.2f} s long; at least {MIN_DURATION_S:.0f} s is needed", path=path
+        )
+    peak_db = 20 * np.log10(max(features.peak, 1e-12))
+    if peak_db < SILENCE_PEAK_DBFS:
+        raise SilentAudio(
+            f"audio is silent (peak {peak_db:.1f} dBFS, threshold {SILENCE_PEAK_DBFS:.0f} dBFS)", path=path
+        )
+
+
+def _output(
+    info: Any,
+    features: Features,
+    results: Mapping[str, Any],
+    wanted: set[str],
+    plan: list[Analyzer],
+    segments: list[Segment] | None,
+    timings: dict[str, float],
+) -> EngineOutput:
+    tempo = results.get("bpm") if "bpm" in wanted else None
+    key = results.get("key") if "key" in wanted else None
+    mood = results.get("mood") if "mood" in wanted else None
+    builtin = {"bpm", "key", "mood"}
+    return EngineOutput(
+        duration_s=round(features.duration_s, 3),
+        source_sample_rate=info.sample_rate,
+        source_channels=info.channels,
+        format=info.format,
+        tempo=_tempo(tempo) if isinstance(tempo, TempoEstimate) else None,
+        key=_key(key) if isinstance(key, KeyEstimate) else None,
+        mood=_mood(mood) if isinstance(mood, MoodEstimate) else None,
+        timeline=segments,
+        extra={name: results[name] for name in results if name in wanted and name not in builtin},
+        analyzer_versions={a.name: a.version for a in plan},
+        timings_s=timings,
+    )
+
+
+def _tempo(t: TempoEstimate) -> TempoResult:
+    return TempoResult(bpm=t.bpm, confidence=t.confidence)
+
+
+def _key(k: KeyEstimate) -> KeyResult:
+    return KeyResult(key=k.name, tonic=k.tonic, mode=k.mode, camelot=k.camelot, confidence=k.confidence)  # type: ignore[arg-type]
+
+
+def _mood(m: MoodEstimate) -> MoodResult:
+    return MoodResult(
+        energy=m.energy, valence=m.valence, danceability=m.danceability, label=m.label, confidence=m.confidence
+    )

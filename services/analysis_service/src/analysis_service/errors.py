@@ -1,0 +1,125 @@
+"""Every error the service raises, under one root.
+
+``PermanentError`` subclasses mean "this request can never succeed": the worker publishes a failed
+result with the error's ``code`` and dead-letters the message. ``TransientError`` subclasses mean
+"retry later": the message is never acked as done while one is outstanding.
+
+The exceptions pickle with their message and path, so they cross the process pool intact.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AnalysisServiceError(Exception):
+    """Root of the service's errors. ``code`` is stable and machine-readable."""
+
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.message, self.path))
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.path})" if self.path else self.message
+
+
+def _rebuild(cls: type[AnalysisServiceError], message: str, path: str | None) -> AnalysisServiceError:
+    return cls(message, path=path)
+
+
+class PermanentError(AnalysisServiceError):
+    """The request cannot succeed, however often it is retried."""
+
+    code = "permanent_error"
+
+
+class InvalidRequest(PermanentError):
+    code = "invalid_request"
+
+
+class PathOutsideMediaRoot(PermanentError):
+    code = "path_outside_media_root"
+
+
+class AudioInputError(PermanentError):
+    """The file is not something the engine can analyse."""
+
+    code = "bad_audio"
+
+
+class FileMissing(AudioInputError):
+    code = "file_not_found"
+
+
+class FileUnreadable(AudioInputError):
+    code = "file_unreadable"
+
+
+class EmptyFile(AudioInputError):
+    code = "empty_file"
+
+
+class NotAudio(AudioInputError):
+    code = "not_audio"
+
+
+class TruncatedAudio(AudioInputError):
+    code = "truncated_audio"
+
+
+class SilentAudio(AudioInputError):
+    code = "silent_audio"
+
+
+class TooShort(AudioInputError):
+    code = "too_short"
+
+
+class TooLong(AudioInputError):
+    code = "too_long"
+
+
+class UnsupportedAudio(AudioInputError):
+    """Sample rate or channel count outside what the engine accepts."""
+
+    code = "unsupported_audio"
+
+
+class DecoderUnavailable(AudioInputError):
+    """No installed decoder handles this format (e.g. m4a without ffmpeg)."""
+
+    code = "decoder_unavailable"
+
+
+class UnknownAnalyzer(PermanentError):
+    code = "unknown_analyzer"
+
+
+class AnalysisTimeout(PermanentError):
+    """The analysis ran past its time limit and was killed."""
+
+    code = "analysis_timeout"
+
+
+class WorkerCrashed(PermanentError):
+    """The pool process running the analysis died (again) — e.g. killed by the OOM killer."""
+
+    code = "worker_crashed"
+
+
+class TransientError(AnalysisServiceError):
+    """Retry later: a dependency is down or overloaded."""
+
+    code = "transient_error"
+
+
+class SinkUnavailable(TransientError):
+    """A result store (PostgreSQL, Neo4j, results exchange, Redis) could not be written."""
+
+    code = "sink_unavailable"

@@ -1,0 +1,114 @@
+"""The service's settings: one object, built once at the entry point and passed explicitly.
+
+Every field can be set from the environment with the ``ANALYSIS_`` prefix; nested models use ``__``
+(``ANALYSIS_POSTGRES__DSN``, ``ANALYSIS_WORKER__CONCURRENCY``). ``.env.example`` lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+from service_shared.settings import ServiceSettings
+
+
+class EngineSettings(BaseModel):
+    """How audio is decoded and analysed (also used by the local ``analyze`` command)."""
+
+    sample_rate: int = Field(default=22050, description="Analysis sample rate (Hz).")
+    max_duration_s: float = Field(default=4 * 3600.0, gt=0, description="Longer files are refused.")
+    timeline_threshold_s: float = Field(
+        default=600.0, ge=0, description="Files longer than this also get a segment timeline."
+    )
+    min_source_rate: int = Field(default=8000, description="Lowest accepted source sample rate (Hz).")
+    max_source_rate: int = Field(default=384000, description="Highest accepted source sample rate (Hz).")
+    max_channels: int = Field(default=8, description="Most accepted source channels.")
+
+
+class RabbitSettings(BaseModel):
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    request_exchange: str = "analysis.requests"
+    request_queue: str = "analysis.requests"
+    request_routing_key: str = "analysis.request"
+    dead_letter_exchange: str = "analysis.dlx"
+    dead_letter_queue: str = "analysis.requests.dead"
+    results_exchange: str = "analysis.results"
+    max_priority: int = Field(default=10, ge=1, le=255)
+    consumer_timeout_ms: int = Field(
+        default=3_600_000, description="x-consumer-timeout of the request queue (must exceed time limit)."
+    )
+    publish_timeout_s: float = 10.0
+    reconnect_grace_s: float = Field(
+        default=120.0, description="Exit non-zero when the consumer has been gone this long."
+    )
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "analysis"
+    progress_ttl_s: int = 7 * 24 * 3600
+    cache_ttl_s: int = 30 * 24 * 3600
+    socket_timeout_s: float = 2.0
+
+
+class PostgresSettings(BaseModel):
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/test"
+    min_pool_size: int = 1
+    max_pool_size: int = 4
+    command_timeout_s: float = 30.0
+
+
+class Neo4jSettings(BaseModel):
+    uri: str = "bolt://127.0.0.1:7687"
+    user: str = "neo4j"
+    password: str = "neo4j-password"
+    database: str | None = Field(default=None, description="None: the server's default database.")
+
+
+class WorkerSettings(BaseModel):
+    media_root: Path = Path("/media")
+    concurrency: int | None = Field(
+        default=None, ge=1, description="Analysis slots; default: the CPUs this process may use."
+    )
+    max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
+    time_limit_base_s: float = Field(default=60.0, gt=0)
+    time_limit_per_audio_minute_s: float = Field(default=2.0, gt=0)
+    time_limit_max_s: float = Field(default=1800.0, gt=0)
+    crash_retries: int = Field(default=1, ge=0, description="Retries after a pool process died.")
+    max_rss_mb: float = Field(default=4096.0, description="Pause consuming above this process-tree RSS.")
+    max_system_memory_percent: float = Field(default=90.0, le=100)
+    shutdown_grace_s: float = Field(default=60.0, ge=0)
+    sink_retry_attempts: int = Field(default=5, ge=1)
+    sink_retry_max_wait_s: float = Field(default=30.0, gt=0)
+    breaker_threshold: int = Field(default=5, ge=1, description="Failures that open a circuit breaker.")
+    breaker_ttl_s: float = Field(default=30.0, gt=0, description="Seconds a breaker stays open.")
+
+
+class HttpSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+class Settings(ServiceSettings):
+    """All settings of the analysis service."""
+
+    model_config = SettingsConfigDict(env_prefix="ANALYSIS_", env_nested_delimiter="__", extra="ignore")
+
+    service_name: str = "analysis-service"
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    rabbitmq: RabbitSettings = Field(default_factory=RabbitSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    neo4j: Neo4jSettings = Field(default_factory=Neo4jSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity / cpusets), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,1 @@
+"""Code shared by the media services: message contracts, settings base and logging setup."""

@@ -1,0 +1,129 @@
+"""Message contracts of the analysis service: requests in, results out (JSON over AMQP).
+
+The JSON Schemas in ``docs/schemas/`` are generated from these models
+(``analysis-service schema``); a test keeps them in sync.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AnalysisKind(StrEnum):
+    """An analysis a request can ask for."""
+
+    BPM = "bpm"
+    KEY = "key"
+    MOOD = "mood"
+
+
+class ResultStatus(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class RequestOptions(BaseModel):
+    """Optional per-request tuning; every field defaults to the worker's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeline: bool | None = Field(
+        default=None,
+        description="Force (true) or suppress (false) the segment timeline; default: only for files "
+        "longer than the worker's timeline threshold.",
+    )
+    use_cache: bool = Field(default=True, description="Reuse a cached result for identical audio.")
+
+
+class AnalysisRequest(BaseModel):
+    """A request to analyse one file of the media library."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    request_id: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9._:@/-]+$",
+        description="Idempotency key: a redelivered or resubmitted request with the same id never "
+        "creates a second result.",
+    )
+    file: str = Field(
+        min_length=1, description="Path of the audio file, relative to (or inside) the media root."
+    )
+    priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9 (highest).")
+    analyses: list[AnalysisKind] = Field(
+        default_factory=lambda: list(AnalysisKind), description="Which analyses to run (default all)."
+    )
+    correlation_id: str | None = Field(default=None, max_length=200)
+    options: RequestOptions = Field(default_factory=RequestOptions)
+
+
+class TempoResult(BaseModel):
+    bpm: float = Field(description="Global tempo in beats per minute.")
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class KeyResult(BaseModel):
+    key: str = Field(description='Tonic and mode, e.g. "A minor".')
+    tonic: str
+    mode: Literal["major", "minor"]
+    camelot: str = Field(description='Camelot wheel notation, e.g. "8A".')
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class MoodResult(BaseModel):
+    energy: float = Field(ge=0.0, le=1.0)
+    valence: float = Field(ge=0.0, le=1.0)
+    danceability: float = Field(ge=0.0, le=1.0)
+    label: str
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class Segment(BaseModel):
+    start_s: float
+    end_s: float
+    bpm: float | None = None
+    key: str | None = None
+
+
+class EngineOutput(BaseModel):
+    """What the analysis engine found in one file."""
+
+    duration_s: float
+    source_sample_rate: int
+    source_channels: int
+    format: str
+    tempo: TempoResult | None = None
+    key: KeyResult | None = None
+    mood: MoodResult | None = None
+    timeline: list[Segment] | None = None
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Results of third-party analyzers, by analyzer name."
+    )
+    analyzer_versions: dict[str, str]
+    timings_s: dict[str, float] = Field(description="Seconds spent per stage (decode, features, ...).")
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable error code, e.g. `file_not_found`.")
+    message: str
+
+
+class AnalysisResultMessage(BaseModel):
+    """Outcome of one request, published on the results exchange."""
+
+    schema_version: Literal[1] = 1
+    request_id: str
+    correlation_id: str | None = None
+    status: ResultStatus
+    file: str | None = None
+    content_hash: str | None = None
+    output: EngineOutput | None = None
+    error: ErrorInfo | None = None
+    cached: bool = False
+    finished_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -1,0 +1,23 @@
+"""Test-wide helpers: service gating (skip locally when a service is absent, fail in CI)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip the calling test when ``host:port`` does not accept connections — or fail under CI.
+
+    CI sets ``CI``; there a missing service is a broken environment, never a reason to skip.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        reason = f"{name} is not reachable at {host}:{port} ({exc})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI requires it", pytrace=False)
+        pytest.skip(reason)
