@@ -32,7 +32,7 @@ BINS_PER_SEMITONE = 3
 #: Onset bands (Hz): kick/bass, snare body/chords, hats/noise.
 ONSET_BANDS_HZ: tuple[tuple[float, float], ...] = ((25.0, 200.0), (200.0, 2000.0), (2000.0, 11000.0))
 #: Pitch range of the full chroma and of the bass chroma (Hz).
-CHROMA_RANGE_HZ = (80.0, 4000.0)
+CHROMA_RANGE_HZ = (80.0, 1200.0)
 BASS_RANGE_HZ = (27.0, 160.0)
 HARMONIC_MEDIAN_FRAMES = 3
 PEAK_NEIGHBOURHOOD_BINS = 15

@@ -3,15 +3,21 @@
 Method
 ------
 1. Tuning: the 36-bin pitch-class profile tells which third of a semitone the partials sit on;
-   the 12-bin chroma is folded around that offset (robust to +-50 cents of detuning).
+   the 12-bin chroma (and the bass chroma) are folded around that offset, so a recording up to
+   about 50 cents off A4 = 440 Hz is read correctly.
 2. Frame chroma is log-compressed and normalised per frame, so loud passages do not outvote the
-   rest; the mean over the recording is correlated with a major and a minor key profile in all 12
-   rotations (24 key scores).
-3. Pitch-count profiles cannot tell a minor key from its relative major when the music uses only
-   natural-minor chords: both keys have the same notes. The tonic is told by where the music
-   rests: the bass line (the tonic is the most frequent and longest bass note) and the final
-   sonority. Each key's score gets a term for the bass weight of its tonic and of its tonic triad,
-   and one for how well the last sounding seconds match its tonic triad.
+   rest, and averaged over the recording.
+3. Pitch collection: for each of the 12 tonics, how well the major, natural-minor and
+   harmonic-minor scales cover the profile (in-scale energy minus out-of-scale energy). This
+   separates keys whose notes differ (E flat major has D, F minor has D flat) even when a
+   non-tonic chord is the most frequent, as in i-VII-VI-VII.
+4. Tonic: a major key and its relative minor share all their notes, so pitch counts cannot choose
+   between them (the peer's typical miss on natural-minor music). The tonic is where the music
+   rests: its triad's share of all pitch energy, the tonic's share of the bass line, and the
+   triad heard in the first and last voiced seconds (songs begin and end on the tonic far more
+   often than elsewhere). ``score = scale fit + TONIC_WEIGHT * tonic evidence``.
+
+Confidence is the margin between the best and the second-best key, scaled to [0, 1].
 """
 
 from __future__ import annotations
@@ -26,17 +32,19 @@ from analysis_service.audio.features import Features
 F64 = npt.NDArray[np.float64]
 
 NOTE_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
-# Key profiles: tonic triad strongest, other diatonic degrees medium, chromatic degrees zero. The
-# minor profile treats the natural-minor seventh as diatonic (as modal pop, rock and dance music do)
-# and the raised leading tone as a weaker alternative (harmonic minor).
-MAJOR_PROFILE = np.array([1.0, 0.0, 0.5, 0.0, 0.8, 0.5, 0.0, 0.9, 0.0, 0.5, 0.0, 0.4])
-MINOR_PROFILE = np.array([1.0, 0.0, 0.5, 0.8, 0.0, 0.5, 0.0, 0.9, 0.5, 0.0, 0.45, 0.25])
 MAJOR_TRIAD = np.array([1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0], dtype=np.float64)
 MINOR_TRIAD = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0], dtype=np.float64)
 
-BASS_WEIGHT = 0.3
-ENDING_WEIGHT = 0.25
-ENDING_S = 4.0
+MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
+NATURAL_MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10)
+HARMONIC_MINOR_SCALE = (0, 2, 3, 5, 7, 8, 11)
+#: Weights of the tonic evidence: tonic-triad share of all pitch energy, tonic share of the bass,
+#: tonic-triad share of the first and of the last voiced seconds (``EDGE_S``).
+TONIC_WEIGHT = 1.0
+TRIAD_WEIGHT = 1.0
+BASS_WEIGHT = 1.0
+EDGE_WEIGHT = 0.5
+EDGE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -101,46 +109,57 @@ def _normalise_frames(chroma: F64) -> F64:
     return out
 
 
-def _profile_scores(profile: F64) -> F64:
-    """Pearson correlation of a 12-bin profile with the 24 keys (0-11 major, 12-23 minor)."""
-    scores = np.zeros(24)
-    for mode, ref in enumerate((MAJOR_PROFILE, MINOR_PROFILE)):
-        for tonic in range(12):
-            scores[mode * 12 + tonic] = np.corrcoef(profile, np.roll(ref, tonic))[0, 1]
-    return np.nan_to_num(scores)
+def _scale_fit(profile: F64, steps: tuple[int, ...]) -> F64:
+    """How well each transposition of a scale covers a 12-bin profile (12 values).
+
+    In-scale energy counts for the scale, out-of-scale energy against it; the profile is scaled to
+    unit sum, so the result lies in [-1, 1].
+    """
+    p = profile / (profile.sum() + 1e-12)
+    member = np.zeros(12)
+    member[list(steps)] = 1.0
+    return np.asarray([float(p @ (2 * np.roll(member, t) - 1)) for t in range(12)])
 
 
-def _triad_scores(profile: F64) -> F64:
-    """Cosine match of a 12-bin profile with each key's tonic triad (24 values)."""
-    p = profile / (np.linalg.norm(profile) + 1e-12)
+def _triad_share(profile: F64) -> F64:
+    """Share of a 12-bin profile's energy in each key's tonic triad (24 values)."""
+    p = profile / (profile.sum() + 1e-12)
     out = np.zeros(24)
     for mode, triad in enumerate((MAJOR_TRIAD, MINOR_TRIAD)):
         for tonic in range(12):
-            t = np.roll(triad, tonic)
-            out[mode * 12 + tonic] = float(p @ t) / np.linalg.norm(t)
+            out[mode * 12 + tonic] = float(p @ np.roll(triad, tonic))
     return out
 
 
 def key_scores(features: Features) -> F64:
-    """Scores of the 24 keys (index ``mode * 12 + tonic``; mode 0 major, 1 minor)."""
+    """Scores of the 24 keys (index ``mode * 12 + tonic``; mode 0 major, 1 minor).
+
+    ``score = scale fit + TONIC_WEIGHT * tonic evidence`` where the scale fit says which pitch
+    collection the music uses (major, natural or harmonic minor scale on each tonic) and the tonic
+    evidence says which note of it the music rests on (see the module docstring).
+    """
     offset = tuning_offset(features.chroma36.astype(np.float64))
     chroma = _normalise_frames(fold_chroma(features.chroma36.astype(np.float64), offset=offset))
     bass = _normalise_frames(fold_chroma(features.bass36.astype(np.float64), offset=offset))
     if not np.any(chroma):
         return np.zeros(24)
-    scores = _profile_scores(chroma.mean(axis=1))
+    profile = chroma.mean(axis=1)
+    major_fit = _scale_fit(profile, MAJOR_SCALE)
+    minor_fit = np.maximum(_scale_fit(profile, NATURAL_MINOR_SCALE), _scale_fit(profile, HARMONIC_MINOR_SCALE))
+    scores = np.concatenate([major_fit, minor_fit])
+
+    evidence = TRIAD_WEIGHT * _triad_share(profile)
     bass_mean = bass.mean(axis=1)
     if np.any(bass_mean):
-        b = bass_mean / bass_mean.max()
-        tonic_bass = np.concatenate([b, b])
-        scores += BASS_WEIGHT * (tonic_bass - tonic_bass.mean())
-    n_end = max(1, int(ENDING_S * features.chroma_rate))
+        b = bass_mean / bass_mean.sum()
+        evidence += BASS_WEIGHT * np.concatenate([b, b])
     voiced = np.flatnonzero(chroma.sum(axis=0) > 0)
-    if len(voiced) > 4 * n_end:
-        ending = chroma[:, voiced[-n_end:]].mean(axis=1) + bass[:, voiced[-n_end:]].mean(axis=1)
-        tri = _triad_scores(ending)
-        scores += ENDING_WEIGHT * (tri - tri.mean())
-    return scores
+    n_edge = max(1, int(EDGE_S * features.chroma_rate))
+    if len(voiced) > 4 * n_edge:
+        for frames in (voiced[-n_edge:], voiced[:n_edge]):
+            edge = chroma[:, frames].mean(axis=1) + bass[:, frames].mean(axis=1)
+            evidence += EDGE_WEIGHT * _triad_share(edge)
+    return scores + TONIC_WEIGHT * evidence
 
 
 def estimate_key(features: Features) -> KeyEstimate:

@@ -1,0 +1,158 @@
+"""``analysis-service analyze``: analyse local files in a process pool, no broker or database."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from service_shared.messages import EngineOutput
+
+from analysis_service.errors import AnalysisServiceError
+from analysis_service.pool import create_pool, run_analysis
+from analysis_service.settings import EngineSettings
+
+#: Extensions picked up when a folder is given (explicit files are analysed whatever their name).
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".wma", ".mp4"}
+)
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What happened to one file."""
+
+    path: str
+    output: EngineOutput | None = None
+    error_code: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.output is not None
+
+    def to_json(self) -> str:
+        if self.output is not None:
+            return json.dumps(
+                {"path": self.path, "status": "completed", "output": self.output.model_dump(mode="json")}
+            )
+        return json.dumps(
+            {"path": self.path, "status": "failed", "error": {"code": self.error_code, "message": self.error}}
+        )
+
+
+def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files as given, and audio files (by extension) found recursively under folders, sorted."""
+    for p in paths:
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+        else:
+            yield p
+
+
+def analyze_paths(
+    files: list[Path],
+    *,
+    settings: EngineSettings,
+    jobs: int,
+    analyses: list[str] | None,
+    timeline: bool | None,
+    console: Console,
+) -> Iterator[FileOutcome]:
+    """Analyse ``files`` in a pool of ``jobs`` processes; yield outcomes as they finish."""
+    with (
+        create_pool(min(jobs, max(1, len(files)))) as pool,
+        Progress(
+            TextColumn("[bold]analyze"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            transient=False,
+        ) as bar,
+    ):
+        task = bar.add_task("", total=len(files))
+        futures: dict[Future[EngineOutput], Path] = {
+            pool.submit(run_analysis, str(f), settings=settings, analyses=analyses, timeline=timeline): f
+            for f in files
+        }
+        for fut in as_completed(futures):
+            path = str(futures[fut])
+            exc = fut.exception()
+            if exc is None:
+                outcome = FileOutcome(path=path, output=fut.result())
+            elif isinstance(exc, AnalysisServiceError):
+                outcome = FileOutcome(path=path, error_code=exc.code, error=exc.message)
+            else:
+                # A bug or an unexpected library failure: report it for this file, keep going,
+                # and make the run fail (exit status) so it is not mistaken for success.
+                outcome = FileOutcome(path=path, error_code="internal_error", error=f"{type(exc).__name__}: {exc}")
+            bar.update(task, advance=1, description=Path(path).name)
+            yield outcome
+
+
+def render_table(outcomes: list[FileOutcome], console: Console) -> None:
+    """Print a readable summary table of the outcomes."""
+    table = Table(show_lines=False)
+    for col in ("file", "duration", "bpm", "key", "camelot", "mood", "E/V/D", "time (s)", "error"):
+        table.add_column(col, overflow="fold")
+    for o in sorted(outcomes, key=lambda o: o.path):
+        out = o.output
+        if out is None:
+            table.add_row(o.path, "", "", "", "", "", "", "", f"[red]{o.error_code}[/red]: {o.error}")
+            continue
+        mood = out.mood
+        table.add_row(
+            o.path,
+            f"{out.duration_s:.1f} s",
+            f"{out.tempo.bpm:.1f}" if out.tempo else "",
+            out.key.key if out.key else "",
+            out.key.camelot if out.key else "",
+            mood.label if mood else "",
+            f"{mood.energy:.2f}/{mood.valence:.2f}/{mood.danceability:.2f}" if mood else "",
+            f"{out.timings_s.get('total', 0.0):.2f}",
+            "",
+        )
+        for seg in out.timeline or []:
+            table.add_row(
+                f"  {seg.start_s:7.1f}-{seg.end_s:7.1f} s", "", f"{seg.bpm or 0:.1f}", seg.key or "", "", "", "", "", ""
+            )
+    console.print(table)
+
+
+def run(
+    paths: list[Path],
+    *,
+    settings: EngineSettings,
+    jobs: int,
+    as_json: bool,
+    analyses: list[str] | None,
+    timeline: bool | None,
+) -> int:
+    """Entry of the command; returns the process exit status (0 all analysed, 1 any failed)."""
+    err = Console(stderr=True)
+    files = list(expand_paths(paths))
+    if not files:
+        err.print("[red]no audio files found[/red] in: " + ", ".join(map(str, paths)))
+        return 2
+    outcomes: list[FileOutcome] = []
+    for outcome in analyze_paths(
+        files, settings=settings, jobs=jobs, analyses=analyses, timeline=timeline, console=err
+    ):
+        outcomes.append(outcome)
+        if as_json:
+            sys.stdout.write(outcome.to_json() + "\n")
+            sys.stdout.flush()
+    if not as_json:
+        render_table(outcomes, Console())
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        err.print(f"[red]{len(failed)} of {len(outcomes)} file(s) failed[/red]")
+    return 1 if failed else 0

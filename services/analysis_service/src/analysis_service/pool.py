@@ -1,0 +1,93 @@
+"""The process pool that runs the engine, shared by the ``analyze`` command and the worker.
+
+Only a path and small options cross into the pool; the engine's output (a pydantic model) or an
+:class:`~analysis_service.errors.AnalysisServiceError` comes back. Pool processes are started with
+the ``spawn`` method (no inherited sockets, locks or event loop), run single-threaded BLAS/OpenMP
+(one analysis per core is the unit of parallelism) and are warmed up by their initializer so the
+first request does not pay for imports.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the parent process never needs numpy to submit work
+    from service_shared.messages import EngineOutput
+
+    from analysis_service.settings import EngineSettings
+
+#: Environment for pool processes: one thread each for every numeric library.
+SINGLE_THREADED_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+}
+
+#: A progress sink that pickles into the pool: ``put((request_key, fraction, stage))``.
+ProgressQueue = Any
+
+
+def _initialize(progress_queue: ProgressQueue | None) -> None:
+    """Pool process start-up: single-threaded numerics, imports warmed, progress queue kept."""
+    os.environ.update(SINGLE_THREADED_ENV)
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = progress_queue
+    from analysis_service.audio import engine  # noqa: F401  (warm the import cache)
+
+
+_PROGRESS_QUEUE: ProgressQueue | None = None
+
+
+def run_analysis(
+    path: str,
+    *,
+    settings: EngineSettings,
+    analyses: list[str] | None = None,
+    timeline: bool | None = None,
+    progress_key: str | None = None,
+) -> EngineOutput:
+    """Analyse one file inside a pool process (module-level so it pickles by reference).
+
+    When the pool was created with a progress queue and ``progress_key`` is given, progress is
+    reported as ``(progress_key, fraction, stage)`` tuples at most about four times a second.
+    """
+    from analysis_service.audio.engine import analyze_file
+
+    report: Callable[[float, str], None] | None = None
+    queue = _PROGRESS_QUEUE
+    if queue is not None and progress_key is not None:
+        report = _throttled(queue, progress_key)
+    return analyze_file(path, settings=settings, analyses=analyses, timeline=timeline, progress=report)
+
+
+def _throttled(queue: ProgressQueue, key: str, min_interval_s: float = 0.25) -> Callable[[float, str], None]:
+    import time
+
+    last = [0.0, ""]
+
+    def report(fraction: float, stage: str) -> None:
+        now = time.monotonic()
+        if stage != last[1] or now - float(last[0]) >= min_interval_s or fraction >= 1.0:
+            last[0], last[1] = now, stage
+            queue.put((key, fraction, stage))
+
+    return report
+
+
+def create_pool(
+    workers: int, *, max_tasks_per_child: int | None = None, progress_queue: ProgressQueue | None = None
+) -> ProcessPoolExecutor:
+    """A spawn-started pool of ``workers`` warmed, single-threaded analysis processes."""
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_initialize,
+        initargs=(progress_queue,),
+        max_tasks_per_child=max_tasks_per_child,
+    )
