@@ -14,7 +14,9 @@ Method
    tempo preference centred at 120 BPM and with how strongly each level's beats coincide with
    accented (kick/snare) onsets.
 
-Confidence is the chosen peak's salience relative to the salience of competing tempi, in [0, 1].
+Confidence is the chosen tempo's salience above the median salience of all tempi (autocorrelation
+units), scaled so that a margin of ``CONFIDENCE_SPAN`` or more is 1, and scaled down when the recording
+has little onset activity at all (``ACTIVITY_REFERENCE``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ PRIOR_CENTER_BPM = 110.0
 PRIOR_OCTAVES = 1.2
 #: Weights of the onset bands (kick, snare/chords, hats) in the novelty curve.
 BAND_WEIGHTS = (2.0, 1.0, 1.0)
+#: Smallest band standard deviation used for normalising (log-flux units): keeps the numerical
+#: noise of a steady tone from being scaled up into a "pulse".
+NOVELTY_FLOOR = 0.01
+#: Salience margin (over the median salience of all tempi) that counts as full confidence.
+CONFIDENCE_SPAN = 0.4
+#: Mean spectral flux (log-magnitude units, nearly level-independent) of clearly rhythmic music;
+#: less onset activity than this scales the confidence down (a steady tone has almost none).
+ACTIVITY_REFERENCE = 0.05
 _ACF_WINDOW_S = 12.0
 _COMB_WEIGHTS = (1.0, 0.5, 0.33, 0.25)
 
@@ -64,7 +74,7 @@ def novelty(features: Features, *, weights: tuple[float, ...] = BAND_WEIGHTS) ->
     kernel = np.ones(width) / width
     out = np.zeros(onset.shape[1])
     for band, w in zip(onset, weights, strict=False):
-        scale = float(np.std(band)) or 1.0
+        scale = max(float(np.std(band)), NOVELTY_FLOOR)
         b = band / scale
         b = np.maximum(b - np.convolve(b, kernel, mode="same"), 0.0)
         out += w * b
@@ -152,6 +162,7 @@ def estimate_tempo(features: Features) -> TempoEstimate:
     score = sal_at * _prior(np.asarray(refined))
     pick = int(np.argmax(score))
     bpm = refined[pick]
-    rival = np.median(sal[in_range])
-    confidence = float(np.clip((sal_at[pick] - rival) / (sal_at[pick] + 1e-9), 0.0, 1.0))
+    rival = float(np.median(sal[in_range]))
+    activity = float(features.onset.mean()) / ACTIVITY_REFERENCE
+    confidence = float(np.clip((sal_at[pick] - rival) / CONFIDENCE_SPAN, 0.0, 1.0) * min(activity, 1.0))
     return TempoEstimate(bpm=round(bpm, 2), confidence=round(confidence, 3))
