@@ -97,6 +97,12 @@ class DecoderUnavailable(AudioInputError):
     code = "decoder_unavailable"
 
 
+class InternalError(PermanentError):
+    """A bug: the engine or a store raised something it should not have. Reported, never retried."""
+
+    code = "internal_error"
+
+
 class UnknownAnalyzer(PermanentError):
     code = "unknown_analyzer"
 

@@ -66,6 +66,19 @@ def run_analysis(
     return analyze_file(path, settings=settings, analyses=analyses, timeline=timeline, progress=report)
 
 
+def warm_up() -> None:
+    """Run the whole analysis once on a short synthetic song (imports, FFT plans, caches)."""
+    from analysis_service.audio.features import compute_features
+    from analysis_service.audio.registry import build_registry, resolve
+    from analysis_service.audio.synth import demo_song
+
+    y = demo_song(bpm=120.0, tonic=0, mode="major", seconds=6.0)
+    features = compute_features([y], sample_rate=22050)
+    results: dict[str, Any] = {}
+    for analyzer in resolve(build_registry(), None):
+        results[analyzer.name] = analyzer.run(features, results)
+
+
 def _throttled(queue: ProgressQueue, key: str, min_interval_s: float = 0.25) -> Callable[[float, str], None]:
     import time
 

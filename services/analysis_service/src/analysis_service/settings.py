@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 from service_shared.settings import ServiceSettings
 
@@ -35,6 +35,10 @@ class RabbitSettings(BaseModel):
     dead_letter_exchange: str = "analysis.dlx"
     dead_letter_queue: str = "analysis.requests.dead"
     results_exchange: str = "analysis.results"
+    results_queue: str = Field(
+        default="analysis.results.all",
+        description="Durable queue bound to every result (so none is unroutable); empty: none.",
+    )
     max_priority: int = Field(default=10, ge=1, le=255)
     consumer_timeout_ms: int = Field(
         default=3_600_000, description="x-consumer-timeout of the request queue (must exceed time limit)."
@@ -75,7 +79,12 @@ class WorkerSettings(BaseModel):
     max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
     time_limit_base_s: float = Field(default=60.0, gt=0)
     time_limit_per_audio_minute_s: float = Field(default=2.0, gt=0)
-    time_limit_max_s: float = Field(default=1800.0, gt=0)
+    time_limit_max_s: float = Field(
+        default=1500.0, gt=0, description="Cap; below RabbitMQ's default 30-minute consumer timeout."
+    )
+    persist_deadline_s: float = Field(
+        default=900.0, gt=0, description="Keep retrying the stores this long, then requeue the request."
+    )
     crash_retries: int = Field(default=1, ge=0, description="Retries after a pool process died.")
     max_rss_mb: float = Field(default=4096.0, description="Pause consuming above this process-tree RSS.")
     max_system_memory_percent: float = Field(default=90.0, le=100)
@@ -104,6 +113,17 @@ class Settings(ServiceSettings):
     neo4j: Neo4jSettings = Field(default_factory=Neo4jSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @model_validator(mode="after")
+    def _limits_below_consumer_timeout(self) -> Settings:
+        """A delivery must be settled before RabbitMQ's consumer timeout closes its channel."""
+        budget_ms = 1000 * (self.worker.time_limit_max_s + self.worker.persist_deadline_s)
+        if budget_ms >= self.rabbitmq.consumer_timeout_ms:
+            raise ValueError(
+                f"worker.time_limit_max_s + worker.persist_deadline_s ({budget_ms / 1000:.0f} s) must be below "
+                f"rabbitmq.consumer_timeout_ms ({self.rabbitmq.consumer_timeout_ms / 1000:.0f} s)"
+            )
+        return self
 
 
 def available_cpus() -> int:

@@ -2,11 +2,15 @@
 
 How each is derived (all inputs come from the shared features and the tempo and key results):
 
-* **energy** rises with loudness (upper-quartile frame level, -30 to -8 dBFS), tempo (60 to 180
-  BPM), brightness (median spectral centroid, 400 Hz to 4 kHz on a log scale) and onset activity
-  (mean spectral flux): ``0.35 loud + 0.25 tempo + 0.2 bright + 0.2 activity``.
-* **valence** rises with major mode (weighted by the key confidence), brightness and tempo:
-  ``0.5 mode + 0.25 bright + 0.15 tempo + 0.1 loud``, where ``mode`` is ``0.5 +/- 0.5 * confidence``.
+* **energy** rises with loudness (upper-quartile frame level, -35 to -5 dBFS), tempo (60 to 180
+  BPM), brightness (median spectral centroid, 200 Hz to 4 kHz on a log scale) and onset activity
+  (mean spectral flux, 0.05 to 0.3): ``0.35 loud + 0.25 tempo + 0.2 bright + 0.2 activity``.
+* **valence** rises with major mode (weighted by the key confidence), brightness, tempo and
+  loudness: ``0.35 mode + 0.25 bright + 0.25 tempo + 0.15 loud``, where ``mode`` is
+  ``0.5 +/- 0.5 * key confidence``.
+
+Each input is mapped linearly onto [0, 1] between the bounds given (clipped outside them); the
+bounds span dark, quiet synthetic material and loud, bright mastered pop alike.
 * **danceability** rises with pulse clarity (tempo confidence), closeness of the tempo to the
   dance range (log-Gaussian around 120 BPM, 0.5 octave) and the share of onset energy in the kick
   band: ``0.45 clarity + 0.35 tempo fit + 0.2 kick share``.
@@ -57,16 +61,16 @@ def estimate_mood(features: Features, *, tempo: TempoEstimate, key: KeyEstimate)
     active = loud_db > -60.0
     if not np.any(active):
         return MoodEstimate(energy=0.0, valence=0.5, danceability=0.0, label="calm", confidence=0.0)
-    loudness = _ramp(float(np.percentile(loud_db[active], 75)), -30.0, -8.0)
+    loudness = _ramp(float(np.percentile(loud_db[active], 75)), -35.0, -5.0)
     centroid = float(np.median(features.centroid_hz[active]))
-    brightness = _ramp(float(np.log2(max(centroid, 1.0))), float(np.log2(400.0)), float(np.log2(4000.0)))
+    brightness = _ramp(float(np.log2(max(centroid, 1.0))), float(np.log2(200.0)), float(np.log2(4000.0)))
     pace = _ramp(tempo.bpm, 60.0, 180.0) if tempo.bpm > 0 else 0.0
     flux = features.onset[:, active]
-    activity = _ramp(float(flux.mean()), 0.02, 0.25)
+    activity = _ramp(float(flux.mean()), 0.05, 0.3)
     energy = 0.35 * loudness + 0.25 * pace + 0.2 * brightness + 0.2 * activity
 
     mode = 0.5 + (0.5 if key.mode == "major" else -0.5) * key.confidence
-    valence = 0.5 * mode + 0.25 * brightness + 0.15 * pace + 0.1 * loudness
+    valence = 0.35 * mode + 0.25 * brightness + 0.25 * pace + 0.15 * loudness
 
     fit = float(np.exp(-0.5 * (np.log2(max(tempo.bpm, 1.0) / 120.0) / 0.5) ** 2)) if tempo.bpm else 0.0
     band_energy = flux.sum(axis=1)

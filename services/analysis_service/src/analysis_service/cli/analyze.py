@@ -98,6 +98,14 @@ def analyze_paths(
             yield outcome
 
 
+def _display_path(path: str) -> str:
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def render_table(outcomes: list[FileOutcome], console: Console) -> None:
     """Print a readable summary table of the outcomes."""
     table = Table(show_lines=False)
@@ -105,12 +113,13 @@ def render_table(outcomes: list[FileOutcome], console: Console) -> None:
         table.add_column(col, overflow="fold")
     for o in sorted(outcomes, key=lambda o: o.path):
         out = o.output
+        name = _display_path(o.path)
         if out is None:
-            table.add_row(o.path, "", "", "", "", "", "", "", f"[red]{o.error_code}[/red]: {o.error}")
+            table.add_row(name, "", "", "", "", "", "", "", f"[red]{o.error_code}[/red]: {o.error}")
             continue
         mood = out.mood
         table.add_row(
-            o.path,
+            name,
             f"{out.duration_s:.1f} s",
             f"{out.tempo.bpm:.1f}" if out.tempo else "",
             out.key.key if out.key else "",
@@ -151,7 +160,7 @@ def run(
             sys.stdout.write(outcome.to_json() + "\n")
             sys.stdout.flush()
     if not as_json:
-        render_table(outcomes, Console())
+        render_table(outcomes, Console(width=None if sys.stdout.isatty() else 200))
     failed = [o for o in outcomes if not o.ok]
     if failed:
         err.print(f"[red]{len(failed)} of {len(outcomes)} file(s) failed[/red]")

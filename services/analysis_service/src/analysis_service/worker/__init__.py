@@ -1,0 +1,1 @@
+"""The queue worker: RabbitMQ consumer, process-pool slots, progress, persistence, shutdown."""

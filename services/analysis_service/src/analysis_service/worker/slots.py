@@ -1,0 +1,169 @@
+"""Analysis slots: one single-process executor per slot, so one analysis can be killed alone.
+
+A task in a ``ProcessPoolExecutor`` cannot be cancelled. A time limit therefore means killing the
+process that runs it; with one process per slot that kills exactly the late analysis, and a crash
+(OOM kill, segfault in a codec) breaks only its own slot. The slot is then replaced by a fresh,
+warmed process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from service_shared.messages import EngineOutput
+
+from analysis_service.errors import AnalysisTimeout, WorkerCrashed
+from analysis_service.pool import create_pool, run_analysis, warm_up
+from analysis_service.settings import EngineSettings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Slot:
+    """One analysis process."""
+
+    index: int
+    executor: ProcessPoolExecutor
+    busy: bool = False
+    jobs: int = field(default=0)
+
+
+class SlotPool:
+    """``size`` warmed analysis processes, handed out one per running analysis.
+
+    Parameters
+    ----------
+    size : int
+        Number of slots (concurrent analyses).
+    max_tasks_per_child : int
+        Replace a slot's process after this many analyses (bounds leaks in codecs).
+    progress_queue : multiprocessing queue, optional
+        Where pool processes report ``(key, fraction, stage)``.
+    """
+
+    def __init__(self, size: int, *, max_tasks_per_child: int, progress_queue: Any = None) -> None:
+        self.size = size
+        self._max_tasks = max_tasks_per_child
+        self._progress_queue = progress_queue
+        self._slots: list[Slot] = []
+        self._free: asyncio.Queue[Slot] = asyncio.Queue()
+        self.restarts = 0
+
+    async def start(self) -> None:
+        """Start and warm every slot's process (the first analysis then pays no import cost)."""
+        for i in range(self.size):
+            slot = Slot(i, self._new_executor())
+            self._slots.append(slot)
+        await asyncio.gather(*(self._warm(s) for s in self._slots))
+        for s in self._slots:
+            self._free.put_nowait(s)
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return create_pool(1, progress_queue=self._progress_queue)
+
+    async def _warm(self, slot: Slot) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(slot.executor, warm_up)
+
+    @property
+    def healthy(self) -> bool:
+        """True when every slot exists and none is broken."""
+        return len(self._slots) == self.size and all(not _broken(s.executor) for s in self._slots)
+
+    async def analyze(
+        self,
+        path: str,
+        *,
+        settings: EngineSettings,
+        analyses: list[str] | None,
+        timeline: bool | None,
+        progress_key: str,
+        time_limit_s: float,
+    ) -> EngineOutput:
+        """Run one analysis in a free slot, within ``time_limit_s`` seconds.
+
+        Raises
+        ------
+        AnalysisTimeout
+            The limit passed; the slot's process was killed and replaced.
+        WorkerCrashed
+            The slot's process died (e.g. killed by the OOM killer); it was replaced.
+        AnalysisServiceError
+            What the engine raised for this input.
+        """
+        slot = await self._free.get()
+        try:
+            slot.busy = True
+            if slot.jobs >= self._max_tasks:
+                await self._replace(slot, reason="recycle")
+            slot.jobs += 1
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(
+                slot.executor,
+                _call,
+                path,
+                settings,
+                analyses,
+                timeline,
+                progress_key,
+            )
+            try:
+                return await asyncio.wait_for(future, timeout=time_limit_s)
+            except TimeoutError:
+                await self._replace(slot, reason="timeout")
+                raise AnalysisTimeout(
+                    f"analysis did not finish within its time limit of {time_limit_s:.0f} s; its process was killed",
+                    path=path,
+                ) from None
+            except BrokenProcessPool as exc:
+                await self._replace(slot, reason="crash")
+                raise WorkerCrashed(f"the analysis process died: {exc}", path=path) from exc
+            except asyncio.CancelledError:
+                # Shutdown while running: the process cannot be interrupted, so it is killed.
+                await self._replace(slot, reason="cancelled")
+                raise
+        finally:
+            slot.busy = False
+            self._free.put_nowait(slot)
+
+    async def _replace(self, slot: Slot, *, reason: str) -> None:
+        _kill(slot.executor)
+        slot.executor = self._new_executor()
+        slot.jobs = 0
+        self.restarts += 1
+        log.warning("analysis process replaced", slot=slot.index, reason=reason)
+        await self._warm(slot)
+
+    async def close(self) -> None:
+        """Stop every slot's process (running analyses are killed)."""
+        for s in self._slots:
+            _kill(s.executor)
+        self._slots.clear()
+
+
+def _call(
+    path: str, settings: EngineSettings, analyses: list[str] | None, timeline: bool | None, progress_key: str
+) -> EngineOutput:
+    return run_analysis(path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key)
+
+
+def _broken(executor: ProcessPoolExecutor) -> bool:
+    return bool(getattr(executor, "_broken", False))
+
+
+def _kill(executor: ProcessPoolExecutor) -> None:
+    """Kill the executor's processes now and drop it (its pending futures fail)."""
+    processes: dict[int, multiprocessing.process.BaseProcess] = dict(getattr(executor, "_processes", None) or {})
+    for proc in processes.values():
+        if proc.is_alive():
+            proc.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
+    for proc in processes.values():
+        proc.join(timeout=5)
