@@ -398,9 +398,19 @@ class Worker:
         return output, digest, False
 
     async def _persist(self, outcome: AnalysisResultMessage) -> None:
-        """Write the outcome to every store; retry the failing ones until the deadline."""
+        """Store the outcome in PostgreSQL and Neo4j, then publish it on the results exchange.
+
+        Failing stores are retried (behind their breakers, with backoff) until ``persist_deadline_s``;
+        the result is announced only once both stores hold it.
+        """
         deadline = time.monotonic() + self.settings.worker.persist_deadline_s
-        pending = list(self._sinks)
+        stores = [s for s in self._sinks if s.name != "results-exchange"]
+        publisher = [s for s in self._sinks if s.name == "results-exchange"]
+        for stage in (stores, publisher):
+            await self._write_all(stage, outcome, deadline)
+
+    async def _write_all(self, sinks: list[ResultSink], outcome: AnalysisResultMessage, deadline: float) -> None:
+        pending = list(sinks)
         pause = 1.0
         while True:
             failed: list[ResultSink] = []

@@ -1,0 +1,74 @@
+"""Helpers shared by the store adapters: driver-error translation, the Redis client, timestamps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from analysis_service.errors import SinkUnavailable
+from analysis_service.settings import RedisSettings
+
+
+@contextmanager
+def translate_unavailable(
+    transient: tuple[type[BaseException], ...], *, store: str, action: str
+) -> Iterator[None]:
+    """Re-raise the driver's transient errors as :class:`SinkUnavailable`, chained to the original.
+
+    Parameters
+    ----------
+    transient : tuple of exception types
+        The adapter's one tuple of errors that mean "the store is unreachable or overloaded right
+        now". Anything else (a bad query, a constraint violation, a bug) propagates unchanged.
+    store : str
+        Human name of the store, e.g. ``"PostgreSQL"``, used in the message.
+    action : str
+        What was being done, e.g. ``"writing result 'r-1'"``, used in the message.
+
+    Raises
+    ------
+    SinkUnavailable
+        When the block raised one of ``transient``.
+    """
+    try:
+        yield
+    except transient as exc:
+        raise SinkUnavailable(f"{store} unavailable while {action}: {type(exc).__name__}: {exc}") from exc
+
+
+def utc_now_iso() -> str:
+    """Current UTC time as an ISO 8601 string with offset, e.g. ``2025-01-01T12:00:00.123456+00:00``."""
+    return datetime.now(UTC).isoformat()
+
+
+#: Errors meaning "Redis cannot be reached or is not serving writes right now". ``ResponseError``s
+#: (wrong type, bad command) are bugs and propagate.
+REDIS_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError, MaxConnectionsError
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica during failover
+    OSError,
+)
+
+
+def redis_client(settings: RedisSettings) -> Redis:
+    """A ``redis.asyncio`` client for ``settings`` (no I/O until the first command).
+
+    Replies are decoded as UTF-8 strings. Connecting and every command are bounded by
+    ``socket_timeout_s``. The client retries a failed command once, at once, so that a connection
+    the server dropped while idle does not surface as an outage; longer retries belong to the
+    caller's :class:`~analysis_service.sinks.resilience.Guard`.
+    """
+    return Redis.from_url(
+        settings.url,
+        decode_responses=True,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        retry=Retry(NoBackoff(), retries=1),
+    )

@@ -1,0 +1,198 @@
+"""Request progress in Redis: a hash per request, plus a message per update on two channels.
+
+Key ``{prefix}:progress:{request_id}`` (``prefix`` is ``RedisSettings.key_prefix``, by default
+``analysis``) is a hash with the fields
+
+==================  =====================================================================
+``request_id``      the request
+``status``          ``queued`` | ``running`` | ``completed`` | ``failed``
+``percent``         0-100
+``stage``           what is happening, e.g. ``decode``, ``features``, ``store``
+``updated_at``      ISO 8601 UTC time of the last update
+``started_at``      first update with status ``running`` (cleared by ``queued``)
+``finished_at``     update with status ``completed`` or ``failed`` (cleared by ``queued``/``running``)
+``error_code``      only while the last update carried one (e.g. ``file_not_found``)
+``error``           only while the last update carried one: the human-readable message
+``correlation_id``  once given, kept
+``file``            once given, kept
+==================  =====================================================================
+
+and expires ``RedisSettings.progress_ttl_s`` seconds after its last update.
+
+Every update is also published as a JSON object (``request_id``, ``status``, ``percent``,
+``stage``, ``updated_at`` and whichever optional fields the update carried) on two channels:
+
+* ``{prefix}:progress:{request_id}`` for clients following one request (no pattern matching), and
+* ``{prefix}:progress`` for consumers of every update (a WebSocket gateway, a dashboard).
+
+The hash write, its expiry and both publishes go out as one ``MULTI``/``EXEC`` pipeline: one round
+trip, and a subscriber that reads the hash after a message sees at least that update.
+
+Progress is best effort for the worker; failures surface as :class:`SinkUnavailable` so that the
+caller's circuit breaker can stop trying for a while.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final, Literal, get_args
+
+from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
+
+from analysis_service.settings import RedisSettings
+from analysis_service.sinks._util import (
+    REDIS_TRANSIENT_ERRORS,
+    redis_client,
+    translate_unavailable,
+    utc_now_iso,
+)
+
+STORE = "Redis (progress)"
+
+ProgressStatus = Literal["queued", "running", "completed", "failed"]
+PROGRESS_STATUSES: Final[frozenset[str]] = frozenset(get_args(ProgressStatus))
+
+
+class ProgressStore:
+    """Reads and writes request progress in Redis.
+
+    Parameters
+    ----------
+    settings : RedisSettings
+        URL, key prefix, ``progress_ttl_s`` and ``socket_timeout_s``.
+    client : redis.asyncio.Redis, optional
+        A client to share (e.g. with :class:`~analysis_service.sinks.cache.ResultCache`). When
+        omitted the store makes its own from ``settings`` and
+        :meth:`close` closes it; a shared client is left to its owner.
+
+    Notes
+    -----
+    The constructor does no I/O; the client connects on first use.
+    """
+
+    name = "redis-progress"
+
+    def __init__(self, settings: RedisSettings, *, client: Redis | None = None) -> None:
+        self._settings = settings
+        self._owns_client = client is None
+        self._client = client if client is not None else redis_client(settings)
+
+    def key(self, request_id: str) -> str:
+        """Hash key of ``request_id`` (also its per-request channel)."""
+        return f"{self._settings.key_prefix}:progress:{request_id}"
+
+    @property
+    def channel(self) -> str:
+        """The channel that receives every update."""
+        return f"{self._settings.key_prefix}:progress"
+
+    async def update(
+        self,
+        request_id: str,
+        *,
+        status: ProgressStatus,
+        percent: float,
+        stage: str,
+        error_code: str | None = None,
+        error: str | None = None,
+        correlation_id: str | None = None,
+        file: str | None = None,
+    ) -> None:
+        """Record and publish the state of ``request_id``, and renew its expiry.
+
+        Parameters
+        ----------
+        request_id : str
+            The request.
+        status : {"queued", "running", "completed", "failed"}
+            Its state.
+        percent : float
+            Progress, 0 to 100.
+        stage : str
+            What is happening now.
+        error_code, error : str, optional
+            Why it failed; fields absent from an update are removed from the hash.
+        correlation_id, file : str, optional
+            Stored when given; absent ones keep their earlier value.
+
+        Raises
+        ------
+        ValueError
+            On an unknown status or a percent outside 0-100 (a caller bug).
+        SinkUnavailable
+            When Redis cannot be reached in ``socket_timeout_s``.
+        """
+        if status not in PROGRESS_STATUSES:
+            raise ValueError(f"progress status must be one of {sorted(PROGRESS_STATUSES)}, not {status!r}")
+        if not 0.0 <= percent <= 100.0:
+            raise ValueError(f"progress percent must be within 0..100, not {percent!r}")
+        now = utc_now_iso()
+        fields: dict[str, str] = {
+            "request_id": request_id,
+            "status": status,
+            "percent": f"{float(percent):g}",
+            "stage": stage,
+            "updated_at": now,
+        }
+        optional = {"error_code": error_code, "error": error, "correlation_id": correlation_id, "file": file}
+        fields.update({name: value for name, value in optional.items() if value is not None})
+        removed = [name for name in ("error_code", "error") if optional[name] is None]
+        if status in ("completed", "failed"):
+            fields["finished_at"] = now
+        else:
+            removed.append("finished_at")
+        if status == "queued":
+            removed.append("started_at")
+
+        payload = json.dumps({**fields, "percent": float(percent)}, separators=(",", ":"))
+        mapping: dict[FieldT, EncodableT] = {name: value for name, value in fields.items()}
+        key = self.key(request_id)
+        action = f"updating progress of {request_id!r}"
+        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=action):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=mapping)
+                if removed:
+                    pipe.hdel(key, *removed)
+                if status == "running":
+                    pipe.hsetnx(key, "started_at", now)
+                pipe.expire(key, self._settings.progress_ttl_s)
+                pipe.publish(key, payload)
+                pipe.publish(self.channel, payload)
+                await pipe.execute()
+
+    async def get(self, request_id: str) -> dict[str, Any] | None:
+        """The progress hash of ``request_id``, or ``None`` if unknown or expired.
+
+        Returns
+        -------
+        dict or None
+            The fields listed in the module docstring: strings, except ``percent`` (float).
+
+        Raises
+        ------
+        SinkUnavailable
+            When Redis cannot be reached in ``socket_timeout_s``.
+        """
+        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"reading {request_id!r}"):
+            raw = await self._client.hgetall(self.key(request_id))
+        if not raw:
+            return None
+        progress: dict[str, Any] = {_text(name): _text(value) for name, value in raw.items()}
+        if "percent" in progress:
+            progress["percent"] = float(progress["percent"])
+        return progress
+
+    async def ping(self) -> None:
+        """Raise :class:`SinkUnavailable` unless Redis answers ``PING`` now."""
+        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action="pinging"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        """Close the client if this store created it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
