@@ -83,7 +83,7 @@ class WorkerSettings(BaseModel):
         default=1500.0, gt=0, description="Cap; below RabbitMQ's default 30-minute consumer timeout."
     )
     persist_deadline_s: float = Field(
-        default=900.0, gt=0, description="Keep retrying the stores this long, then requeue the request."
+        default=240.0, gt=0, description="Keep retrying the stores this long, then requeue the request."
     )
     crash_retries: int = Field(default=1, ge=0, description="Retries after a pool process died.")
     max_rss_mb: float = Field(default=4096.0, description="Pause consuming above this process-tree RSS.")

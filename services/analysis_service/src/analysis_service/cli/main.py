@@ -53,6 +53,29 @@ def analyze(
 
 
 @app.command()
+def worker() -> None:
+    """Consume analysis requests from RabbitMQ until SIGTERM/SIGINT (configured by ANALYSIS_* env)."""
+    import asyncio
+    import signal
+
+    from service_shared.logging import configure_logging
+
+    from analysis_service.worker.worker import Worker
+
+    settings = Settings()
+    configure_logging(service=settings.service_name, level=settings.log_level, fmt=settings.log_format)
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await Worker(settings).run(stop)
+
+    raise typer.Exit(asyncio.run(serve()))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Argument(help="Output file (.wav or .flac).")],
     bpm: Annotated[float, typer.Option(help="Tempo in BPM.")] = 124.0,
@@ -90,3 +113,32 @@ def schema(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+@app.command()
+def submit(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Audio files (or folders) inside the worker's media root.")
+    ],
+    priority: Annotated[int, typer.Option(min=0, max=9, help="0 (lowest) to 9 (highest).")] = 5,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the requests until they finish.")] = False,
+    analyses: Annotated[
+        str | None, typer.Option("--analyses", help="Comma-separated analyses, e.g. bpm,key (default: all).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0, help="Seconds --wait waits before giving up.")
+    ] = 3600.0,
+) -> None:
+    """Queue analysis requests for the worker over RabbitMQ (and with --wait, follow them)."""
+    from analysis_service.cli.submit import run
+
+    settings = Settings()
+    status = run(
+        paths,
+        settings=settings,
+        priority=priority,
+        wait=wait,
+        analyses=[a.strip() for a in analyses.split(",") if a.strip()] if analyses else None,
+        timeout_s=timeout,
+    )
+    raise typer.Exit(status)

@@ -308,8 +308,10 @@ class Worker:
             structlog.contextvars.bind_contextvars(request_id=request_id, correlation_id=message.correlation_id)
             return _failed(request_id, message.correlation_id, None, exc)
         structlog.contextvars.bind_contextvars(request_id=request.request_id, correlation_id=request.correlation_id)
-        self.metrics.requests_received.labels(priority=str(request.priority)).inc()
-        log.info("request received", file=request.file, priority=request.priority, redelivered=message.redelivered)
+        # The broker orders by the AMQP priority property; the body's field is its default.
+        priority = message.priority if message.priority is not None else request.priority
+        self.metrics.requests_received.labels(priority=str(priority)).inc()
+        log.info("request received", file=request.file, priority=priority, redelivered=message.redelivered)
         await self._report(
             request.request_id,
             status="running",
@@ -583,7 +585,7 @@ def resolve_media_path(media_root: Path, file: str) -> Path:
     candidate = Path(file)
     path = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if not path.is_relative_to(root):
-        raise PathOutsideMediaRoot(f"{file!r} is outside the media root {str(root)!r}", path=file)
+        raise PathOutsideMediaRoot(f"path {file} leads outside the media root {root}", path=file)
     return path
 
 

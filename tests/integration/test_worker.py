@@ -1,0 +1,243 @@
+"""The worker end to end, against the real RabbitMQ, PostgreSQL, Redis and a Bolt graph server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+import neo4j
+import pytest
+from redis.asyncio import Redis
+from service_shared.messages import ResultStatus
+
+from analysis_service.settings import (
+    EngineSettings,
+    HttpSettings,
+    Neo4jSettings,
+    PostgresSettings,
+    RabbitSettings,
+    RedisSettings,
+    Settings,
+    WorkerSettings,
+)
+from tests.integration.worker_harness import Broker, running_worker, write_song
+
+pytestmark = pytest.mark.integration
+
+
+def make_settings(
+    tmp_path: Path,
+    *,
+    rabbit_url: str,
+    pg_dsn: str,
+    redis: RedisSettings,
+    graph: Neo4jSettings,
+    concurrency: int = 2,
+    **engine: float,
+) -> Settings:
+    uid = uuid.uuid4().hex[:10]
+    media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
+    return Settings(
+        rabbitmq=RabbitSettings(
+            url=rabbit_url,
+            request_exchange=f"test.{uid}.requests",
+            request_queue=f"test.{uid}.requests",
+            dead_letter_exchange=f"test.{uid}.dlx",
+            dead_letter_queue=f"test.{uid}.dead",
+            results_exchange=f"test.{uid}.results",
+            results_queue=f"test.{uid}.results.all",
+        ),
+        redis=redis,
+        postgres=PostgresSettings(dsn=pg_dsn),
+        neo4j=graph,
+        engine=EngineSettings(**engine),
+        worker=WorkerSettings(
+            media_root=media,
+            concurrency=concurrency,
+            sink_retry_attempts=2,
+            sink_retry_max_wait_s=0.5,
+            persist_deadline_s=3.0,
+            shutdown_grace_s=20.0,
+            breaker_ttl_s=1.0,
+        ),
+        http=HttpSettings(host="127.0.0.1", port=0),
+    )
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, rabbit_url: str, pg_dsn: str, redis_settings: RedisSettings, bolt_server: Neo4jSettings
+) -> Settings:
+    return make_settings(tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server)
+
+
+def request(request_id: str, file: str, **extra: object) -> dict[str, object]:
+    return {"request_id": request_id, "file": file, "correlation_id": f"corr-{request_id}", **extra}
+
+
+async def pg_rows(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def graph_counts(graph: Neo4jSettings, *queries: str, **params: object) -> list[int]:
+    """``count`` results of Cypher queries, over one driver (FalkorDB may hang a second new one)."""
+    driver = neo4j.AsyncGraphDatabase.driver(graph.uri, auth=(graph.user, graph.password))
+    try:
+        counts = []
+        async with driver.session() as session:
+            for cypher in queries:
+                record = await (await session.run(cypher, **params)).single()
+                assert record is not None
+                counts.append(int(record[0]))
+        return counts
+    finally:
+        await driver.close()
+
+
+async def test_request_is_analysed_stored_everywhere_and_acked(settings: Settings, redis_url: str) -> None:
+    write_song(settings.worker.media_root / "songs" / "a.wav", bpm=120, tonic=9, mode="minor")
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish(request("req-1", "songs/a.wav", priority=7), priority=7)
+        [result] = await broker.results(1)
+        assert await broker.depth(settings.rabbitmq.request_queue) == 0
+        assert await broker.depth(settings.rabbitmq.dead_letter_queue) == 0
+        # (FalkorDB: query while the worker's driver is still open; see the bolt_server fixture.)
+        [in_key] = await graph_counts(
+            settings.neo4j,
+            "MATCH (r:Recording {content_hash: $h})-[:IN_KEY]->(k:Key {name: 'A minor'}) RETURN count(r)",
+            h=result.content_hash,
+        )
+    assert in_key == 1
+
+    assert result.status is ResultStatus.COMPLETED, result.error
+    assert result.request_id == "req-1" and result.correlation_id == "corr-req-1"
+    assert result.output is not None and result.output.tempo and result.output.key and result.output.mood
+    assert result.output.tempo.bpm == pytest.approx(120, rel=0.04)
+    assert result.output.key.key == "A minor"
+    assert set(result.output.analyzer_versions) == {"bpm", "key", "mood"}
+
+    rows = await pg_rows(settings.postgres.dsn, "SELECT status, bpm, key, camelot FROM analysis_results")
+    assert [(r["status"], r["key"], r["camelot"]) for r in rows] == [("completed", "A minor", "8A")]
+    assert rows[0]["bpm"] == pytest.approx(120, rel=0.04)
+    assert len(await pg_rows(settings.postgres.dsn, "SELECT 1 FROM recordings")) == 1
+
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    progress = await redis.hgetall(f"{settings.redis.key_prefix}:progress:req-1")
+    ttl = await redis.ttl(f"{settings.redis.key_prefix}:progress:req-1")
+    await redis.aclose()
+    assert progress["status"] == "completed"
+    assert float(progress["percent"]) == 100.0
+    assert ttl > 0
+
+
+async def test_bad_inputs_fail_with_specific_codes_and_are_dead_lettered(settings: Settings) -> None:
+    media = settings.worker.media_root
+    (media / "notes.mp3").write_text("this is a text file, not an mp3\n" * 20)
+    (media / "empty.wav").write_bytes(b"")
+    write_song(media / "long.wav", seconds=12.0)
+    settings = settings.model_copy(update={"engine": EngineSettings(max_duration_s=5.0)})
+    cases: dict[str, tuple[bytes | dict[str, object], str]] = {
+        "bad-json": (b"{not json", "invalid_request"),
+        "bad-schema": (request("bad-schema", "x.wav", priority=12), "invalid_request"),
+        "outside": (request("outside", "../../etc/passwd"), "path_outside_media_root"),
+        "missing": (request("missing", "nowhere/missing.flac"), "file_not_found"),
+        "not-audio": (request("not-audio", "notes.mp3"), "not_audio"),
+        "empty": (request("empty", "empty.wav"), "empty_file"),
+        "too-long": (request("too-long", "long.wav"), "too_long"),
+    }
+    async with Broker(settings) as broker, running_worker(settings):
+        for body, _ in cases.values():
+            await broker.publish(body)
+        results = await broker.results(len(cases))
+        dead = await broker.drain(settings.rabbitmq.dead_letter_queue, len(cases))
+    by_id = {r.request_id: r for r in results}
+    for name, (_, code) in cases.items():
+        # Unparseable JSON has no request id: the result is keyed by the AMQP message id.
+        result = by_id[name] if name != "bad-json" else next(r for r in results if r.request_id not in cases)
+        assert result.status is ResultStatus.FAILED
+        assert result.error is not None and result.error.code == code, (name, result.error)
+        assert result.error.message
+    assert len(dead) == len(cases)
+    codes = await pg_rows(settings.postgres.dsn, "SELECT error_code FROM analysis_results WHERE status = 'failed'")
+    assert sorted(r["error_code"] for r in codes) == sorted(code for _, code in cases.values())
+
+
+async def test_redelivered_request_creates_no_duplicates(settings: Settings) -> None:
+    write_song(settings.worker.media_root / "a.wav")
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish(request("same", "a.wav"))
+        first = await broker.results(1)
+        await broker.publish(request("same", "a.wav"))
+        second = await broker.results(1)
+        analyses, recordings = await graph_counts(
+            settings.neo4j,
+            "MATCH (a:Analysis {request_id: 'same'}) RETURN count(a)",
+            "MATCH (r:Recording) RETURN count(r)",
+        )
+    assert first[0].status is second[0].status is ResultStatus.COMPLETED
+    assert second[0].cached  # same audio, same analyzer versions: not analysed twice
+    assert len(await pg_rows(settings.postgres.dsn, "SELECT 1 FROM analysis_results")) == 1
+    assert len(await pg_rows(settings.postgres.dsn, "SELECT 1 FROM recordings")) == 1
+    assert (analyses, recordings) == (1, 1)
+
+
+async def test_backlog_high_priority_first(
+    tmp_path: Path, rabbit_url: str, pg_dsn: str, redis_settings: RedisSettings, bolt_server: Neo4jSettings
+) -> None:
+    settings = make_settings(
+        tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server, concurrency=1
+    )
+    for i in range(8):
+        write_song(settings.worker.media_root / f"s{i}.wav", bpm=100 + 5 * i, seconds=8.0)
+    async with Broker(settings) as broker:
+        for i in range(5):  # a backlog of routine work...
+            await broker.publish(request(f"low-{i}", f"s{i}.wav"), priority=1)
+        for i in range(5, 8):  # ...then urgent requests arrive
+            await broker.publish(request(f"high-{i}", f"s{i}.wav"), priority=9)
+        async with running_worker(settings):
+            results = await broker.results(8)
+    order = [r.request_id for r in results]
+    assert all(r.status is ResultStatus.COMPLETED for r in results)
+    assert {o.split("-")[0] for o in order[:3]} == {"high"}, order
+
+
+async def test_redis_down_results_still_stored(
+    tmp_path: Path, rabbit_url: str, pg_dsn: str, bolt_server: Neo4jSettings, closed_port: int
+) -> None:
+    redis_down = RedisSettings(url=f"redis://127.0.0.1:{closed_port}/0", socket_timeout_s=0.5)
+    settings = make_settings(tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_down, graph=bolt_server)
+    write_song(settings.worker.media_root / "a.wav")
+    async with Broker(settings) as broker, running_worker(settings) as worker:
+        await broker.publish(request("no-redis", "a.wav"))
+        [result] = await broker.results(1)
+        assert worker.metrics.breaker_state.labels(dependency="redis")._value.get() > 0
+    assert result.status is ResultStatus.COMPLETED
+    rows = await pg_rows(settings.postgres.dsn, "SELECT status FROM analysis_results WHERE request_id = 'no-redis'")
+    assert [r["status"] for r in rows] == ["completed"]
+
+
+async def test_store_down_request_waits_then_requeues_not_lost(
+    tmp_path: Path,
+    rabbit_url: str,
+    redis_settings: RedisSettings,
+    bolt_server: Neo4jSettings,
+    closed_port: int,
+) -> None:
+    pg_down = f"postgresql://postgres@127.0.0.1:{closed_port}/test"
+    settings = make_settings(tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_down, redis=redis_settings, graph=bolt_server)
+    write_song(settings.worker.media_root / "a.wav")
+    async with Broker(settings) as broker:
+        async with running_worker(settings) as worker:
+            await broker.publish(request("pg-down", "a.wav"))
+            while worker.counters["requeued"] == 0:
+                await asyncio.sleep(0.1)
+        # Never acked as done, never dead-lettered: the request is back in its queue.
+        assert await broker.depth(settings.rabbitmq.request_queue) == 1
+        assert await broker.depth(settings.rabbitmq.dead_letter_queue) == 0
