@@ -24,11 +24,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import pytest
-from analysis_service.settings import Neo4jSettings, RedisSettings
 from redis.asyncio import Redis
 
+from analysis_service.settings import Neo4jSettings, RedisSettings
 from tests.conftest import require_service
 
 PG_HOST, PG_PORT, PG_USER, PG_MAINTENANCE_DB = "127.0.0.1", 5432, "postgres", "test"

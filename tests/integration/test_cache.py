@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
+
 from analysis_service.errors import SinkUnavailable
 from analysis_service.settings import RedisSettings
 from analysis_service.sinks.cache import ResultCache, versions_digest
-from redis.asyncio import Redis
 from service_shared.messages import EngineOutput, KeyResult, TempoResult
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

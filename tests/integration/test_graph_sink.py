@@ -8,6 +8,7 @@ from typing import Any
 
 import neo4j
 import pytest
+
 from analysis_service.errors import SinkUnavailable
 from analysis_service.settings import Neo4jSettings
 from analysis_service.sinks.base import ResultSink

@@ -8,8 +8,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import pytest
+
 from analysis_service.errors import SinkUnavailable
 from analysis_service.settings import PostgresSettings
 from analysis_service.sinks.base import ResultSink

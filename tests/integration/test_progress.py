@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
 from analysis_service.errors import SinkUnavailable
 from analysis_service.settings import RedisSettings
 from analysis_service.sinks.progress import ProgressStore
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

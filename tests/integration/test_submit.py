@@ -11,6 +11,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
 from analysis_service.cli.submit import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, redact_url, request_file, run
 from analysis_service.settings import RabbitSettings, RedisSettings, Settings, WorkerSettings
 from analysis_service.sinks.progress import ProgressStore

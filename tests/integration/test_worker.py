@@ -3,75 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
+from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import neo4j
 import pytest
 from redis.asyncio import Redis
-from service_shared.messages import ResultStatus
 
-from analysis_service.settings import (
-    EngineSettings,
-    HttpSettings,
-    Neo4jSettings,
-    PostgresSettings,
-    RabbitSettings,
-    RedisSettings,
-    Settings,
-    WorkerSettings,
-)
-from tests.integration.worker_harness import Broker, running_worker, write_song
+from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
+from service_shared.messages import ResultStatus
+from tests.integration.worker_harness import Broker, make_settings, running_worker, write_song
 
 pytestmark = pytest.mark.integration
-
-
-def make_settings(
-    tmp_path: Path,
-    *,
-    rabbit_url: str,
-    pg_dsn: str,
-    redis: RedisSettings,
-    graph: Neo4jSettings,
-    concurrency: int = 2,
-    **engine: float,
-) -> Settings:
-    uid = uuid.uuid4().hex[:10]
-    media = tmp_path / "media"
-    media.mkdir(exist_ok=True)
-    return Settings(
-        rabbitmq=RabbitSettings(
-            url=rabbit_url,
-            request_exchange=f"test.{uid}.requests",
-            request_queue=f"test.{uid}.requests",
-            dead_letter_exchange=f"test.{uid}.dlx",
-            dead_letter_queue=f"test.{uid}.dead",
-            results_exchange=f"test.{uid}.results",
-            results_queue=f"test.{uid}.results.all",
-        ),
-        redis=redis,
-        postgres=PostgresSettings(dsn=pg_dsn),
-        neo4j=graph,
-        engine=EngineSettings(**engine),
-        worker=WorkerSettings(
-            media_root=media,
-            concurrency=concurrency,
-            sink_retry_attempts=2,
-            sink_retry_max_wait_s=0.5,
-            persist_deadline_s=3.0,
-            shutdown_grace_s=20.0,
-            breaker_ttl_s=1.0,
-        ),
-        http=HttpSettings(host="127.0.0.1", port=0),
-    )
 
 
 @pytest.fixture
 def settings(
     tmp_path: Path, rabbit_url: str, pg_dsn: str, redis_settings: RedisSettings, bolt_server: Neo4jSettings
 ) -> Settings:
-    return make_settings(tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server)
+    return make_settings(
+        tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server
+    )
 
 
 def request(request_id: str, file: str, **extra: object) -> dict[str, object]:
@@ -86,7 +39,7 @@ async def pg_rows(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def graph_counts(graph: Neo4jSettings, *queries: str, **params: object) -> list[int]:
+async def graph_counts(graph: Neo4jSettings, *queries: str, **params: Any) -> list[int]:
     """``count`` results of Cypher queries, over one driver (FalkorDB may hang a second new one)."""
     driver = neo4j.AsyncGraphDatabase.driver(graph.uri, auth=(graph.user, graph.password))
     try:
@@ -117,8 +70,11 @@ async def test_request_is_analysed_stored_everywhere_and_acked(settings: Setting
     assert in_key == 1
 
     assert result.status is ResultStatus.COMPLETED, result.error
-    assert result.request_id == "req-1" and result.correlation_id == "corr-req-1"
-    assert result.output is not None and result.output.tempo and result.output.key and result.output.mood
+    assert (result.request_id, result.correlation_id) == ("req-1", "corr-req-1")
+    assert result.output is not None
+    assert result.output.tempo
+    assert result.output.key
+    assert result.output.mood
     assert result.output.tempo.bpm == pytest.approx(120, rel=0.04)
     assert result.output.key.key == "A minor"
     assert set(result.output.analyzer_versions) == {"bpm", "key", "mood"}
@@ -162,10 +118,13 @@ async def test_bad_inputs_fail_with_specific_codes_and_are_dead_lettered(setting
         # Unparseable JSON has no request id: the result is keyed by the AMQP message id.
         result = by_id[name] if name != "bad-json" else next(r for r in results if r.request_id not in cases)
         assert result.status is ResultStatus.FAILED
-        assert result.error is not None and result.error.code == code, (name, result.error)
+        assert result.error is not None
+        assert result.error.code == code, (name, result.error)
         assert result.error.message
     assert len(dead) == len(cases)
-    codes = await pg_rows(settings.postgres.dsn, "SELECT error_code FROM analysis_results WHERE status = 'failed'")
+    codes = await pg_rows(
+        settings.postgres.dsn, "SELECT error_code FROM analysis_results WHERE status = 'failed'"
+    )
     assert sorted(r["error_code"] for r in codes) == sorted(code for _, code in cases.values())
 
 
@@ -212,14 +171,18 @@ async def test_redis_down_results_still_stored(
     tmp_path: Path, rabbit_url: str, pg_dsn: str, bolt_server: Neo4jSettings, closed_port: int
 ) -> None:
     redis_down = RedisSettings(url=f"redis://127.0.0.1:{closed_port}/0", socket_timeout_s=0.5)
-    settings = make_settings(tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_down, graph=bolt_server)
+    settings = make_settings(
+        tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_down, graph=bolt_server
+    )
     write_song(settings.worker.media_root / "a.wav")
     async with Broker(settings) as broker, running_worker(settings) as worker:
         await broker.publish(request("no-redis", "a.wav"))
         [result] = await broker.results(1)
         assert worker.metrics.breaker_state.labels(dependency="redis")._value.get() > 0
     assert result.status is ResultStatus.COMPLETED
-    rows = await pg_rows(settings.postgres.dsn, "SELECT status FROM analysis_results WHERE request_id = 'no-redis'")
+    rows = await pg_rows(
+        settings.postgres.dsn, "SELECT status FROM analysis_results WHERE request_id = 'no-redis'"
+    )
     assert [r["status"] for r in rows] == ["completed"]
 
 
@@ -231,12 +194,14 @@ async def test_store_down_request_waits_then_requeues_not_lost(
     closed_port: int,
 ) -> None:
     pg_down = f"postgresql://postgres@127.0.0.1:{closed_port}/test"
-    settings = make_settings(tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_down, redis=redis_settings, graph=bolt_server)
+    settings = make_settings(
+        tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_down, redis=redis_settings, graph=bolt_server
+    )
     write_song(settings.worker.media_root / "a.wav")
     async with Broker(settings) as broker:
         async with running_worker(settings) as worker:
             await broker.publish(request("pg-down", "a.wav"))
-            while worker.counters["requeued"] == 0:
+            while worker.counters["requeued"] == 0:  # noqa: ASYNC110 - polling the worker's counter
                 await asyncio.sleep(0.1)
         # Never acked as done, never dead-lettered: the request is back in its queue.
         assert await broker.depth(settings.rabbitmq.request_queue) == 1

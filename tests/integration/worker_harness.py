@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,18 +13,91 @@ from typing import Any
 
 import aio_pika
 import soundfile as sf
-from service_shared.messages import AnalysisResultMessage
 
 from analysis_service.audio.synth import demo_song
-from analysis_service.settings import Settings
+from analysis_service.settings import (
+    EngineSettings,
+    HttpSettings,
+    Neo4jSettings,
+    PostgresSettings,
+    RabbitSettings,
+    RedisSettings,
+    Settings,
+    WorkerSettings,
+)
 from analysis_service.worker.topology import declare_topology
 from analysis_service.worker.worker import Worker
+from service_shared.messages import AnalysisResultMessage
 
 
-def write_song(path: Path, *, bpm: float = 120.0, tonic: int = 9, mode: str = "minor", seconds: float = 12.0) -> Path:
+def make_settings(
+    tmp_path: Path,
+    *,
+    rabbit_url: str,
+    pg_dsn: str,
+    redis: RedisSettings,
+    graph: Neo4jSettings,
+    concurrency: int = 2,
+    **engine: float,
+) -> Settings:
+    uid = uuid.uuid4().hex[:10]
+    media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
+    return Settings(
+        rabbitmq=RabbitSettings(
+            url=rabbit_url,
+            request_exchange=f"test.{uid}.requests",
+            request_queue=f"test.{uid}.requests",
+            dead_letter_exchange=f"test.{uid}.dlx",
+            dead_letter_queue=f"test.{uid}.dead",
+            results_exchange=f"test.{uid}.results",
+            results_queue=f"test.{uid}.results.all",
+        ),
+        redis=redis,
+        postgres=PostgresSettings(dsn=pg_dsn),
+        neo4j=graph,
+        engine=EngineSettings(**engine),
+        worker=WorkerSettings(
+            media_root=media,
+            concurrency=concurrency,
+            sink_retry_attempts=2,
+            sink_retry_max_wait_s=0.5,
+            persist_deadline_s=3.0,
+            shutdown_grace_s=20.0,
+            breaker_ttl_s=1.0,
+        ),
+        http=HttpSettings(host="127.0.0.1", port=0),
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``ANALYSIS_*`` environment variables that rebuild ``settings`` in another process."""
+    env: dict[str, str] = {}
+    for section, value in settings.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            for field, v in value.items():
+                if v is not None:
+                    env[f"ANALYSIS_{section.upper()}__{field.upper()}"] = str(v)
+        else:
+            env[f"ANALYSIS_{section.upper()}"] = str(value)
+    return env
+
+
+def write_song(
+    path: Path, *, bpm: float = 120.0, tonic: int = 9, mode: str = "minor", seconds: float = 12.0
+) -> Path:
     """A WAV file with a known tempo and key."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, demo_song(bpm=bpm, tonic=tonic, mode=mode, seconds=seconds, sample_rate=22050), 22050)
+    return path
+
+
+def write_long_song(path: Path, *, seconds: float, chunk_s: float = 30.0) -> Path:
+    """A long FLAC made by repeating a short song, written in chunks (flat memory)."""
+    chunk = demo_song(bpm=124.0, tonic=2, mode="major", seconds=chunk_s, sample_rate=22050)
+    with sf.SoundFile(path, "w", samplerate=22050, channels=1, format="FLAC") as fh:
+        for _ in range(int(seconds // chunk_s)):
+            fh.write(chunk)
     return path
 
 
@@ -43,7 +117,8 @@ class Broker:
 
     async def __aexit__(self, *exc: object) -> None:
         r = self.settings.rabbitmq
-        assert self.channel is not None and self._connection is not None
+        assert self.channel is not None
+        assert self._connection is not None
         for queue in (r.request_queue, r.dead_letter_queue, r.results_queue):
             await self.channel.queue_delete(queue)
         for exchange in (r.request_exchange, r.dead_letter_exchange, r.results_exchange):
@@ -59,7 +134,9 @@ class Broker:
             routing_key=self.settings.rabbitmq.request_routing_key,
         )
 
-    async def drain(self, queue_name: str, count: int, *, timeout_s: float = 60.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    async def drain(
+        self, queue_name: str, count: int, *, timeout_s: float = 60.0
+    ) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Get ``count`` messages from ``queue_name`` (acked), failing after ``timeout_s``."""
         assert self.channel is not None
         queue = await self.channel.get_queue(queue_name)
@@ -69,9 +146,21 @@ class Broker:
             message = await queue.get(fail=False)
             if message is None:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"only {len(got)} of {count} messages arrived on {queue_name} in {timeout_s} s")
+                    raise AssertionError(
+                        f"only {len(got)} of {count} messages arrived on {queue_name} in {timeout_s} s"
+                    )
                 await asyncio.sleep(0.1)
                 continue
+            await message.ack()
+            got.append(message)
+        return got
+
+    async def drain_now(self, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Every message waiting in ``queue_name`` now (acked)."""
+        assert self.channel is not None
+        queue = await self.channel.get_queue(queue_name)
+        got = []
+        while (message := await queue.get(fail=False)) is not None:
             await message.ack()
             got.append(message)
         return got

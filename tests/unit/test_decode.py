@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile as sf
+
 from analysis_service.audio.decode import AudioInfo, content_hash, iter_mono_blocks, probe
 from analysis_service.errors import (
     DecoderUnavailable,

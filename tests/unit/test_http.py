@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from analysis_service.http.server import HttpServer
 from analysis_service.metrics import Metrics
 from analysis_service.settings import HttpSettings

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from analysis_service.metrics import BREAKER_STATES, STAGES, Metrics, geometric_buckets
 
 EXPECTED_NAMES = (

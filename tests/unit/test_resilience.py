@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from purgatory.domain.model import OpenedState
+
 from analysis_service.errors import SinkUnavailable
 from analysis_service.settings import WorkerSettings
 from analysis_service.sinks.resilience import Guard
-from purgatory.domain.model import OpenedState
 
 TTL_S = 0.2
 

@@ -9,9 +9,7 @@ from typing import Literal
 import structlog
 
 
-def configure_logging(
-    *, service: str, level: str = "info", fmt: Literal["json", "console"] = "json"
-) -> None:
+def configure_logging(*, service: str, level: str = "info", fmt: Literal["json", "console"] = "json") -> None:
     """Configure structlog and the standard library to emit one JSON object per line on stderr.
 
     Every line carries ``timestamp`` (ISO 8601, UTC), ``level``, ``service`` and whatever the caller

@@ -8,7 +8,14 @@ from tests.unit.audio.conftest import FeaturesOf
 
 @pytest.mark.parametrize(
     ("pc", "mode", "code"),
-    [(9, "minor", "8A"), (0, "major", "8B"), (7, "major", "9B"), (4, "minor", "9A"), (6, "major", "2B"), (5, "minor", "4A")],
+    [
+        (9, "minor", "8A"),
+        (0, "major", "8B"),
+        (7, "major", "9B"),
+        (4, "minor", "9A"),
+        (6, "major", "2B"),
+        (5, "minor", "4A"),
+    ],
 )
 def test_camelot_codes(pc: int, mode: str, code: str) -> None:
     assert camelot(pc, mode) == code

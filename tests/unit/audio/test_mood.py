@@ -32,7 +32,7 @@ def test_louder_is_more_energetic() -> None:
 def _tilt(y: np.ndarray, *, bright: bool) -> np.ndarray:
     """The same music with more (first difference) or less (moving average) treble, equal RMS."""
     out = np.diff(y, prepend=0.0) + 0.3 * y if bright else np.convolve(y, np.ones(8) / 8, mode="same")
-    return (out * np.sqrt(np.mean(y**2) / np.mean(out**2))).astype(np.float32)
+    return np.asarray(out * np.sqrt(np.mean(y**2) / np.mean(out**2)), dtype=np.float32)
 
 
 def test_brighter_is_more_energetic_and_happier() -> None:
@@ -57,5 +57,10 @@ def test_values_in_range_and_label_matches_quadrant(song_features: FeaturesOf) -
         m = mood_of(song_features, tonic=2, **kw)
         for v in (m.energy, m.valence, m.danceability, m.confidence):
             assert 0.0 <= v <= 1.0
-        quadrant = {(True, True): "happy", (True, False): "energetic", (False, True): "calm", (False, False): "sad"}
+        quadrant = {
+            (True, True): "happy",
+            (True, False): "energetic",
+            (False, True): "calm",
+            (False, False): "sad",
+        }
         assert m.label == quadrant[(m.energy >= 0.5, m.valence >= 0.5)]

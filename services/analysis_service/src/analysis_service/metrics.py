@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Final
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,

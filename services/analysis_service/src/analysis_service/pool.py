@@ -16,9 +16,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the parent process never needs numpy to submit work
-    from service_shared.messages import EngineOutput
-
     from analysis_service.settings import EngineSettings
+    from service_shared.messages import EngineOutput
 
 #: Environment for pool processes: one thread each for every numeric library.
 SINGLE_THREADED_ENV = {
@@ -82,12 +81,14 @@ def warm_up() -> None:
 def _throttled(queue: ProgressQueue, key: str, min_interval_s: float = 0.25) -> Callable[[float, str], None]:
     import time
 
-    last = [0.0, ""]
+    last_time = 0.0
+    last_stage = ""
 
     def report(fraction: float, stage: str) -> None:
+        nonlocal last_time, last_stage
         now = time.monotonic()
-        if stage != last[1] or now - float(last[0]) >= min_interval_s or fraction >= 1.0:
-            last[0], last[1] = now, stage
+        if stage != last_stage or now - last_time >= min_interval_s or fraction >= 1.0:
+            last_time, last_stage = now, stage
             queue.put((key, fraction, stage))
 
     return report

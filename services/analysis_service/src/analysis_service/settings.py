@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
+
 from service_shared.settings import ServiceSettings
 
 
@@ -120,7 +121,8 @@ class Settings(ServiceSettings):
         budget_ms = 1000 * (self.worker.time_limit_max_s + self.worker.persist_deadline_s)
         if budget_ms >= self.rabbitmq.consumer_timeout_ms:
             raise ValueError(
-                f"worker.time_limit_max_s + worker.persist_deadline_s ({budget_ms / 1000:.0f} s) must be below "
+                "worker.time_limit_max_s + worker.persist_deadline_s "
+                f"({budget_ms / 1000:.0f} s) must be below "
                 f"rabbitmq.consumer_timeout_ms ({self.rabbitmq.consumer_timeout_ms / 1000:.0f} s)"
             )
         return self

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from service_shared.messages import EngineOutput, KeyResult, MoodResult, Segment, TempoResult
 
 from analysis_service.audio.decode import iter_mono_blocks, probe
 from analysis_service.audio.features import FeatureExtractor, Features
@@ -23,6 +22,7 @@ from analysis_service.audio.tempo import TempoEstimate
 from analysis_service.audio.timeline import estimate_timeline
 from analysis_service.errors import SilentAudio, TooShort
 from analysis_service.settings import EngineSettings
+from service_shared.messages import EngineOutput, KeyResult, MoodResult, Segment, TempoResult
 
 #: ``progress(fraction, stage)``: fraction of the work done in [0, 1] and the current stage name.
 ProgressCallback = Callable[[float, str], None]
@@ -101,7 +101,8 @@ def analyze_file(
         report(_DECODE_SHARE + (1 - _DECODE_SHARE) * len(plan) / (len(plan) + 1), "timeline")
         t = time.perf_counter()
         segments = [
-            Segment(start_s=s.start_s, end_s=s.end_s, bpm=s.bpm, key=s.key) for s in estimate_timeline(features)
+            Segment(start_s=s.start_s, end_s=s.end_s, bpm=s.bpm, key=s.key)
+            for s in estimate_timeline(features)
         ]
         timings["timeline"] = round(time.perf_counter() - t, 4)
     timings["total"] = round(time.perf_counter() - t0, 4)
@@ -181,10 +182,14 @@ def _tempo(t: TempoEstimate) -> TempoResult:
 
 
 def _key(k: KeyEstimate) -> KeyResult:
-    return KeyResult(key=k.name, tonic=k.tonic, mode=k.mode, camelot=k.camelot, confidence=k.confidence)  # type: ignore[arg-type]
+    return KeyResult(key=k.name, tonic=k.tonic, mode=k.mode, camelot=k.camelot, confidence=k.confidence)
 
 
 def _mood(m: MoodEstimate) -> MoodResult:
     return MoodResult(
-        energy=m.energy, valence=m.valence, danceability=m.danceability, label=m.label, confidence=m.confidence
+        energy=m.energy,
+        valence=m.valence,
+        danceability=m.danceability,
+        label=m.label,
+        confidence=m.confidence,
     )

@@ -157,10 +157,10 @@ class FeatureExtractor:
         self.sample_rate = sample_rate
         self._rhythm = _Framer(RHYTHM_N_FFT, RHYTHM_HOP)
         self._pitch = _Framer(PITCH_N_FFT, PITCH_HOP)
-        rf = np.fft.rfftfreq(RHYTHM_N_FFT, 1.0 / sample_rate)
+        rf = np.fft.rfftfreq(RHYTHM_N_FFT, 1.0 / sample_rate).astype(np.float64)
         self._band_masks = [(rf >= lo) & (rf < hi) for lo, hi in ONSET_BANDS_HZ]
         self._rfreqs = rf.astype(np.float32)
-        pf = np.fft.rfftfreq(PITCH_N_FFT, 1.0 / sample_rate)
+        pf = np.fft.rfftfreq(PITCH_N_FFT, 1.0 / sample_rate).astype(np.float64)
         self._chroma_map = _pitch_class_matrix(pf, *CHROMA_RANGE_HZ)
         self._bass_map = _pitch_class_matrix(pf, *BASS_RANGE_HZ)
         hi_bin = int(np.searchsorted(pf, CHROMA_RANGE_HZ[1])) + 1

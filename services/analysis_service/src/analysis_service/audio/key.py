@@ -93,7 +93,7 @@ def fold_chroma(chroma36: F64, *, offset: int | None = None) -> F64:
     chroma when folding the bass chroma, whose coarse low-frequency bins cannot tell the tuning.
     """
     if chroma36.shape[-1] == 0:
-        return np.zeros((12,) + chroma36.shape[1:])
+        return np.zeros((12, *chroma36.shape[1:]))
     centre = tuning_offset(chroma36) if offset is None else offset
     rolled = np.roll(chroma36, -centre, axis=0).reshape(12, 3, -1)
     # centre bin plus half of each neighbour (neighbour of bin 0 is the previous pitch's bin 2)
@@ -145,7 +145,9 @@ def key_scores(features: Features) -> F64:
         return np.zeros(24)
     profile = chroma.mean(axis=1)
     major_fit = _scale_fit(profile, MAJOR_SCALE)
-    minor_fit = np.maximum(_scale_fit(profile, NATURAL_MINOR_SCALE), _scale_fit(profile, HARMONIC_MINOR_SCALE))
+    minor_fit = np.maximum(
+        _scale_fit(profile, NATURAL_MINOR_SCALE), _scale_fit(profile, HARMONIC_MINOR_SCALE)
+    )
     scores = np.concatenate([major_fit, minor_fit])
 
     evidence = TRIAD_WEIGHT * _triad_share(profile)
@@ -183,4 +185,6 @@ def estimate_key(features: Features) -> KeyEstimate:
     pc = best % 12
     spread = float(scores[best] - scores[order[1]])
     confidence = float(np.clip(spread / 0.15, 0.0, 1.0)) if scores[best] > 0 else 0.0
-    return KeyEstimate(tonic=NOTE_NAMES[pc], mode=mode, camelot=camelot(pc, mode), confidence=round(confidence, 3))
+    return KeyEstimate(
+        tonic=NOTE_NAMES[pc], mode=mode, camelot=camelot(pc, mode), confidence=round(confidence, 3)
+    )

@@ -21,7 +21,9 @@ def _env(n: int, decay_s: float, sr: int) -> npt.NDArray[np.float64]:
     return np.asarray(np.exp(-np.arange(n) / (decay_s * sr)))
 
 
-def _tone(freq: float, n: int, sr: int, *, harmonics: int = 4, decay_s: float = 0.6) -> npt.NDArray[np.float64]:
+def _tone(
+    freq: float, n: int, sr: int, *, harmonics: int = 4, decay_s: float = 0.6
+) -> npt.NDArray[np.float64]:
     t = np.arange(n) / sr
     wave = sum(np.sin(2 * np.pi * freq * h * t) / h**1.5 for h in range(1, harmonics + 1))
     return np.asarray(wave * _env(n, decay_s, sr))
@@ -77,9 +79,13 @@ def demo_song(
     n_beats = int(seconds / beat)
     kick_n, snare_n, hat_n = int(0.25 * sr), int(0.2 * sr), int(0.05 * sr)
     t_kick = np.arange(kick_n) / sr
-    kick = np.sin(2 * np.pi * (50 * t_kick + 60 * 0.04 * (1 - np.exp(-t_kick / 0.04)))) * _env(kick_n, 0.12, sr)
+    kick = np.sin(2 * np.pi * (50 * t_kick + 60 * 0.04 * (1 - np.exp(-t_kick / 0.04)))) * _env(
+        kick_n, 0.12, sr
+    )
     snare_noise = rng.standard_normal(snare_n) * _env(snare_n, 0.06, sr)
-    snare = 0.6 * snare_noise + 0.4 * np.sin(2 * np.pi * 190 * np.arange(snare_n) / sr) * _env(snare_n, 0.05, sr)
+    snare = 0.6 * snare_noise + 0.4 * np.sin(2 * np.pi * 190 * np.arange(snare_n) / sr) * _env(
+        snare_n, 0.05, sr
+    )
     hat = np.diff(rng.standard_normal(hat_n + 1)) * _env(hat_n, 0.012, sr)
 
     def place(sig: npt.NDArray[np.float64], at_s: float, gain: float) -> None:
@@ -105,12 +111,22 @@ def demo_song(
             base = 48 + tonic + root
             for interval in (0, chord_third, 7):
                 place(
-                    _tone(_midi_hz(base + 12 + interval), bar, sr, harmonics=2 + int(2 * brightness), decay_s=1.5),
+                    _tone(
+                        _midi_hz(base + 12 + interval),
+                        bar,
+                        sr,
+                        harmonics=2 + int(2 * brightness),
+                        decay_s=1.5,
+                    ),
                     t,
                     harmony * 0.25,
                 )
             for e in range(8):
-                place(_tone(_midi_hz(base - 12), bar // 8, sr, harmonics=3, decay_s=0.2), t + e * beat / 2, harmony * 0.5)
+                place(
+                    _tone(_midi_hz(base - 12), bar // 8, sr, harmonics=3, decay_s=0.2),
+                    t + e * beat / 2,
+                    harmony * 0.5,
+                )
     y = out[:n]
     peak = float(np.max(np.abs(y))) or 1.0
     return (0.9 * y / peak).astype(np.float32)

@@ -70,7 +70,7 @@ def novelty(features: Features, *, weights: tuple[float, ...] = BAND_WEIGHTS) ->
     onset = features.onset.astype(np.float64)
     if onset.shape[1] == 0:
         return np.zeros(0)
-    width = max(1, int(round(features.onset_rate)))
+    width = max(1, round(features.onset_rate))
     kernel = np.ones(width) / width
     out = np.zeros(onset.shape[1])
     for band, w in zip(onset, weights, strict=False):

@@ -16,6 +16,7 @@ Cost is O(n_steps^2) in time and O(n_steps) in memory: a 3-hour file has 2160 st
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +113,7 @@ def estimate_timeline(features: Features) -> list[Segment]:
     min_len = max(1, int(MIN_SEGMENT_S / STEP_S))
     bounds = _partition(x, min_len=min(min_len, len(x)), penalty=PENALTY)
     segments: list[Segment] = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         start, end = a * STEP_S, min(b * STEP_S, features.duration_s)
         trim = min(EDGE_TRIM_S, (end - start) / 4)
         core = features.window(start + trim, end - trim)

@@ -12,11 +12,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from service_shared.messages import EngineOutput
 
 from analysis_service.errors import AnalysisServiceError
 from analysis_service.pool import create_pool, run_analysis
 from analysis_service.settings import EngineSettings
+from service_shared.messages import EngineOutput
 
 #: Extensions picked up when a folder is given (explicit files are analysed whatever their name).
 AUDIO_EXTENSIONS = frozenset(
@@ -93,7 +93,9 @@ def analyze_paths(
             else:
                 # A bug or an unexpected library failure: report it for this file, keep going,
                 # and make the run fail (exit status) so it is not mistaken for success.
-                outcome = FileOutcome(path=path, error_code="internal_error", error=f"{type(exc).__name__}: {exc}")
+                outcome = FileOutcome(
+                    path=path, error_code="internal_error", error=f"{type(exc).__name__}: {exc}"
+                )
             bar.update(task, advance=1, description=Path(path).name)
             yield outcome
 
@@ -131,7 +133,15 @@ def render_table(outcomes: list[FileOutcome], console: Console) -> None:
         )
         for seg in out.timeline or []:
             table.add_row(
-                f"  {seg.start_s:7.1f}-{seg.end_s:7.1f} s", "", f"{seg.bpm or 0:.1f}", seg.key or "", "", "", "", "", ""
+                f"  {seg.start_s:7.1f}-{seg.end_s:7.1f} s",
+                "",
+                f"{seg.bpm or 0:.1f}",
+                seg.key or "",
+                "",
+                "",
+                "",
+                "",
+                "",
             )
     console.print(table)
 

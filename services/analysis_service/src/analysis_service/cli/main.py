@@ -28,7 +28,9 @@ EXIT_USAGE = 2
 def analyze(
     paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file.")] = False,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Processes (default: CPUs).")] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", min=1, help="Processes (default: CPUs).")
+    ] = None,
     analyses: Annotated[
         str | None, typer.Option("--analyses", help="Comma-separated analyzers (default: all).")
     ] = None,
@@ -58,9 +60,8 @@ def worker() -> None:
     import asyncio
     import signal
 
-    from service_shared.logging import configure_logging
-
     from analysis_service.worker.worker import Worker
+    from service_shared.logging import configure_logging
 
     settings = Settings()
     configure_logging(service=settings.service_name, level=settings.log_level, fmt=settings.log_format)
@@ -92,7 +93,9 @@ def demo(
     parts = key.split()
     if len(parts) != 2 or parts[0].lower() not in names or parts[1].lower() not in ("major", "minor"):
         raise typer.BadParameter(f"expected e.g. 'A minor' or 'F# major', got {key!r}", param_hint="--key")
-    y = demo_song(bpm=bpm, tonic=names[parts[0].lower()], mode=parts[1].lower(), seconds=seconds, sample_rate=44100)
+    y = demo_song(
+        bpm=bpm, tonic=names[parts[0].lower()], mode=parts[1].lower(), seconds=seconds, sample_rate=44100
+    )
     sf.write(out, y, 44100)
     typer.echo(f"wrote {out}: {seconds:.0f} s at {bpm:g} BPM in {parts[0]} {parts[1].lower()}")
 

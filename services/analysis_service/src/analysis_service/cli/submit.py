@@ -31,13 +31,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from service_shared.messages import AnalysisKind, AnalysisRequest
 
 from analysis_service.cli.analyze import expand_paths
 from analysis_service.errors import AnalysisServiceError, SinkUnavailable
 from analysis_service.settings import RabbitSettings, Settings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client
 from analysis_service.sinks.progress import ProgressStore
+from service_shared.messages import AnalysisKind, AnalysisRequest
 
 #: Exit statuses (the same as ``analysis_service.cli.main``'s).
 EXIT_OK: Final = 0

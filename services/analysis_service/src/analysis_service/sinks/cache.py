@@ -17,10 +17,10 @@ from typing import Final
 import structlog
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from service_shared.messages import EngineOutput
 
 from analysis_service.settings import RedisSettings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client, translate_unavailable
+from service_shared.messages import EngineOutput
 
 STORE = "Redis (cache)"
 

@@ -56,10 +56,10 @@ from neo4j.exceptions import (
     SessionExpired,
     TransientError,
 )
-from service_shared.messages import AnalysisResultMessage
 
 from analysis_service.settings import Neo4jSettings
 from analysis_service.sinks._util import translate_unavailable
+from service_shared.messages import AnalysisResultMessage
 
 STORE = "Neo4j"
 

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
-from service_shared.messages import AnalysisResultMessage, EngineOutput
+import asyncpg
 
 from analysis_service.settings import PostgresSettings
 from analysis_service.sinks._util import translate_unavailable
+from service_shared.messages import AnalysisResultMessage, EngineOutput
 
 STORE = "PostgreSQL"
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
-from service_shared.messages import AnalysisResultMessage
 
 from analysis_service.errors import SinkUnavailable
 from analysis_service.settings import RabbitSettings
+from service_shared.messages import AnalysisResultMessage
 
 #: Errors that mean "the broker did not take the message now; try again".
 _TRANSIENT = (AMQPError, AMQPConnectionError, ChannelInvalidStateError, ConnectionError, asyncio.TimeoutError)
@@ -32,8 +32,9 @@ class ResultsPublisher:
 
     name = "results-exchange"
 
-    def __init__(self, exchange: AbstractExchange, settings: RabbitSettings) -> None:
+    def __init__(self, exchange: AbstractExchange, channel: AbstractChannel, settings: RabbitSettings) -> None:
         self._exchange = exchange
+        self._channel = channel
         self._timeout_s = settings.publish_timeout_s
 
     async def start(self) -> None:
@@ -65,8 +66,7 @@ class ResultsPublisher:
             ) from exc
 
     async def ping(self) -> None:
-        channel = self._exchange.channel
-        if channel.is_closed:
+        if self._channel.is_closed:
             raise SinkUnavailable(f"the channel of results exchange {self._exchange.name!r} is closed")
 
     async def close(self) -> None:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from service_shared.messages import EngineOutput
 
 from analysis_service.errors import AnalysisTimeout, WorkerCrashed
 from analysis_service.pool import create_pool, run_analysis, warm_up
 from analysis_service.settings import EngineSettings
+from service_shared.messages import EngineOutput
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,7 @@ class SlotPool:
         self._slots: list[Slot] = []
         self._free: asyncio.Queue[Slot] = asyncio.Queue()
         self.restarts = 0
+        self._closed = False
 
     async def start(self) -> None:
         """Start and warm every slot's process (the first analysis then pays no import cost)."""
@@ -119,7 +120,8 @@ class SlotPool:
             except TimeoutError:
                 await self._replace(slot, reason="timeout")
                 raise AnalysisTimeout(
-                    f"analysis did not finish within its time limit of {time_limit_s:.0f} s; its process was killed",
+                    f"analysis did not finish within its time limit of {time_limit_s:.0f} s; "
+                    "its process was killed",
                     path=path,
                 ) from None
             except BrokenProcessPool as exc:
@@ -135,6 +137,8 @@ class SlotPool:
 
     async def _replace(self, slot: Slot, *, reason: str) -> None:
         _kill(slot.executor)
+        if self._closed:
+            return
         slot.executor = self._new_executor()
         slot.jobs = 0
         self.restarts += 1
@@ -142,7 +146,8 @@ class SlotPool:
         await self._warm(slot)
 
     async def close(self) -> None:
-        """Stop every slot's process (running analyses are killed)."""
+        """Stop every slot's process (running analyses are killed). Idempotent."""
+        self._closed = True
         for s in self._slots:
             _kill(s.executor)
         self._slots.clear()
@@ -151,7 +156,9 @@ class SlotPool:
 def _call(
     path: str, settings: EngineSettings, analyses: list[str] | None, timeline: bool | None, progress_key: str
 ) -> EngineOutput:
-    return run_analysis(path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key)
+    return run_analysis(
+        path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key
+    )
 
 
 def _broken(executor: ProcessPoolExecutor) -> bool:
@@ -160,7 +167,9 @@ def _broken(executor: ProcessPoolExecutor) -> bool:
 
 def _kill(executor: ProcessPoolExecutor) -> None:
     """Kill the executor's processes now and drop it (its pending futures fail)."""
-    processes: dict[int, multiprocessing.process.BaseProcess] = dict(getattr(executor, "_processes", None) or {})
+    processes: dict[int, multiprocessing.process.BaseProcess] = dict(
+        getattr(executor, "_processes", None) or {}
+    )
     for proc in processes.values():
         if proc.is_alive():
             proc.kill()

@@ -13,6 +13,7 @@ All are durable; names come from :class:`~analysis_service.settings.RabbitSettin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
@@ -32,7 +33,7 @@ class Topology:
     results_queue: AbstractQueue | None
 
 
-def request_queue_arguments(settings: RabbitSettings) -> dict[str, int | str]:
+def request_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
     """Arguments of the request queue (they must match on every declaration)."""
     return {
         "x-queue-type": "classic",
@@ -44,15 +45,21 @@ def request_queue_arguments(settings: RabbitSettings) -> dict[str, int | str]:
 
 async def declare_topology(channel: AbstractChannel, settings: RabbitSettings) -> Topology:
     """Declare every exchange, queue and binding of the service (idempotent)."""
-    dlx = await channel.declare_exchange(settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+    dlx = await channel.declare_exchange(
+        settings.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
     dlq = await channel.declare_queue(settings.dead_letter_queue, durable=True)
     await dlq.bind(dlx)
-    requests = await channel.declare_exchange(settings.request_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    requests = await channel.declare_exchange(
+        settings.request_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
     queue = await channel.declare_queue(
         settings.request_queue, durable=True, arguments=request_queue_arguments(settings)
     )
     await queue.bind(requests, routing_key=settings.request_routing_key)
-    results = await channel.declare_exchange(settings.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    results = await channel.declare_exchange(
+        settings.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
     results_queue = None
     if settings.results_queue:
         results_queue = await channel.declare_queue(settings.results_queue, durable=True)

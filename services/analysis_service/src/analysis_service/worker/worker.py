@@ -31,13 +31,6 @@ import psutil
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pydantic import ValidationError
-from service_shared.messages import (
-    AnalysisRequest,
-    AnalysisResultMessage,
-    EngineOutput,
-    ErrorInfo,
-    ResultStatus,
-)
 
 from analysis_service.audio.decode import content_hash, probe
 from analysis_service.audio.registry import build_registry, resolve
@@ -61,6 +54,13 @@ from analysis_service.sinks.resilience import Guard
 from analysis_service.worker.publisher import ResultsPublisher
 from analysis_service.worker.slots import SlotPool
 from analysis_service.worker.topology import Topology, declare_topology
+from service_shared.messages import (
+    AnalysisRequest,
+    AnalysisResultMessage,
+    EngineOutput,
+    ErrorInfo,
+    ResultStatus,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -90,12 +90,16 @@ class Worker:
         self.metrics = metrics or Metrics(time_limit_s=w.time_limit_max_s)
         self.registry = build_registry()
         self._versions = {a.name: a.version for a in resolve(self.registry, None)}
-        self._guards = {name: Guard.from_settings(name, w) for name in ("postgres", "neo4j", "results-exchange")}
+        self._guards = {
+            name: Guard.from_settings(name, w) for name in ("postgres", "neo4j", "results-exchange")
+        }
         # Progress and cache are best effort: one attempt, then the breaker decides.
         self._redis_guard = Guard(
             "redis", threshold=w.breaker_threshold, ttl_s=w.breaker_ttl_s, attempts=1, max_wait_s=0.0
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], AbstractIncomingMessage] = {}
+        # Deliveries requeued by the shutdown: their tasks must not store, publish or settle.
+        self._abandoned: set[int] = set()
         self._semaphore = asyncio.Semaphore(self.concurrency)
         self._fatal: asyncio.Event = asyncio.Event()
         self._exit_code = EXIT_OK
@@ -176,7 +180,9 @@ class Worker:
         )
         t = time.perf_counter()
         await self._slots.start()
-        log.info("analysis processes ready", slots=self.concurrency, seconds=round(time.perf_counter() - t, 2))
+        log.info(
+            "analysis processes ready", slots=self.concurrency, seconds=round(time.perf_counter() - t, 2)
+        )
         loop = asyncio.get_running_loop()
         threading.Thread(
             target=self._pump_progress, args=(loop, self._progress_queue), name="progress-pump", daemon=True
@@ -190,7 +196,7 @@ class Worker:
         self._channel = channel
         await channel.set_qos(prefetch_count=self.concurrency)
         self._topology = await declare_topology(channel, s)
-        self._sinks.append(ResultsPublisher(self._topology.results_exchange, s))
+        self._sinks.append(ResultsPublisher(self._topology.results_exchange, channel, s))
         self._started_sinks.add("results-exchange")
 
     async def _start_consuming(self) -> None:
@@ -216,7 +222,12 @@ class Worker:
             if pending:
                 log.warning("grace period over: requeueing unfinished requests", count=len(pending))
                 for task in pending:
+                    message = self._tasks[task]
+                    self._abandoned.add(id(message))
+                    await self._requeue(message, reason="shutdown")
                     task.cancel()
+                if self._slots is not None:
+                    await self._slots.close()  # running analyses cannot be interrupted: kill them
                 await asyncio.gather(*pending, return_exceptions=True)
         for task in background:
             task.cancel()
@@ -239,8 +250,12 @@ class Worker:
     # ------------------------------------------------------------------ one delivery
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.create_task(self._handle(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = message
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        message = self._tasks.pop(task)
+        self._abandoned.discard(id(message))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Process one delivery and decide its fate (ack / dead-letter / requeue)."""
@@ -257,9 +272,12 @@ class Worker:
                 finally:
                     self.metrics.in_flight.dec()
         except asyncio.CancelledError:
-            await self._requeue(message, reason="shutdown")
+            if id(message) not in self._abandoned:
+                await self._requeue(message, reason="shutdown")
             raise
         except Exception:
+            if id(message) in self._abandoned:
+                raise  # already requeued by the shutdown
             # A bug, not bad input: keep the message (dead-letter queue) for inspection rather
             # than redeliver it forever.
             log.exception("unexpected error while handling a request: dead-lettered")
@@ -271,6 +289,8 @@ class Worker:
 
     async def _process(self, message: AbstractIncomingMessage, received: float) -> None:
         outcome = await self._outcome(message, received)
+        if id(message) in self._abandoned:
+            return  # requeued by the shutdown: another delivery will do this work
         t = time.perf_counter()
         try:
             await self._persist(outcome)
@@ -279,6 +299,8 @@ class Worker:
             await self._requeue(message, reason="stores unavailable")
             return
         self.metrics.stage_duration.labels(stage="persist").observe(time.perf_counter() - t)
+        if id(message) in self._abandoned:
+            return
         code = outcome.error.code if outcome.error else ""
         self.metrics.outcomes.labels(status=outcome.status.value, error_code=code).inc()
         await self._report(
@@ -297,7 +319,9 @@ class Worker:
             self.counters["failed"] += 1
             assert outcome.error is not None
             await _settle(message.reject(requeue=False))
-            log.warning("request failed: dead-lettered", error_code=outcome.error.code, error=outcome.error.message)
+            log.warning(
+                "request failed: dead-lettered", error_code=outcome.error.code, error=outcome.error.message
+            )
 
     async def _outcome(self, message: AbstractIncomingMessage, received: float) -> AnalysisResultMessage:
         """The result of one delivery: completed, or failed with a specific error code."""
@@ -305,9 +329,13 @@ class Worker:
             request = _parse(message)
         except InvalidRequest as exc:
             request_id = _fallback_request_id(message)
-            structlog.contextvars.bind_contextvars(request_id=request_id, correlation_id=message.correlation_id)
+            structlog.contextvars.bind_contextvars(
+                request_id=request_id, correlation_id=message.correlation_id
+            )
             return _failed(request_id, message.correlation_id, None, exc)
-        structlog.contextvars.bind_contextvars(request_id=request.request_id, correlation_id=request.correlation_id)
+        structlog.contextvars.bind_contextvars(
+            request_id=request.request_id, correlation_id=request.correlation_id
+        )
         # The broker orders by the AMQP priority property; the body's field is its default.
         priority = message.priority if message.priority is not None else request.priority
         self.metrics.requests_received.labels(priority=str(priority)).inc()
@@ -357,14 +385,21 @@ class Worker:
         timeline = request.options.timeline
         if request.options.use_cache and self._cache is not None:
             cached = await self._best_effort(
-                "cache read", self._cache.get, digest, analyzer_versions=versions, analyses=analyses, timeline=timeline
+                "cache read",
+                self._cache.get,
+                digest,
+                analyzer_versions=versions,
+                analyses=analyses,
+                timeline=timeline,
             )
             if cached is not None:
                 self.metrics.cache_hits.inc()
                 return cached, digest, True
             self.metrics.cache_misses.inc()
         w = s.worker
-        limit = min(w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * info.duration_s / 60)
+        limit = min(
+            w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * info.duration_s / 60
+        )
         assert self._slots is not None
         attempts = 1 + w.crash_retries
         for attempt in range(1, attempts + 1):
@@ -411,7 +446,9 @@ class Worker:
         for stage in (stores, publisher):
             await self._write_all(stage, outcome, deadline)
 
-    async def _write_all(self, sinks: list[ResultSink], outcome: AnalysisResultMessage, deadline: float) -> None:
+    async def _write_all(
+        self, sinks: list[ResultSink], outcome: AnalysisResultMessage, deadline: float
+    ) -> None:
         pending = list(sinks)
         pause = 1.0
         while True:
@@ -423,6 +460,7 @@ class Worker:
                 try:
                     await guard.call(self._write, sink, outcome)
                 except SinkUnavailable as exc:
+                    _raise_if_cancelling(exc)
                     self.metrics.sink_errors.labels(sink=sink.name).inc()
                     failed.append(sink)
                     errors.append(str(exc))
@@ -454,11 +492,14 @@ class Worker:
         if self._progress is not None:
             await self._best_effort("progress", self._progress.update, request_id, **fields)
 
-    async def _best_effort(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    async def _best_effort(
+        self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
         """Call a Redis operation through its breaker; on failure record it and return None."""
         try:
             return await self._redis_guard.call(fn, *args, **kwargs)
         except SinkUnavailable as exc:
+            _raise_if_cancelling(exc)
             self.metrics.sink_errors.labels(sink="redis").inc()
             log.debug("redis unavailable", operation=what, error=str(exc))
             return None
@@ -482,7 +523,9 @@ class Worker:
         if fraction >= 1.0:
             self._last_progress.pop(request_id, None)
         task = asyncio.create_task(
-            self._report(request_id, status="running", percent=round(min(fraction, 0.99) * 100, 1), stage=stage)
+            self._report(
+                request_id, status="running", percent=round(min(fraction, 0.99) * 100, 1), stage=stage
+            )
         )
         self._progress_tasks.add(task)
         task.add_done_callback(self._progress_tasks.discard)
@@ -499,7 +542,11 @@ class Worker:
             over = rss > w.max_rss_mb * 2**20 or system > w.max_system_memory_percent
             under = rss < 0.9 * w.max_rss_mb * 2**20 and system < 0.9 * w.max_system_memory_percent
             if over and not paused:
-                log.warning("memory above limit: pausing consumption", rss_mb=round(rss / 2**20), system_percent=system)
+                log.warning(
+                    "memory above limit: pausing consumption",
+                    rss_mb=round(rss / 2**20),
+                    system_percent=system,
+                )
                 await self._stop_consuming()
                 paused = True
             elif paused and under:
@@ -624,12 +671,27 @@ def _failed(
     )
 
 
+def _raise_if_cancelling(exc: BaseException) -> None:
+    """Re-raise a cancellation that a client library turned into a connection error.
+
+    Some drivers catch ``CancelledError`` inside their I/O and raise a connection error instead;
+    the store adapters translate that to ``SinkUnavailable``, which must not be mistaken for an
+    outage (and retried) while the worker is shutting this task down.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc
+
+
 async def _settle(op: Awaitable[Any]) -> None:
     """Ack/nack/reject; on a closed channel the broker redelivers the message, which is safe."""
     try:
         await op
     except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
-        log.warning("could not settle the delivery; the broker will redeliver it", error=f"{type(exc).__name__}: {exc}")
+        log.warning(
+            "could not settle the delivery; the broker will redeliver it",
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
 
 async def _close_quietly(name: str, close: Callable[[], Awaitable[Any]]) -> None:
