@@ -42,8 +42,9 @@ HARMONIC_MINOR_SCALE = (0, 2, 3, 5, 7, 8, 11)
 #: tonic-triad share of the first and of the last voiced seconds (``EDGE_S``).
 TONIC_WEIGHT = 1.0
 TRIAD_WEIGHT = 1.0
-BASS_WEIGHT = 1.0
-EDGE_WEIGHT = 0.5
+BASS_WEIGHT = 0.5
+START_WEIGHT = 0.5
+END_WEIGHT = 0.5
 EDGE_S = 3.0
 
 
@@ -158,9 +159,9 @@ def key_scores(features: Features) -> F64:
     voiced = np.flatnonzero(chroma.sum(axis=0) > 0)
     n_edge = max(1, int(EDGE_S * features.chroma_rate))
     if len(voiced) > 4 * n_edge:
-        for frames in (voiced[-n_edge:], voiced[:n_edge]):
+        for frames, weight in ((voiced[:n_edge], START_WEIGHT), (voiced[-n_edge:], END_WEIGHT)):
             edge = chroma[:, frames].mean(axis=1) + bass[:, frames].mean(axis=1)
-            evidence += EDGE_WEIGHT * _triad_share(edge)
+            evidence += weight * _triad_share(edge)
     return scores + TONIC_WEIGHT * evidence
 
 
