@@ -111,7 +111,16 @@ def main() -> None:
     )
     if args.peer:
         print("\n== peer: Essentia RhythmExtractor2013 + KeyExtractor (handed the mix sections) ==")
-        sh([str(python), str(EVAL / "peer_essentia.py"), "--truth", str(truth), "--out", str(out / "essentia.csv")])
+        sh(
+            [
+                str(python),
+                str(EVAL / "peer_essentia.py"),
+                "--truth",
+                str(truth),
+                "--out",
+                str(out / "essentia.csv"),
+            ]
+        )
 
 
 if __name__ == "__main__":
