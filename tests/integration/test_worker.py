@@ -206,3 +206,19 @@ async def test_store_down_request_waits_then_requeues_not_lost(
         # Never acked as done, never dead-lettered: the request is back in its queue.
         assert await broker.depth(settings.rabbitmq.request_queue) == 1
         assert await broker.depth(settings.rabbitmq.dead_letter_queue) == 0
+
+
+async def test_request_that_keeps_killing_workers_is_failed(settings: Settings, redis_url: str) -> None:
+    write_song(settings.worker.media_root / "a.wav")
+    redis = Redis.from_url(redis_url)
+    # Three earlier deliveries started and never finished (the worker process died each time).
+    await redis.set(f"{settings.redis.key_prefix}:deliveries:poison", settings.worker.max_deliveries)
+    await redis.aclose()
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish(request("poison", "a.wav"))
+        [result] = await broker.results(1)
+        dead = await broker.drain(settings.rabbitmq.dead_letter_queue, 1)
+    assert result.status is ResultStatus.FAILED
+    assert result.error is not None
+    assert result.error.code == "worker_crashed"
+    assert len(dead) == 1

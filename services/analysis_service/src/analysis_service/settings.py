@@ -87,6 +87,11 @@ class WorkerSettings(BaseModel):
         default=240.0, gt=0, description="Keep retrying the stores this long, then requeue the request."
     )
     crash_retries: int = Field(default=1, ge=0, description="Retries after a pool process died.")
+    max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="Fail a request started this many times without finishing (it kills workers).",
+    )
     max_rss_mb: float = Field(default=4096.0, description="Pause consuming above this process-tree RSS.")
     max_system_memory_percent: float = Field(default=90.0, le=100)
     shutdown_grace_s: float = Field(default=60.0, ge=0)

@@ -32,7 +32,9 @@ class ResultsPublisher:
 
     name = "results-exchange"
 
-    def __init__(self, exchange: AbstractExchange, channel: AbstractChannel, settings: RabbitSettings) -> None:
+    def __init__(
+        self, exchange: AbstractExchange, channel: AbstractChannel, settings: RabbitSettings
+    ) -> None:
         self._exchange = exchange
         self._channel = channel
         self._timeout_s = settings.publish_timeout_s

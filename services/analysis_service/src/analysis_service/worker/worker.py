@@ -348,6 +348,18 @@ class Worker:
             correlation_id=request.correlation_id,
             file=request.file,
         )
+        deliveries = await self._count_delivery(request.request_id)
+        if deliveries is not None and deliveries > self.settings.worker.max_deliveries:
+            return _failed(
+                request.request_id,
+                request.correlation_id,
+                request.file,
+                WorkerCrashed(
+                    f"started {deliveries - 1} times without finishing (limit "
+                    f"{self.settings.worker.max_deliveries}): the worker died while analysing it",
+                    path=request.file,
+                ),
+            )
         try:
             output, digest, cached = await self._analyse(request)
         except AnalysisServiceError as exc:
@@ -481,8 +493,21 @@ class Worker:
         await self._ensure_started(sink)
         await sink.write(outcome)
 
+    async def _count_delivery(self, request_id: str, *, delta: int = 1) -> int | None:
+        """Count a start of ``request_id`` (None when Redis is unavailable: no limit then)."""
+        if self._progress is None:
+            return None
+        total: int | None = await self._best_effort(
+            "delivery count", self._progress.count_delivery, request_id, delta=delta
+        )
+        return total
+
     async def _requeue(self, message: AbstractIncomingMessage, *, reason: str) -> None:
         self.counters["requeued"] += 1
+        # A requeue by the worker is not a crash: give the delivery back.
+        with contextlib.suppress(InvalidRequest):
+            request = _parse(message)
+            await self._count_delivery(request.request_id, delta=-1)
         self.metrics.retries.labels(reason="requeued").inc()
         log.info("request requeued", reason=reason)
         await _settle(message.nack(requeue=True))

@@ -1,0 +1,447 @@
+"""Deployment files agree with each other and with the code.
+
+``infrastructure/docker-compose.yaml``, ``infrastructure/prometheus/prometheus.yml``, ``Dockerfile``,
+``.env.example`` and ``.github/workflows/ci.yml`` are parsed and checked against the ``Settings``
+model: the service ignores unknown ``ANALYSIS_*`` variables, so a misspelt one would otherwise be
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from analysis_service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "infrastructure" / "docker-compose.yaml"
+PROMETHEUS_FILE = ROOT / "infrastructure" / "prometheus" / "prometheus.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+ENV_EXAMPLE = ROOT / ".env.example"
+CI_WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+SERVICE_PYPROJECT = ROOT / "services" / "analysis_service" / "pyproject.toml"
+
+PREFIX = "ANALYSIS_"
+#: The worker's backends and their pinned images.
+BACKEND_IMAGES = {
+    "rabbitmq": "rabbitmq:4.0-management",
+    "redis": "redis:7.4",
+    "postgres": "postgres:17",
+    "neo4j": "neo4j:5.26",
+}
+#: ``ANALYSIS_*`` names anywhere in a file's text (comments included).
+ENV_NAME_RE = re.compile(r"\bANALYSIS_[A-Za-z0-9_]+")
+#: Compose ``${VAR}``, ``${VAR:-default}`` and ``${VAR-default}`` interpolation.
+INTERPOLATION_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def settings_env_names(model: type[BaseModel] = Settings, prefix: str = PREFIX) -> set[str]:
+    """Every environment variable name ``model`` reads (nested models joined with ``__``)."""
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= settings_env_names(annotation, f"{prefix}{name.upper()}__")
+        else:
+            names.add(f"{prefix}{name.upper()}")
+    return names
+
+
+SETTINGS_NAMES = settings_env_names()
+
+
+def interpolate(value: str) -> str:
+    """Resolve compose ``${...}`` the way ``docker compose`` does with no variables set."""
+    return INTERPOLATION_RE.sub(lambda m: m.group(2) or "", value)
+
+
+def environment_of(service: Mapping[str, Any]) -> dict[str, str]:
+    """A compose service's ``environment`` (mapping or ``KEY=VALUE`` list form), interpolated."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): interpolate("" if v is None else str(v)) for k, v in env.items()}
+
+
+def settings_from(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """``Settings`` built from exactly ``env`` (the test process's own ANALYSIS_* are hidden)."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith(PREFIX):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration (``90s``, ``1m30s``, ``500ms``) in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` pairs, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    current = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    assert not current, "Dockerfile ends inside a continued instruction"
+    return [
+        (parts[0].upper(), parts[1] if len(parts) > 1 else "")
+        for parts in (s.split(None, 1) for s in logical)
+    ]
+
+
+def dockerfile_env() -> dict[str, str]:
+    """Every ``ENV`` of the Dockerfile (``KEY=VALUE`` form), last one wins."""
+    env: dict[str, str] = {}
+    for instruction, args in dockerfile_instructions():
+        if instruction == "ENV":
+            for token in shlex.split(args):
+                assert "=" in token, f"use ENV KEY=VALUE, not {args!r}"
+                key, value = token.split("=", 1)
+                env[key] = value
+    return env
+
+
+def env_example_entries() -> Iterator[tuple[str, str, bool]]:
+    """``(name, value, active)`` of each ``ANALYSIS_*=`` line; inactive ones are commented out."""
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        match = re.fullmatch(r"(#\s*)?(ANALYSIS_[A-Za-z0-9_]+)=(.*)", line.strip())
+        if match:
+            yield match.group(2), match.group(3), match.group(1) is None
+
+
+# --------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    result = compose["services"]
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.fixture(scope="module")
+def worker(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return services["worker"]
+
+
+# ---------------------------------------------------------------------------------- settings walk
+
+
+def test_settings_walk_finds_nested_fields() -> None:
+    # Guards the helper every other check relies on.
+    assert {"ANALYSIS_LOG_LEVEL", "ANALYSIS_POSTGRES__DSN", "ANALYSIS_WORKER__CONCURRENCY"} <= SETTINGS_NAMES
+    assert "ANALYSIS_POSTGRES" not in SETTINGS_NAMES
+    assert len(SETTINGS_NAMES) > 40
+
+
+# ---------------------------------------------------------------------------------------- compose
+
+
+def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+    missing = []
+    for name, service in services.items():
+        check = service.get("healthcheck") or {}
+        test = check.get("test")
+        if check.get("disable") or not test or test in (["NONE"], "NONE"):
+            missing.append(name)
+    assert not missing, f"services without a healthcheck: {missing}"
+
+
+def test_expected_services(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == {*BACKEND_IMAGES, "prometheus", "worker"}
+
+
+@pytest.mark.parametrize(("name", "image"), sorted(BACKEND_IMAGES.items()))
+def test_backend_image_versions(services: dict[str, dict[str, Any]], name: str, image: str) -> None:
+    assert services[name]["image"] == image
+
+
+def test_prometheus_image_is_pinned(services: dict[str, dict[str, Any]]) -> None:
+    image = services["prometheus"]["image"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", image), image
+
+
+def test_worker_depends_on_healthy_backends(worker: dict[str, Any]) -> None:
+    depends = worker["depends_on"]
+    assert isinstance(depends, dict), "use the long depends_on form to wait for health"
+    for name in BACKEND_IMAGES:
+        assert depends.get(name, {}).get("condition") == "service_healthy", name
+
+
+def test_worker_build_and_replicas(worker: dict[str, Any]) -> None:
+    assert worker["deploy"]["replicas"] == 2
+    assert (COMPOSE_FILE.parent / worker["build"]["context"]).resolve() == ROOT
+    assert worker["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
+    # Replicas cannot share a host port; Prometheus reaches them over the compose network.
+    assert "ports" not in worker
+
+
+def test_worker_media_is_mounted_read_only(worker: dict[str, Any]) -> None:
+    targets = [interpolate(v).split(":")[1:] for v in worker["volumes"] if isinstance(v, str)]
+    assert ["/media", "ro"] in targets
+    assert environment_of(worker)["ANALYSIS_WORKER__MEDIA_ROOT"] == "/media"
+
+
+def test_worker_healthcheck_uses_health_endpoint(worker: dict[str, Any]) -> None:
+    port = environment_of(worker).get("ANALYSIS_HTTP__PORT", "8080")
+    test = " ".join(worker["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/health" in test
+
+
+def test_worker_stop_grace_exceeds_shutdown_grace(
+    worker: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_from(environment_of(worker), monkeypatch)
+    assert seconds(worker["stop_grace_period"]) > settings.worker.shutdown_grace_s
+
+
+def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = interpolate(volume).split(":", 1)[0] if isinstance(volume, str) else volume["source"]
+            if source and not source.startswith((".", "/", "~")):
+                used.add(source)
+    assert used, "the backends should keep their data in named volumes"
+    assert used <= declared, f"undeclared volumes: {used - declared}"
+    for name in ("postgres", "rabbitmq", "redis", "neo4j", "prometheus"):
+        assert any(str(v).split(":", 1)[0] in declared for v in services[name].get("volumes", [])), name
+
+
+def test_compose_environment_names_are_settings(services: dict[str, dict[str, Any]]) -> None:
+    used = {
+        name for service in services.values() for name in environment_of(service) if name.startswith(PREFIX)
+    }
+    assert used, "the worker is configured through ANALYSIS_* variables"
+    assert used <= SETTINGS_NAMES, f"not fields of Settings: {sorted(used - SETTINGS_NAMES)}"
+    mentioned = set(ENV_NAME_RE.findall(COMPOSE_FILE.read_text()))
+    assert mentioned <= SETTINGS_NAMES, f"not fields of Settings: {sorted(mentioned - SETTINGS_NAMES)}"
+
+
+def test_worker_environment_builds_settings_for_the_compose_network(
+    services: dict[str, dict[str, Any]], worker: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_from(environment_of(worker), monkeypatch)
+    rabbit, pg = urlsplit(settings.rabbitmq.url), urlsplit(settings.postgres.dsn)
+    assert (rabbit.scheme, rabbit.hostname, rabbit.port) == ("amqp", "rabbitmq", 5672)
+    assert urlsplit(settings.redis.url).hostname == "redis"
+    assert (pg.hostname, pg.port) == ("postgres", 5432)
+    assert urlsplit(settings.neo4j.uri).hostname == "neo4j"
+    assert settings.http.host == "0.0.0.0"
+
+    # Credentials agree with the servers' own configuration.
+    rabbit_env = environment_of(services["rabbitmq"])
+    assert (rabbit.username, rabbit.password) == (
+        rabbit_env["RABBITMQ_DEFAULT_USER"],
+        rabbit_env["RABBITMQ_DEFAULT_PASS"],
+    )
+    pg_env = environment_of(services["postgres"])
+    assert (pg.username, pg.password, pg.path.lstrip("/")) == (
+        pg_env["POSTGRES_USER"],
+        pg_env["POSTGRES_PASSWORD"],
+        pg_env["POSTGRES_DB"],
+    )
+    assert (
+        environment_of(services["neo4j"])["NEO4J_AUTH"] == f"{settings.neo4j.user}/{settings.neo4j.password}"
+    )
+
+
+# ------------------------------------------------------------------------------------- prometheus
+
+
+def test_prometheus_scrapes_every_worker_replica(
+    services: dict[str, dict[str, Any]], worker: dict[str, Any]
+) -> None:
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    port = int(environment_of(worker).get("ANALYSIS_HTTP__PORT", "8080"))
+    found = [
+        sd
+        for job in config["scrape_configs"]
+        if job.get("metrics_path", "/metrics") == "/metrics"
+        for sd in job.get("dns_sd_configs", [])
+    ]
+    assert {"names": ["worker"], "type": "A", "port": port} in [
+        {k: sd.get(k) for k in ("names", "type", "port")} for sd in found
+    ]
+    assert "worker" in services
+
+
+def test_prometheus_service_loads_this_config(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prometheus.get("command", []) if "=" in arg)
+    config_path = flags.get("--config.file", "/etc/prometheus/prometheus.yml")
+    mounts = {}
+    for volume in prometheus["volumes"]:
+        source, target, *_ = interpolate(volume).split(":")
+        mounts[target] = source
+    assert (COMPOSE_FILE.parent / mounts[config_path]).resolve() == PROMETHEUS_FILE
+
+
+# ------------------------------------------------------------------------------------ .env.example
+
+
+def test_env_example_lists_exactly_the_settings_fields() -> None:
+    names = [name for name, _, _ in env_example_entries()]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    assert not duplicates, f"listed twice: {duplicates}"
+    assert set(names) <= SETTINGS_NAMES, f"not fields of Settings: {sorted(set(names) - SETTINGS_NAMES)}"
+    missing = SETTINGS_NAMES - set(names)
+    assert not missing, f"missing from .env.example: {sorted(missing)}"
+    mentioned = set(ENV_NAME_RE.findall(ENV_EXAMPLE.read_text()))
+    assert mentioned <= SETTINGS_NAMES, f"not fields of Settings: {sorted(mentioned - SETTINGS_NAMES)}"
+
+
+def test_env_example_comments_out_only_optional_fields() -> None:
+    defaults = Settings.model_construct()
+    for name, _, active in env_example_entries():
+        if active:
+            continue
+        section, _, field = name.removeprefix(PREFIX).lower().partition("__")
+        value = getattr(getattr(defaults, section), field) if field else getattr(defaults, section)
+        assert value is None, f"{name} has a default ({value!r}); list it uncommented"
+
+
+def test_env_example_loads_with_compose_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings_from({}, monkeypatch)  # clears the test process's own ANALYSIS_* variables
+    settings = Settings(_env_file=ENV_EXAMPLE)
+    assert urlsplit(settings.rabbitmq.url).hostname == "rabbitmq"
+    assert urlsplit(settings.redis.url).hostname == "redis"
+    assert urlsplit(settings.postgres.dsn).hostname == "postgres"
+    assert urlsplit(settings.neo4j.uri).hostname == "neo4j"
+    assert settings.neo4j.database is None
+    assert settings.worker.concurrency is None
+
+
+def test_env_example_values_are_the_defaults_except_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings_from({}, monkeypatch)
+    loaded = Settings(_env_file=ENV_EXAMPLE).model_dump()
+    defaults = Settings(_env_file=None).model_dump()
+    connections = {
+        ("rabbitmq", "url"),
+        ("redis", "url"),
+        ("postgres", "dsn"),
+        ("neo4j", "uri"),
+        ("neo4j", "password"),
+    }
+    differing = {
+        (section, field)
+        for section, values in defaults.items()
+        if isinstance(values, dict)
+        for field, value in values.items()
+        if loaded[section][field] != value
+    } | {
+        (name, "")
+        for name, value in defaults.items()
+        if not isinstance(value, dict) and loaded[name] != value
+    }
+    assert differing <= connections, f"differ from the Settings defaults: {sorted(differing - connections)}"
+
+
+# -------------------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    users = [args.split(":")[0] for instruction, args in dockerfile_instructions() if instruction == "USER"]
+    assert users, "no USER instruction: the container would run as root"
+    assert users[-1] not in ("root", "0")
+
+
+def test_dockerfile_numba_cache_is_writable_by_the_user() -> None:
+    env = dockerfile_env()
+    cache = env["NUMBA_CACHE_DIR"]
+    assert cache.startswith("/")
+    user = next(args for instruction, args in reversed(dockerfile_instructions()) if instruction == "USER")
+    runs = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
+    owner = re.escape(user.split(":")[0])
+    assert re.search(rf"chown\s+(-\S+\s+)*{owner}(:\S+)?\s+([^&;]*\s)?{re.escape(cache)}(\s|$)", runs), (
+        f"{cache} is not chowned to {user}"
+    )
+
+
+def test_dockerfile_environment() -> None:
+    env = dockerfile_env()
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        assert env.get(name) == "1", name
+    names = set(ENV_NAME_RE.findall(DOCKERFILE.read_text()))
+    assert names <= SETTINGS_NAMES, f"not fields of Settings: {sorted(names - SETTINGS_NAMES)}"
+
+
+def test_dockerfile_healthcheck_and_entrypoint() -> None:
+    instructions = dockerfile_instructions()
+    (healthcheck,) = [args for instruction, args in instructions if instruction == "HEALTHCHECK"]
+    assert "http://127.0.0.1:" in healthcheck
+    assert "'8080'" in healthcheck or ":8080/" in healthcheck
+    assert "/health'" in healthcheck
+    assert ("EXPOSE", "8080") in instructions
+
+    scripts = tomllib.loads(SERVICE_PYPROJECT.read_text())["project"]["scripts"]
+    entrypoint = [args for instruction, args in instructions if instruction == "ENTRYPOINT"][-1]
+    command = [args for instruction, args in instructions if instruction == "CMD"][-1]
+    assert yaml.safe_load(entrypoint) == ["analysis-service"]
+    assert "analysis-service" in scripts
+    assert yaml.safe_load(command) == ["worker"]
+
+
+def test_dockerfile_base_image_and_locked_install() -> None:
+    instructions = dockerfile_instructions()
+    args = dict(a.split("=", 1) for instruction, a in instructions if instruction == "ARG" and "=" in a)
+    bases = [
+        INTERPOLATION_RE.sub(lambda m: args.get(m.group(1), ""), a.split()[0])
+        for instruction, a in instructions
+        if instruction == "FROM"
+    ]
+    assert len(bases) >= 2, "multi-stage build expected"
+    assert set(bases) == {"python:3.11-slim"}
+    runs = [a for instruction, a in instructions if instruction == "RUN"]
+    assert any(re.search(r"uv sync --frozen --no-dev --package analysis-service\b", r) for r in runs)
+    assert any("libsndfile1" in r and "ffmpeg" in r for r in runs)
+
+
+# ------------------------------------------------------------------------------------------------ CI
+
+
+def test_ci_service_containers_match_compose_versions() -> None:
+    workflow = yaml.safe_load(CI_WORKFLOW.read_text())
+    (job,) = workflow["jobs"].values()
+    images = {name: spec["image"] for name, spec in job["services"].items()}
+    assert images == {name: BACKEND_IMAGES[name] for name in ("postgres", "redis", "rabbitmq")}
+    assert job["services"]["postgres"]["env"]["POSTGRES_HOST_AUTH_METHOD"] == "trust"
+    assert any(step.get("run", "").strip() == "bash .ci/run" for step in job["steps"])
