@@ -8,6 +8,7 @@ dropped silently.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import tomllib
@@ -77,8 +78,6 @@ def environment_of(service: Mapping[str, Any]) -> dict[str, str]:
 
 def settings_from(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
     """``Settings`` built from exactly ``env`` (the test process's own ANALYSIS_* are hidden)."""
-    import os
-
     for name in list(os.environ):
         if name.upper().startswith(PREFIX):
             monkeypatch.delenv(name)

@@ -81,7 +81,10 @@ class WorkerSettings(BaseModel):
     time_limit_base_s: float = Field(default=60.0, gt=0)
     time_limit_per_audio_minute_s: float = Field(default=2.0, gt=0)
     time_limit_max_s: float = Field(
-        default=1500.0, gt=0, description="Cap; below RabbitMQ's default 30-minute consumer timeout."
+        default=1500.0,
+        gt=0,
+        description="Cap of the time limit. With persist_deadline_s it stays below 30 minutes, the "
+        "consumer timeout of brokers older than 3.12 that ignore the queue's x-consumer-timeout.",
     )
     persist_deadline_s: float = Field(
         default=240.0, gt=0, description="Keep retrying the stores this long, then requeue the request."
@@ -109,7 +112,9 @@ class HttpSettings(BaseModel):
 class Settings(ServiceSettings):
     """All settings of the analysis service."""
 
-    model_config = SettingsConfigDict(env_prefix="ANALYSIS_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="ANALYSIS_", env_nested_delimiter="__", extra="ignore", env_parse_none_str=""
+    )
 
     service_name: str = "analysis-service"
     engine: EngineSettings = Field(default_factory=EngineSettings)
@@ -133,9 +138,20 @@ class Settings(ServiceSettings):
         return self
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (respects affinity / cpusets), at least 1."""
+def available_cpus(*, cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use, at least 1.
+
+    The smaller of the CPUs it may run on (affinity, cpusets) and its cgroup v2 CPU quota
+    (``docker run --cpus``, a Kubernetes CPU limit), rounded up.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return max(1, cpus)
+    if quota != "max" and int(period) > 0:
+        cpus = min(cpus, -(-int(quota) // int(period)))
+    return max(1, cpus)

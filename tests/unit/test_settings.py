@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from analysis_service.settings import RabbitSettings, Settings, WorkerSettings, available_cpus
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "limit"), [("50000 100000", 1), ("150000 100000", 2), ("max 100000", None)]
+)
+def test_available_cpus_respects_the_cgroup_quota(tmp_path: Path, cpu_max: str, limit: int | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max + "\n")
+    unlimited = available_cpus(cgroup_cpu_max=tmp_path / "absent")
+    assert available_cpus(cgroup_cpu_max=path) == (unlimited if limit is None else min(unlimited, limit))
+
+
+def test_empty_environment_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANALYSIS_WORKER__CONCURRENCY", "")
+    monkeypatch.setenv("ANALYSIS_NEO4J__DATABASE", "")
+    monkeypatch.setenv("ANALYSIS_POSTGRES__DSN", "postgresql://x@db:5432/music")
+    s = Settings()
+    assert s.worker.concurrency is None
+    assert s.neo4j.database is None
+    assert s.postgres.dsn == "postgresql://x@db:5432/music"
+
+
+def test_time_limits_must_stay_below_the_consumer_timeout() -> None:
+    with pytest.raises(ValidationError, match="consumer_timeout_ms"):
+        Settings(
+            worker=WorkerSettings(time_limit_max_s=1500, persist_deadline_s=240),
+            rabbitmq=RabbitSettings(consumer_timeout_ms=1_000_000),
+        )
