@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.ndimage import median_filter, uniform_filter1d
+import scipy.fft
+from scipy.ndimage import uniform_filter1d
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -34,7 +35,6 @@ ONSET_BANDS_HZ: tuple[tuple[float, float], ...] = ((25.0, 200.0), (200.0, 2000.0
 #: Pitch range of the full chroma and of the bass chroma (Hz).
 CHROMA_RANGE_HZ = (80.0, 1200.0)
 BASS_RANGE_HZ = (27.0, 160.0)
-HARMONIC_MEDIAN_FRAMES = 3
 PEAK_NEIGHBOURHOOD_BINS = 15
 PEAK_OVER_MEAN = 2.0
 
@@ -108,7 +108,10 @@ class _Framer:
         buf = np.concatenate([self._buf, block])
         if last:
             buf = np.concatenate([buf, np.zeros(self.n_fft // 2, dtype=np.float32)])
-        n = 0 if len(buf) < self.n_fft else (len(buf) - self.n_fft) // self.hop + 1
+        if len(buf) < self.n_fft:
+            self._buf = buf
+            return np.zeros((0, self.n_fft), dtype=np.float32)
+        n = (len(buf) - self.n_fft) // self.hop + 1
         frames = np.lib.stride_tricks.sliding_window_view(buf, self.n_fft)[:: self.hop][:n]
         self._buf = buf[n * self.hop :]
         return frames * self.window
@@ -127,16 +130,47 @@ def _pitch_class_matrix(freqs: npt.NDArray[np.float64], lo: float, hi: float) ->
     return out
 
 
-def _harmonic_peaks(mag: FloatArray) -> FloatArray:
-    """Keep the sustained spectral peaks of pitch frames (rows), zero elsewhere.
+def _median3(prev: FloatArray, x: FloatArray, nxt: FloatArray) -> FloatArray:
+    """Element-wise median of three equally shaped arrays."""
+    return np.asarray(np.maximum(np.minimum(prev, x), np.minimum(np.maximum(prev, x), nxt)), dtype=np.float32)
 
-    A median over ``HARMONIC_MEDIAN_FRAMES`` frames removes drum transients (a note lasts longer
-    than a hit); a bin is kept if it is a local maximum across frequency and stands above the
-    local spectral average (``PEAK_OVER_MEAN`` times a 1/6-octave neighbourhood mean), which drops
+
+class _StreamingMedian3:
+    """Median over each frame and its two neighbours in time, across block boundaries.
+
+    A frame is released once its successor has arrived (one frame of delay); the first frame's
+    missing predecessor and, at the end, the last frame's missing successor repeat the frame itself.
+    """
+
+    def __init__(self) -> None:
+        self._before: FloatArray | None = None  # the frame before the held one
+        self._held: FloatArray | None = None  # a frame waiting for its successor
+
+    def push(self, mag: FloatArray, *, last: bool = False) -> FloatArray:
+        frames = mag if self._held is None else np.concatenate([self._held, mag])
+        if not len(frames):
+            return frames
+        ready = frames if last else frames[:-1]
+        self._held = None if last else frames[-1:]
+        if not len(ready):
+            return ready
+        before = self._before if self._before is not None else ready[:1]
+        prev = np.concatenate([before, ready[:-1]])
+        nxt = frames[1 : len(ready) + 1]
+        if len(nxt) < len(ready):  # the last frame of the stream
+            nxt = np.concatenate([nxt, ready[-1:]])
+        self._before = ready[-1:]
+        return _median3(prev, ready, nxt)
+
+
+def _harmonic_peaks(mag: FloatArray) -> FloatArray:
+    """Keep the spectral peaks of (time-median filtered) pitch frames (rows), zero elsewhere.
+
+    The caller first takes the median over three frames (0.28 s), which removes drum transients
+    (a note lasts longer than a hit); a bin is kept if it is a local maximum across frequency and stands above the local spectral
+    average (``PEAK_OVER_MEAN`` times a 1/6-octave neighbourhood mean), which drops
     broadband noise such as cymbals.
     """
-    if len(mag) >= HARMONIC_MEDIAN_FRAMES:
-        mag = median_filter(mag, size=(HARMONIC_MEDIAN_FRAMES, 1), mode="nearest")
     local = uniform_filter1d(mag, size=PEAK_NEIGHBOURHOOD_BINS, axis=1, mode="nearest")
     is_peak = (mag[:, 1:-1] >= mag[:, :-2]) & (mag[:, 1:-1] >= mag[:, 2:])
     keep = np.zeros_like(mag, dtype=bool)
@@ -158,7 +192,11 @@ class FeatureExtractor:
         self._rhythm = _Framer(RHYTHM_N_FFT, RHYTHM_HOP)
         self._pitch = _Framer(PITCH_N_FFT, PITCH_HOP)
         rf = np.fft.rfftfreq(RHYTHM_N_FFT, 1.0 / sample_rate).astype(np.float64)
-        self._band_masks = [(rf >= lo) & (rf < hi) for lo, hi in ONSET_BANDS_HZ]
+        # Band means of the flux as one matrix product: (n_bins, n_bands), columns sum to 1.
+        bands = np.stack(
+            [((rf >= lo) & (rf < hi)).astype(np.float32) for lo, hi in ONSET_BANDS_HZ], axis=1
+        )
+        self._band_matrix = bands / bands.sum(axis=0, keepdims=True)
         self._rfreqs = rf.astype(np.float32)
         pf = np.fft.rfftfreq(PITCH_N_FFT, 1.0 / sample_rate).astype(np.float64)
         self._chroma_map = _pitch_class_matrix(pf, *CHROMA_RANGE_HZ)
@@ -168,6 +206,7 @@ class FeatureExtractor:
         self._chroma_map = self._chroma_map[:, :hi_bin]
         self._bass_map = self._bass_map[:, :hi_bin]
         self._prev_log: FloatArray | None = None
+        self._median = _StreamingMedian3()
         self._onset: list[FloatArray] = []
         self._loud: list[FloatArray] = []
         self._cent: list[FloatArray] = []
@@ -182,12 +221,12 @@ class FeatureExtractor:
         if len(block):
             self._peak = max(self._peak, float(np.max(np.abs(block))))
         self._rhythm_frames(self._rhythm.push(block, last=last))
-        self._pitch_frames(self._pitch.push(block, last=last))
+        self._pitch_frames(self._pitch.push(block, last=last), last=last)
 
     def _rhythm_frames(self, frames: FloatArray) -> None:
         if not len(frames):
             return
-        mag = np.abs(np.fft.rfft(frames, axis=1)).astype(np.float32)
+        mag = np.abs(scipy.fft.rfft(frames, axis=1))
         power = np.square(mag)
         total = power.sum(axis=1)
         rms = np.sqrt(total * 2.0 / (RHYTHM_N_FFT * float(np.sum(np.square(self._rhythm.window)))))
@@ -195,16 +234,21 @@ class FeatureExtractor:
         self._cent.append(
             np.where(total > 1e-10, power @ self._rfreqs / np.maximum(total, 1e-10), 0).astype(np.float32)
         )
-        logmag = np.log1p(100.0 * mag)
+        logmag = np.log(np.float32(100.0) * mag + np.float32(1.0))
         prev = logmag[:1] if self._prev_log is None else self._prev_log
         diff = np.maximum(np.diff(np.concatenate([prev, logmag]), axis=0), 0.0)
         self._prev_log = logmag[-1:]
-        self._onset.append(np.stack([diff[:, m].mean(axis=1) for m in self._band_masks]).astype(np.float32))
+        self._onset.append((diff @ self._band_matrix).T.astype(np.float32, copy=False))
 
-    def _pitch_frames(self, frames: FloatArray) -> None:
-        if not len(frames):
+    def _pitch_frames(self, frames: FloatArray, *, last: bool) -> None:
+        mag = (
+            np.abs(scipy.fft.rfft(frames, axis=1)[:, : self._pitch_bins])
+            if len(frames)
+            else np.zeros((0, self._pitch_bins), dtype=np.float32)
+        )
+        mag = self._median.push(mag, last=last)
+        if not len(mag):
             return
-        mag = np.abs(np.fft.rfft(frames, axis=1)[:, : self._pitch_bins]).astype(np.float32)
         peaks = _harmonic_peaks(mag)
         self._chroma.append(self._chroma_map @ peaks.T)
         self._bass.append(self._bass_map @ peaks.T)

@@ -23,6 +23,7 @@ Confidence is the margin between the best and the second-best key, scaled to [0,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -82,24 +83,26 @@ def camelot(pitch_class: int, mode: str) -> str:
     return f"{number}{'B' if mode == 'major' else 'A'}"
 
 
-def tuning_offset(chroma36: F64) -> int:
+def tuning_offset(chroma36: npt.NDArray[np.floating[Any]]) -> int:
     """Which third of a semitone the partials sit on: 0 in tune, 1 sharp, 2 flat (~33 cents)."""
     return int(np.argmax(chroma36.reshape(12, 3, -1).sum(axis=(0, 2)))) if chroma36.size else 0
 
 
-def fold_chroma(chroma36: F64, *, offset: int | None = None) -> F64:
+def fold_chroma(chroma36: npt.NDArray[np.floating[Any]], *, offset: int | None = None) -> F64:
     """Fold a 36-bin profile (rows) to 12 bins around a tuning offset.
 
     ``offset`` defaults to :func:`tuning_offset` of the profile itself; pass the offset of the full
     chroma when folding the bass chroma, whose coarse low-frequency bins cannot tell the tuning.
+    Each pitch class is its centre bin plus half of each neighbouring third-of-a-semitone bin.
     """
     if chroma36.shape[-1] == 0:
         return np.zeros((12, *chroma36.shape[1:]))
     centre = tuning_offset(chroma36) if offset is None else offset
-    rolled = np.roll(chroma36, -centre, axis=0).reshape(12, 3, -1)
-    # centre bin plus half of each neighbour (neighbour of bin 0 is the previous pitch's bin 2)
-    prev = np.roll(rolled[:, 2], 1, axis=0)
-    return np.asarray(rolled[:, 0] + 0.5 * rolled[:, 1] + 0.5 * prev)
+    idx = 3 * np.arange(12) + centre
+    out = chroma36[idx % 36].astype(np.float64)
+    out += 0.5 * chroma36[(idx + 1) % 36]
+    out += 0.5 * chroma36[(idx - 1) % 36]
+    return out
 
 
 def _normalise_frames(chroma: F64) -> F64:
@@ -132,16 +135,16 @@ def _triad_share(profile: F64) -> F64:
     return out
 
 
-def key_scores(features: Features) -> F64:
+def key_scores(features: Features, *, edges: bool = True) -> F64:
     """Scores of the 24 keys (index ``mode * 12 + tonic``; mode 0 major, 1 minor).
 
     ``score = scale fit + TONIC_WEIGHT * tonic evidence`` where the scale fit says which pitch
     collection the music uses (major, natural or harmonic minor scale on each tonic) and the tonic
     evidence says which note of it the music rests on (see the module docstring).
     """
-    offset = tuning_offset(features.chroma36.astype(np.float64))
-    chroma = _normalise_frames(fold_chroma(features.chroma36.astype(np.float64), offset=offset))
-    bass = _normalise_frames(fold_chroma(features.bass36.astype(np.float64), offset=offset))
+    offset = tuning_offset(features.chroma36)
+    chroma = _normalise_frames(fold_chroma(features.chroma36, offset=offset))
+    bass = _normalise_frames(fold_chroma(features.bass36, offset=offset))
     if not np.any(chroma):
         return np.zeros(24)
     profile = chroma.mean(axis=1)
@@ -158,20 +161,23 @@ def key_scores(features: Features) -> F64:
         evidence += BASS_WEIGHT * np.concatenate([b, b])
     voiced = np.flatnonzero(chroma.sum(axis=0) > 0)
     n_edge = max(1, int(EDGE_S * features.chroma_rate))
-    if len(voiced) > 4 * n_edge:
+    if edges and len(voiced) > 4 * n_edge:
         for frames, weight in ((voiced[:n_edge], START_WEIGHT), (voiced[-n_edge:], END_WEIGHT)):
             edge = chroma[:, frames].mean(axis=1) + bass[:, frames].mean(axis=1)
             evidence += weight * _triad_share(edge)
     return scores + TONIC_WEIGHT * evidence
 
 
-def estimate_key(features: Features) -> KeyEstimate:
+def estimate_key(features: Features, *, edges: bool = True) -> KeyEstimate:
     """Estimate the key of a recording.
 
     Parameters
     ----------
     features : Features
         Shared features of the recording (or of an excerpt).
+    edges : bool
+        Use the first and last voiced seconds as tonic evidence. True for a whole recording; False
+        for an excerpt cut out of a longer one (its edges are not where the music starts or ends).
 
     Returns
     -------
@@ -179,7 +185,7 @@ def estimate_key(features: Features) -> KeyEstimate:
         Tonic, mode, Camelot code and confidence. A recording without pitched content gets
         confidence 0.
     """
-    scores = key_scores(features)
+    scores = key_scores(features, edges=edges)
     order = np.argsort(scores)[::-1]
     best = int(order[0])
     mode = "major" if best < 12 else "minor"

@@ -31,7 +31,7 @@ F64 = npt.NDArray[np.float64]
 STEP_S = 5.0
 MIN_SEGMENT_S = 60.0
 EDGE_TRIM_S = 6.0
-PENALTY = 6.0
+PENALTY = 3.0
 _BPM_GRID = np.exp(np.linspace(np.log(50.0), np.log(220.0), 48))
 
 
@@ -47,7 +47,7 @@ class Segment:
 
 def _step_descriptors(features: Features) -> F64:
     n_steps = max(1, int(np.ceil(features.duration_s / STEP_S)))
-    chroma = fold_chroma(features.chroma36.astype(np.float64))
+    chroma = fold_chroma(features.chroma36)
     curve = novelty(features)
     rate = features.onset_rate
     half = int(6.0 * rate)
@@ -118,7 +118,7 @@ def estimate_timeline(features: Features) -> list[Segment]:
         trim = min(EDGE_TRIM_S, (end - start) / 4)
         core = features.window(start + trim, end - trim)
         tempo = estimate_tempo(core)
-        key = estimate_key(core)
+        key = estimate_key(core, edges=False)
         seg = Segment(start_s=round(start, 2), end_s=round(end, 2), bpm=tempo.bpm, key=key.name)
         prev = segments[-1] if segments else None
         if prev and prev.key == seg.key and abs(prev.bpm / max(seg.bpm, 1e-6) - 1) < 0.03:
