@@ -167,9 +167,9 @@ def _harmonic_peaks(mag: FloatArray) -> FloatArray:
     """Keep the spectral peaks of (time-median filtered) pitch frames (rows), zero elsewhere.
 
     The caller first takes the median over three frames (0.28 s), which removes drum transients
-    (a note lasts longer than a hit); a bin is kept if it is a local maximum across frequency and stands above the local spectral
-    average (``PEAK_OVER_MEAN`` times a 1/6-octave neighbourhood mean), which drops
-    broadband noise such as cymbals.
+    (a note lasts longer than a hit). A bin is kept if it is a local maximum across frequency and
+    stands above the local spectral average (``PEAK_OVER_MEAN`` times a 1/6-octave neighbourhood
+    mean), which drops broadband noise such as cymbals.
     """
     local = uniform_filter1d(mag, size=PEAK_NEIGHBOURHOOD_BINS, axis=1, mode="nearest")
     is_peak = (mag[:, 1:-1] >= mag[:, :-2]) & (mag[:, 1:-1] >= mag[:, 2:])
@@ -193,9 +193,7 @@ class FeatureExtractor:
         self._pitch = _Framer(PITCH_N_FFT, PITCH_HOP)
         rf = np.fft.rfftfreq(RHYTHM_N_FFT, 1.0 / sample_rate).astype(np.float64)
         # Band means of the flux as one matrix product: (n_bins, n_bands), columns sum to 1.
-        bands = np.stack(
-            [((rf >= lo) & (rf < hi)).astype(np.float32) for lo, hi in ONSET_BANDS_HZ], axis=1
-        )
+        bands = np.stack([((rf >= lo) & (rf < hi)).astype(np.float32) for lo, hi in ONSET_BANDS_HZ], axis=1)
         self._band_matrix = bands / bands.sum(axis=0, keepdims=True)
         self._rfreqs = rf.astype(np.float32)
         pf = np.fft.rfftfreq(PITCH_N_FFT, 1.0 / sample_rate).astype(np.float64)
