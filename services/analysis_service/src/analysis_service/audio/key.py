@@ -17,7 +17,10 @@ Method
    triad heard in the first and last voiced seconds (songs begin and end on the tonic far more
    often than elsewhere). ``score = scale fit + TONIC_WEIGHT * tonic evidence``.
 
-Confidence is the margin between the best and the second-best key, scaled to [0, 1].
+Confidence is the margin between the best and the second-best key (0.15 or more counts as
+clear), times how well any major or minor scale explains the pitch content at all (the scale fit
+of drums or noise is about 0.5, of tonal music 0.7 to 1): a drum loop gets little confidence
+whatever key it is given.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ HARMONIC_MINOR_SCALE = (0, 2, 3, 5, 7, 8, 11)
 TONIC_WEIGHT = 1.0
 TRIAD_WEIGHT = 1.0
 BASS_WEIGHT = 0.5
+#: Scale fit (see ``_scale_fit``) of unpitched sound (drums, noise) and of clearly tonal music;
+#: the confidence scales between them.
+FIT_UNTONAL = 0.45
+FIT_TONAL = 0.7
 START_WEIGHT = 0.5
 END_WEIGHT = 0.5
 EDGE_S = 3.0
@@ -136,7 +143,12 @@ def _triad_share(profile: F64) -> F64:
 
 
 def key_scores(features: Features, *, edges: bool = True) -> F64:
-    """Scores of the 24 keys (index ``mode * 12 + tonic``; mode 0 major, 1 minor).
+    """Scores of the 24 keys (index ``mode * 12 + tonic``; mode 0 major, 1 minor)."""
+    return _scores_and_fits(features, edges=edges)[0]
+
+
+def _scores_and_fits(features: Features, *, edges: bool) -> tuple[F64, F64]:
+    """Key scores and, separately, the scale fits they include (both 24 values).
 
     ``score = scale fit + TONIC_WEIGHT * tonic evidence`` where the scale fit says which pitch
     collection the music uses (major, natural or harmonic minor scale on each tonic) and the tonic
@@ -146,13 +158,14 @@ def key_scores(features: Features, *, edges: bool = True) -> F64:
     chroma = _normalise_frames(fold_chroma(features.chroma36, offset=offset))
     bass = _normalise_frames(fold_chroma(features.bass36, offset=offset))
     if not np.any(chroma):
-        return np.zeros(24)
+        return np.zeros(24), np.zeros(24)
     profile = chroma.mean(axis=1)
     major_fit = _scale_fit(profile, MAJOR_SCALE)
     minor_fit = np.maximum(
         _scale_fit(profile, NATURAL_MINOR_SCALE), _scale_fit(profile, HARMONIC_MINOR_SCALE)
     )
-    scores = np.concatenate([major_fit, minor_fit])
+    fits = np.concatenate([major_fit, minor_fit])
+    scores = fits.copy()
 
     evidence = TRIAD_WEIGHT * _triad_share(profile)
     bass_mean = bass.mean(axis=1)
@@ -165,7 +178,7 @@ def key_scores(features: Features, *, edges: bool = True) -> F64:
         for frames, weight in ((voiced[:n_edge], START_WEIGHT), (voiced[-n_edge:], END_WEIGHT)):
             edge = chroma[:, frames].mean(axis=1) + bass[:, frames].mean(axis=1)
             evidence += weight * _triad_share(edge)
-    return scores + TONIC_WEIGHT * evidence
+    return scores + TONIC_WEIGHT * evidence, fits
 
 
 def estimate_key(features: Features, *, edges: bool = True) -> KeyEstimate:
@@ -185,13 +198,14 @@ def estimate_key(features: Features, *, edges: bool = True) -> KeyEstimate:
         Tonic, mode, Camelot code and confidence. A recording without pitched content gets
         confidence 0.
     """
-    scores = key_scores(features, edges=edges)
+    scores, fits = _scores_and_fits(features, edges=edges)
     order = np.argsort(scores)[::-1]
     best = int(order[0])
     mode = "major" if best < 12 else "minor"
     pc = best % 12
-    spread = float(scores[best] - scores[order[1]])
-    confidence = float(np.clip(spread / 0.15, 0.0, 1.0)) if scores[best] > 0 else 0.0
+    margin = float(np.clip((scores[best] - scores[order[1]]) / 0.15, 0.0, 1.0))
+    tonal = float(np.clip((fits[best] - FIT_UNTONAL) / (FIT_TONAL - FIT_UNTONAL), 0.0, 1.0))
+    confidence = margin * tonal
     return KeyEstimate(
         tonic=NOTE_NAMES[pc], mode=mode, camelot=camelot(pc, mode), confidence=round(confidence, 3)
     )
