@@ -90,6 +90,8 @@ async def test_request_is_analysed_stored_everywhere_and_acked(settings: Setting
     await redis.aclose()
     assert progress["status"] == "completed"
     assert float(progress["percent"]) == 100.0
+    assert (progress["key"], progress["camelot"]) == ("A minor", "8A")
+    assert float(progress["bpm"]) == pytest.approx(120, rel=0.04)
     assert ttl > 0
 
 

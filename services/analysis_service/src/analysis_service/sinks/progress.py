@@ -35,6 +35,7 @@ caller's circuit breaker can stop trying for a while.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, Final, Literal, get_args
 
 from redis.asyncio import Redis
@@ -98,6 +99,7 @@ class ProgressStore:
         error: str | None = None,
         correlation_id: str | None = None,
         file: str | None = None,
+        summary: Mapping[str, str] | None = None,
     ) -> None:
         """Record and publish the state of ``request_id``, and renew its expiry.
 
@@ -113,6 +115,9 @@ class ProgressStore:
             What is happening now.
         error_code, error : str, optional
             Why it failed; fields absent from an update are removed from the hash.
+        summary : mapping of str to str, optional
+            Result fields for pollers (e.g. ``bpm``, ``key``, ``camelot``, ``mood``), stored in the
+            hash and the published message.
         correlation_id, file : str, optional
             Stored when given; absent ones keep their earlier value.
 
@@ -137,6 +142,7 @@ class ProgressStore:
         }
         optional = {"error_code": error_code, "error": error, "correlation_id": correlation_id, "file": file}
         fields.update({name: value for name, value in optional.items() if value is not None})
+        fields.update(summary or {})
         removed = [name for name in ("error_code", "error") if optional[name] is None]
         if status in ("completed", "failed"):
             fields["finished_at"] = now

@@ -310,6 +310,7 @@ class Worker:
             stage="done" if outcome.status is ResultStatus.COMPLETED else "failed",
             error_code=outcome.error.code if outcome.error else None,
             error=outcome.error.message if outcome.error else None,
+            summary=_summary(outcome.output),
         )
         if outcome.status is ResultStatus.COMPLETED:
             self.counters["completed"] += 1
@@ -694,6 +695,20 @@ def _failed(
         file=file,
         error=ErrorInfo(code=exc.code, message=str(exc)),
     )
+
+
+def _summary(output: EngineOutput | None) -> dict[str, str] | None:
+    """The headline results, as progress-hash fields."""
+    if output is None:
+        return None
+    fields = {"duration_s": f"{output.duration_s:.1f}"}
+    if output.tempo:
+        fields["bpm"] = f"{output.tempo.bpm:.1f}"
+    if output.key:
+        fields |= {"key": output.key.key, "camelot": output.key.camelot}
+    if output.mood:
+        fields["mood"] = output.mood.label
+    return fields
 
 
 def _raise_if_cancelling(exc: BaseException) -> None:
