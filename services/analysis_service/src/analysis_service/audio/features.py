@@ -255,21 +255,23 @@ class FeatureExtractor:
         """Flush the framers and return the features."""
         self.push(np.zeros(0, dtype=np.float32), last=True)
 
-        def cat(parts: list[FloatArray], rows: int) -> FloatArray:
-            if not parts:
-                return np.zeros((rows, 0), dtype=np.float32)
-            return np.concatenate(parts, axis=-1)
+        def cat(parts: list[FloatArray], shape: tuple[int, ...]) -> FloatArray:
+            # One feature at a time, releasing its blocks: the peak is the features plus one
+            # array, not the features twice.
+            out = np.concatenate(parts, axis=-1) if parts else np.zeros(shape, dtype=np.float32)
+            parts.clear()
+            return out
 
         return Features(
             sample_rate=self.sample_rate,
             duration_s=self._n_samples / self.sample_rate,
             onset_rate=self.sample_rate / RHYTHM_HOP,
-            onset=cat(self._onset, len(ONSET_BANDS_HZ)),
-            loudness_db=np.concatenate(self._loud) if self._loud else np.zeros(0, np.float32),
-            centroid_hz=np.concatenate(self._cent) if self._cent else np.zeros(0, np.float32),
+            onset=cat(self._onset, (len(ONSET_BANDS_HZ), 0)),
+            loudness_db=cat(self._loud, (0,)),
+            centroid_hz=cat(self._cent, (0,)),
             chroma_rate=self.sample_rate / PITCH_HOP,
-            chroma36=cat(self._chroma, 36),
-            bass36=cat(self._bass, 36),
+            chroma36=cat(self._chroma, (36, 0)),
+            bass36=cat(self._bass, (36, 0)),
             peak=self._peak,
         )
 
