@@ -116,6 +116,7 @@ class Worker:
         self._progress_queue: Any = None
         self._last_progress: dict[str, float] = {}
         self._progress_tasks: set[asyncio.Task[None]] = set()
+        self._analysing: set[str] = set()  # request ids whose pool progress is forwarded
         self.counters = {"completed": 0, "failed": 0, "requeued": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -127,9 +128,9 @@ class Worker:
         s = self.settings
         log.info("worker starting", concurrency=self.concurrency, media_root=str(s.worker.media_root))
         self._http = HttpServer(s.http, self.metrics, self._ready_checks())
-        await self._http.start()
         background: list[asyncio.Task[None]] = []
         try:
+            await self._http.start()
             await self._start_stores()
             await self._start_slots()
             await self._connect()
@@ -415,23 +416,11 @@ class Worker:
         )
         assert self._slots is not None
         attempts = 1 + w.crash_retries
-        for attempt in range(1, attempts + 1):
-            try:
-                output = await self._slots.analyze(
-                    str(path),
-                    settings=s.engine,
-                    analyses=analyses,
-                    timeline=timeline,
-                    progress_key=request.request_id,
-                    time_limit_s=limit,
-                )
-                break
-            except WorkerCrashed:
-                self.metrics.pool_restarts.inc()
-                if attempt == attempts:
-                    raise
-                self.metrics.retries.labels(reason="worker_crashed").inc()
-                log.warning("analysis process crashed: retrying", attempt=attempt)
+        self._analysing.add(request.request_id)
+        try:
+            output = await self._analyse_with_retry(request, str(path), analyses, timeline, limit, attempts)
+        finally:
+            self._analysing.discard(request.request_id)
         for stage, seconds in output.timings_s.items():
             if stage != "total":
                 self.metrics.stage_duration.labels(stage=stage).observe(seconds)
@@ -446,6 +435,35 @@ class Worker:
                 timeline=timeline,
             )
         return output, digest, False
+
+    async def _analyse_with_retry(
+        self,
+        request: AnalysisRequest,
+        path: str,
+        analyses: list[str],
+        timeline: bool | None,
+        limit: float,
+        attempts: int,
+    ) -> EngineOutput:
+        """Analyse in a slot; a crashed process is replaced and the request retried."""
+        assert self._slots is not None
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._slots.analyze(
+                    path,
+                    settings=self.settings.engine,
+                    analyses=analyses,
+                    timeline=timeline,
+                    progress_key=request.request_id,
+                    time_limit_s=limit,
+                )
+            except WorkerCrashed:
+                self.metrics.pool_restarts.inc()
+                if attempt == attempts:
+                    raise
+                self.metrics.retries.labels(reason="worker_crashed").inc()
+                log.warning("analysis process crashed: retrying", attempt=attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _persist(self, outcome: AnalysisResultMessage) -> None:
         """Store the outcome in PostgreSQL and Neo4j, then publish it on the results exchange.
@@ -542,6 +560,8 @@ class Worker:
                 loop.call_soon_threadsafe(self._on_progress, *item)
 
     def _on_progress(self, request_id: str, fraction: float, stage: str) -> None:
+        if request_id not in self._analysing:
+            return  # a late message: the request has finished (its final state is written)
         now = time.monotonic()
         if now - self._last_progress.get(request_id, 0.0) < _PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
             return
