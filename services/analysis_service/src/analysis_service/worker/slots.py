@@ -33,6 +33,7 @@ class Slot:
     executor: ProcessPoolExecutor
     busy: bool = False
     jobs: int = field(default=0)
+    warm: bool = False
 
 
 class SlotPool:
@@ -72,6 +73,7 @@ class SlotPool:
     async def _warm(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(slot.executor, warm_up)
+        slot.warm = True
 
     @property
     def healthy(self) -> bool:
@@ -102,25 +104,29 @@ class SlotPool:
         slot = await self._free.get()
         try:
             slot.busy = True
-            if slot.jobs >= self._max_tasks:
+            if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
+                await self._replace(slot, reason="died while idle")
+            elif slot.jobs >= self._max_tasks:
                 await self._replace(slot, reason="recycle")
+            elif not slot.warm:
+                await self._warm(slot)
             slot.jobs += 1
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(
-                slot.executor,
-                _call,
-                path,
-                settings,
-                analyses,
-                timeline,
-                progress_key,
-            )
             try:
+                future = loop.run_in_executor(
+                    slot.executor,
+                    _call,
+                    path,
+                    settings,
+                    analyses,
+                    timeline,
+                    progress_key,
+                )
                 return await asyncio.wait_for(future, timeout=time_limit_s)
             except TimeoutError:
                 await self._replace(slot, reason="timeout")
                 raise AnalysisTimeout(
-                    f"analysis did not finish within its time limit of {time_limit_s:.0f} s; "
+                    f"analysis did not finish within its time limit of {time_limit_s:g} s; "
                     "its process was killed",
                     path=path,
                 ) from None
@@ -128,22 +134,25 @@ class SlotPool:
                 await self._replace(slot, reason="crash")
                 raise WorkerCrashed(f"the analysis process died: {exc}", path=path) from exc
             except asyncio.CancelledError:
-                # Shutdown while running: the process cannot be interrupted, so it is killed.
-                await self._replace(slot, reason="cancelled")
+                # The process cannot be interrupted, so it is killed; its successor is warmed on
+                # first use, not here, so the cancellation is not held up.
+                await self._replace(slot, reason="cancelled", warm=False)
                 raise
         finally:
             slot.busy = False
             self._free.put_nowait(slot)
 
-    async def _replace(self, slot: Slot, *, reason: str) -> None:
+    async def _replace(self, slot: Slot, *, reason: str, warm: bool = True) -> None:
         _kill(slot.executor)
+        slot.warm = False
         if self._closed:
             return
         slot.executor = self._new_executor()
         slot.jobs = 0
         self.restarts += 1
         log.warning("analysis process replaced", slot=slot.index, reason=reason)
-        await self._warm(slot)
+        if warm:
+            await self._warm(slot)
 
     async def close(self) -> None:
         """Stop every slot's process (running analyses are killed). Idempotent."""

@@ -103,6 +103,7 @@ class Worker:
         self._semaphore = asyncio.Semaphore(self.concurrency)
         self._fatal: asyncio.Event = asyncio.Event()
         self._exit_code = EXIT_OK
+        self._stopping = False
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._topology: Topology | None = None
@@ -134,12 +135,12 @@ class Worker:
             await self._start_stores()
             await self._start_slots()
             await self._connect()
+            await self._start_consuming()
             background = [
                 asyncio.create_task(self._memory_guard(), name="memory-guard"),
                 asyncio.create_task(self._broker_watchdog(), name="broker-watchdog"),
                 asyncio.create_task(self._sample_queue_depth(), name="queue-depth"),
             ]
-            await self._start_consuming()
             log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
             stop_wait = asyncio.create_task(stop.wait())
             fatal_wait = asyncio.create_task(self._fatal.wait())
@@ -206,6 +207,8 @@ class Worker:
         self.metrics.consuming.set(1)
 
     async def _stop_consuming(self) -> None:
+        if self._channel is not None and self._channel.is_closed:
+            self._consumer_tag = None  # nothing to cancel: the broker requeues that channel's deliveries
         if self._topology is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             with contextlib.suppress(aio_pika.exceptions.AMQPError, asyncio.TimeoutError, RuntimeError):
@@ -216,6 +219,7 @@ class Worker:
 
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
         grace = self.settings.worker.shutdown_grace_s
+        self._stopping = True
         log.info("worker stopping", in_flight=len(self._tasks), grace_s=grace)
         await self._stop_consuming()
         if self._tasks:
@@ -581,13 +585,13 @@ class Worker:
         """Stop taking deliveries while memory is above its limits; resume below 90 % of them."""
         w = self.settings.worker
         proc = psutil.Process()
-        paused = False
+        paused = False  # by this guard (shutdown and the watchdog stop consuming for good)
         while True:
             rss = proc.memory_info().rss + sum(_rss(c) for c in proc.children(recursive=True))
             system = psutil.virtual_memory().percent
             over = rss > w.max_rss_mb * 2**20 or system > w.max_system_memory_percent
             under = rss < 0.9 * w.max_rss_mb * 2**20 and system < 0.9 * w.max_system_memory_percent
-            if over and not paused:
+            if over and not paused and self._consumer_tag is not None:
                 log.warning(
                     "memory above limit: pausing consumption",
                     rss_mb=round(rss / 2**20),
@@ -595,7 +599,7 @@ class Worker:
                 )
                 await self._stop_consuming()
                 paused = True
-            elif paused and under:
+            elif paused and under and not self._stopping:
                 log.info("memory below limit: resuming consumption", rss_mb=round(rss / 2**20))
                 await self._start_consuming()
                 paused = False
