@@ -34,3 +34,13 @@ def test_time_limits_must_stay_below_the_consumer_timeout() -> None:
             worker=WorkerSettings(time_limit_max_s=1500, persist_deadline_s=240),
             rabbitmq=RabbitSettings(consumer_timeout_ms=1_000_000),
         )
+
+
+def test_memory_percent_reads_the_container_limit(tmp_path: Path) -> None:
+    from analysis_service.worker.worker import memory_percent
+
+    (tmp_path / "memory.max").write_text("1000\n")
+    (tmp_path / "memory.current").write_text("250\n")
+    assert memory_percent(cgroup=tmp_path) == 25.0
+    (tmp_path / "memory.max").write_text("max\n")
+    assert 0.0 < memory_percent(cgroup=tmp_path) <= 100.0  # no limit: the host's figure

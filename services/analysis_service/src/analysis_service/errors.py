@@ -129,3 +129,15 @@ class SinkUnavailable(TransientError):
     """A result store (PostgreSQL, Neo4j, results exchange, Redis) could not be written."""
 
     code = "sink_unavailable"
+
+
+class SubmitError(TransientError):
+    """``submit``: the requests could not be handed to RabbitMQ."""
+
+    code = "submit_failed"
+
+
+class TopologyMissing(SubmitError):
+    """``submit``: the request exchange, or a queue bound to it, does not exist (yet)."""
+
+    code = "topology_missing"

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from analysis_service.cli.analyze import expand_paths
-from analysis_service.errors import AnalysisServiceError, SinkUnavailable
+from analysis_service.errors import SinkUnavailable, SubmitError, TopologyMissing
 from analysis_service.settings import RabbitSettings, Settings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client
 from analysis_service.sinks.progress import ProgressStore
@@ -55,18 +55,6 @@ TERMINAL_STATUSES: Final = frozenset({"completed", "failed"})
 APP_ID: Final = "analysis-service-submit"
 
 START_WORKER_HINT: Final = "the worker has not declared the topology yet: start the worker first"
-
-
-class SubmitError(AnalysisServiceError):
-    """The requests could not be handed to RabbitMQ."""
-
-    code = "submit_failed"
-
-
-class TopologyMissing(SubmitError):
-    """The request exchange, or a queue bound to it, does not exist (yet)."""
-
-    code = "topology_missing"
 
 
 @dataclass

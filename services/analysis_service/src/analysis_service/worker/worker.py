@@ -588,7 +588,7 @@ class Worker:
         paused = False  # by this guard (shutdown and the watchdog stop consuming for good)
         while True:
             rss = proc.memory_info().rss + sum(_rss(c) for c in proc.children(recursive=True))
-            system = psutil.virtual_memory().percent
+            system = memory_percent()
             over = rss > w.max_rss_mb * 2**20 or system > w.max_system_memory_percent
             under = rss < 0.9 * w.max_rss_mb * 2**20 and system < 0.9 * w.max_system_memory_percent
             if over and not paused and self._consumer_tag is not None:
@@ -763,6 +763,17 @@ async def _close_quietly(name: str, close: Callable[[], Awaitable[Any]]) -> None
         await asyncio.wait_for(close(), timeout=10)
     except (OSError, TimeoutError, AnalysisServiceError, aio_pika.exceptions.AMQPError) as exc:
         log.warning("error while closing", component=name, error=f"{type(exc).__name__}: {exc}")
+
+
+def memory_percent(*, cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """Percent of memory in use: of the cgroup v2 limit when there is one (a container), else the host's."""
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            return 100.0 * int((cgroup / "memory.current").read_text()) / int(limit)
+    except (OSError, ValueError):
+        pass  # no cgroup v2 memory controller here: the host's figure is the right one
+    return float(psutil.virtual_memory().percent)
 
 
 def _rss(proc: psutil.Process) -> int:
