@@ -340,3 +340,54 @@ def test_mp3_and_m4a_are_covered(library: Library) -> None:
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed: the MP3 and M4A files were left out")
     assert library.formats == ("wav", "flac", "ogg", "mp3", "m4a")
+
+
+def test_a_file_that_kills_its_process_fails_alone(
+    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash (segfault, OOM kill) of a pool process costs only the file that caused it."""
+    module = f"asvc_crash_plugin_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            from analysis_service.audio.registry import Analyzer
+
+            def run(features, results):
+                if 0.245 < features.peak < 0.255:  # the "poison" file below
+                    os._exit(70)  # dies like a process killed mid-analysis
+                return {}
+
+            CRASH = Analyzer("crash", "1.0", run)
+            """
+        )
+    )
+    dist = tmp_path / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\ncrash = {module}:CRASH\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for i in range(4):
+        sf.write(
+            folder / f"good{i}.wav",
+            0.8 * demo_song(bpm=110 + 5 * i, tonic=i, mode="major", seconds=6.0, sample_rate=22050),
+            22050,
+        )
+    sf.write(
+        folder / "poison.wav",
+        0.25 * demo_song(bpm=100, tonic=0, mode="minor", seconds=6.0, sample_rate=22050) / 0.9,
+        22050,
+    )
+
+    status, stdout, _ = _invoke("--json", "-j", JOBS, str(folder))
+
+    records = _records(stdout)
+    assert records["poison.wav"]["status"] == "failed"
+    assert records["poison.wav"]["error"]["code"] == "worker_crashed"
+    assert {name: r["status"] for name, r in records.items() if name != "poison.wav"} == {
+        f"good{i}.wav": "completed" for i in range(4)
+    }
+    assert status == EXIT_FAILURES

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, as_completed
+from concurrent.futures import Future, as_completed, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from analysis_service.errors import AnalysisServiceError
+from analysis_service.errors import AnalysisServiceError, WorkerCrashed
 from analysis_service.pool import create_pool, run_analysis
 from analysis_service.settings import EngineSettings
 from service_shared.messages import EngineOutput
@@ -65,39 +66,59 @@ def analyze_paths(
     timeline: bool | None,
     console: Console,
 ) -> Iterator[FileOutcome]:
-    """Analyse ``files`` in a pool of ``jobs`` processes; yield outcomes as they finish."""
-    with (
-        create_pool(min(jobs, max(1, len(files)))) as pool,
-        Progress(
-            TextColumn("[bold]analyze"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}"),
-            console=console,
-            transient=False,
-        ) as bar,
-    ):
+    """Analyse ``files`` in a pool of ``jobs`` processes; yield outcomes as they finish.
+
+    When a pool process dies (a codec crash, the OOM killer), every file still pending in that pool
+    fails with it. Those files are analysed again, each in a fresh process of its own, so only the
+    file that really kills its process is reported (``worker_crashed``).
+    """
+    with Progress(
+        TextColumn("[bold]analyze"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=False,
+    ) as bar:
         task = bar.add_task("", total=len(files))
-        futures: dict[Future[EngineOutput], Path] = {
-            pool.submit(run_analysis, str(f), settings=settings, analyses=analyses, timeline=timeline): f
-            for f in files
-        }
-        for fut in as_completed(futures):
-            path = str(futures[fut])
-            exc = fut.exception()
-            if exc is None:
-                outcome = FileOutcome(path=path, output=fut.result())
-            elif isinstance(exc, AnalysisServiceError):
-                outcome = FileOutcome(path=path, error_code=exc.code, error=exc.message)
-            else:
-                # A bug or an unexpected library failure: report it for this file, keep going,
-                # and make the run fail (exit status) so it is not mistaken for success.
-                outcome = FileOutcome(
-                    path=path, error_code="internal_error", error=f"{type(exc).__name__}: {exc}"
+        crashed: list[Path] = []
+        with create_pool(min(jobs, max(1, len(files)))) as pool:
+            futures: dict[Future[EngineOutput], Path] = {
+                pool.submit(run_analysis, str(f), settings=settings, analyses=analyses, timeline=timeline): f
+                for f in files
+            }
+            for fut in as_completed(futures):
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    crashed.append(futures[fut])
+                    continue
+                bar.update(task, advance=1, description=futures[fut].name)
+                yield _outcome(str(futures[fut]), fut)
+        for path in crashed:  # one fresh process per file: a crash takes down only its own file
+            with create_pool(1) as pool:
+                fut = pool.submit(
+                    run_analysis, str(path), settings=settings, analyses=analyses, timeline=timeline
                 )
-            bar.update(task, advance=1, description=Path(path).name)
-            yield outcome
+                wait([fut])
+            bar.update(task, advance=1, description=path.name)
+            yield _outcome(str(path), fut)
+
+
+def _outcome(path: str, fut: Future[EngineOutput]) -> FileOutcome:
+    exc = fut.exception()
+    if exc is None:
+        return FileOutcome(path=path, output=fut.result())
+    if isinstance(exc, AnalysisServiceError):
+        return FileOutcome(path=path, error_code=exc.code, error=exc.message)
+    if isinstance(exc, BrokenProcessPool):
+        return FileOutcome(
+            path=path,
+            error_code=WorkerCrashed.code,
+            error=f"the analysis process died while analysing this file (again, in a fresh process): {exc}",
+        )
+    # A bug or an unexpected library failure: report it for this file, keep going, and make the
+    # run fail (exit status) so it is not mistaken for success.
+    return FileOutcome(path=path, error_code="internal_error", error=f"{type(exc).__name__}: {exc}")
 
 
 def _display_path(path: str) -> str:
