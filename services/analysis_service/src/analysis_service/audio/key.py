@@ -142,13 +142,9 @@ def _triad_share(profile: F64) -> F64:
     return out
 
 
-def key_scores(features: Features, *, edges: bool = True) -> F64:
-    """Scores of the 24 keys (index ``mode * 12 + tonic``; mode 0 major, 1 minor)."""
-    return _scores_and_fits(features, edges=edges)[0]
-
-
 def _scores_and_fits(features: Features, *, edges: bool) -> tuple[F64, F64]:
-    """Key scores and, separately, the scale fits they include (both 24 values).
+    """Scores of the 24 keys (index ``mode * 12 + tonic``; mode 0 major, 1 minor), and the scale fits
+    they include.
 
     ``score = scale fit + TONIC_WEIGHT * tonic evidence`` where the scale fit says which pitch
     collection the music uses (major, natural or harmonic minor scale on each tonic) and the tonic

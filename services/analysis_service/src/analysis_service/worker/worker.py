@@ -89,7 +89,6 @@ class Worker:
         self.concurrency = w.concurrency or available_cpus()
         self.metrics = metrics or Metrics(time_limit_s=w.time_limit_max_s)
         self.registry = build_registry()
-        self._versions = {a.name: a.version for a in resolve(self.registry, None)}
         self._guards = {
             name: Guard.from_settings(name, w) for name in ("postgres", "neo4j", "results-exchange")
         }
@@ -425,6 +424,7 @@ class Worker:
             output = await self._analyse_with_retry(request, str(path), analyses, timeline, limit, attempts)
         finally:
             self._analysing.discard(request.request_id)
+            self._last_progress.pop(request.request_id, None)
         for stage, seconds in output.timings_s.items():
             if stage != "total":
                 self.metrics.stage_duration.labels(stage=stage).observe(seconds)
@@ -570,8 +570,6 @@ class Worker:
         if now - self._last_progress.get(request_id, 0.0) < _PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
             return
         self._last_progress[request_id] = now
-        if fraction >= 1.0:
-            self._last_progress.pop(request_id, None)
         task = asyncio.create_task(
             self._report(
                 request_id, status="running", percent=round(min(fraction, 0.99) * 100, 1), stage=stage
