@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis_service.audio.tempo import estimate_tempo
+from analysis_service.audio import tempo
+from analysis_service.audio.tempo import backbeat_contrast, estimate_tempo, windowed_acf
 from tests.unit.audio.conftest import SR, FeaturesOf, features_of_signal
 
 
@@ -28,3 +29,31 @@ def test_no_pulse_gives_zero_confidence() -> None:
     drone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     est = estimate_tempo(features_of_signal(drone))
     assert est.confidence < 0.2
+
+
+@pytest.mark.parametrize("bpm", [156.0, 170.0, 178.0])
+def test_a_fast_backbeat_is_not_halved(song_features: FeaturesOf, bpm: float) -> None:
+    # Kick on 1 and 3, snare on 2 and 4 at drum & bass tempi: half the tempo has nearly the same
+    # salience and a better prior; the snare falling on every second beat decides.
+    assert estimate_tempo(song_features(bpm=bpm, tonic=2, mode="major")).bpm == pytest.approx(bpm, rel=0.04)
+
+
+def test_without_the_backbeat_weight_a_fast_backbeat_is_halved(
+    song_features: FeaturesOf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    features = song_features(bpm=170.0, tonic=2, mode="major")
+    monkeypatch.setattr(tempo, "BACKBEAT_WEIGHT", 0.0)
+    assert estimate_tempo(features).bpm == pytest.approx(85.0, rel=0.04)
+
+
+def test_backbeat_contrast_is_highest_where_the_snare_falls_on_every_second_beat() -> None:
+    rate, bpm = 100.0, 120.0
+    beat = int(rate * 60 / bpm)
+    snare = np.zeros(int(60 * rate))
+    snare[beat :: 2 * beat] = 1.0  # beats 2 and 4
+    acf = windowed_acf(snare, rate=rate, max_lag=8 * beat)
+    at = {f: backbeat_contrast(acf, rate=rate, bpm=bpm * f) for f in (0.5, 1.0, 2.0)}
+    assert at[1.0] > 0.8
+    assert at[0.5] < 0.1  # one level too slow: a snare on every beat
+    assert at[2.0] < at[1.0] - 0.3  # one level too fast: no snare on the beats between
+    assert backbeat_contrast(acf, rate=rate, bpm=10.0) == 0.0  # four beats exceed the lags

@@ -9,10 +9,20 @@ Method
    with a harmonic comb: the salience of tempo ``T`` is the weighted sum of the autocorrelation at
    1, 2, 3 and 4 beat periods. That sharpens the estimate (the fourth multiple is read at four
    times the precision) and favours periodicities that hold across the bar.
-3. The strongest salience peak fixes the pulse family; the metrical level a listener taps is then
-   chosen among its multiples and divisions (x1/3 .. x3) by combining salience with a log-normal
-   tempo preference centred at 120 BPM and with how strongly each level's beats coincide with
-   accented (kick/snare) onsets.
+3. The strongest salience peak fixes the pulse family; the metrical level a listener taps is
+   chosen among its multiples and divisions (x1/4 .. x4) by salience times a log-normal tempo
+   preference centred at ``PRIOR_CENTER_BPM``.
+4. Between that level and its double or half, the backbeat decides: in most popular music the
+   snare or clap falls on beats 2 and 4, so at the beat level a listener taps it recurs every
+   second beat and is absent from the beats between (the cue Goto and Muraoka's beat tracker used
+   to find the quarter-note level). The snare curve is the mid band's normalised onset strength
+   minus ``SNARE_LOW_WEIGHT`` times the low band's (what kicks and bass explain), rectified. Its
+   autocorrelation at 2 and 4 beats minus that at 1 and 3 beats (:func:`backbeat_contrast`) is
+   high only at that level: one level too slow puts a snare on every beat, one level too fast
+   puts none on the beats between. The contrast multiplies the score by
+   ``exp(BACKBEAT_WEIGHT * contrast)``; music without a snare has no contrast and keeps step 3's
+   choice. It is not applied to the x1/3, x2/3, x3/2 and x3 relatives, where a bar of 4 against 3
+   can imitate it.
 
 Confidence is the chosen tempo's salience above the median salience of all tempi (autocorrelation
 units), scaled so that a margin of ``CONFIDENCE_SPAN`` or more is 1, and scaled down when the recording
@@ -38,6 +48,11 @@ BAND_WEIGHTS = (2.0, 1.0, 1.0)
 #: Smallest band standard deviation used for normalising (log-flux units): keeps the numerical
 #: noise of a steady tone from being scaled up into a "pulse".
 NOVELTY_FLOOR = 0.01
+#: Weight of the backbeat contrast in the choice between a tempo and its double or half.
+BACKBEAT_WEIGHT = 1.0
+#: The snare curve is the mid band minus this many times the low band (kick and bass onsets also
+#: reach into the mid band; this keeps them out of it).
+SNARE_LOW_WEIGHT = 1.5
 #: Salience margin (over the median salience of all tempi) that counts as full confidence.
 CONFIDENCE_SPAN = 0.4
 #: Mean spectral flux (log-magnitude units, nearly level-independent) of clearly rhythmic music;
@@ -65,20 +80,25 @@ class TempoEstimate:
     confidence: float
 
 
-def novelty(features: Features, *, weights: tuple[float, ...] = BAND_WEIGHTS) -> F64:
-    """Combined onset novelty curve at ``features.onset_rate`` frames per second."""
+def band_novelty(features: Features) -> F64:
+    """Per-band onset novelty, shape ``(n_bands, n_frames)``: each band normalised by its standard
+    deviation, minus its one-second moving average, half-wave rectified."""
     onset = features.onset.astype(np.float64)
-    if onset.shape[1] == 0:
-        return np.zeros(0)
     width = max(1, round(features.onset_rate))
     kernel = np.ones(width) / width
-    out = np.zeros(onset.shape[1])
-    for band, w in zip(onset, weights, strict=False):
-        scale = max(float(np.std(band)), NOVELTY_FLOOR)
-        b = band / scale
-        b = np.maximum(b - np.convolve(b, kernel, mode="same"), 0.0)
-        out += w * b
+    out = np.zeros_like(onset)
+    for i, band in enumerate(onset):
+        b = band / max(float(np.std(band)), NOVELTY_FLOOR)
+        out[i] = np.maximum(b - np.convolve(b, kernel, mode="same"), 0.0)
     return out
+
+
+def novelty(features: Features, *, weights: tuple[float, ...] = BAND_WEIGHTS) -> F64:
+    """Combined onset novelty curve at ``features.onset_rate`` frames per second."""
+    if features.onset.shape[1] == 0:
+        return np.zeros(0)
+    bands = band_novelty(features)
+    return np.asarray(np.asarray(weights[: len(bands)]) @ bands[: len(weights)])
 
 
 def windowed_acf(curve: F64, *, rate: float, window_s: float = _ACF_WINDOW_S, max_lag: int) -> F64:
@@ -111,6 +131,20 @@ def tempo_salience(acf: F64, *, rate: float, bpms: F64) -> F64:
         ok = period < len(acf) - 1
         sal[ok] += w * np.interp(period[ok], lags, np.maximum(acf, 0.0))
     return sal / sum(_COMB_WEIGHTS)
+
+
+def backbeat_contrast(snare_acf: F64, *, rate: float, bpm: float) -> float:
+    """How much a snare-like curve recurs every second beat rather than on every beat, at ``bpm``.
+
+    ``0.5 * (r(2) + r(4) - r(1) - r(3))`` where ``r(k)`` is the normalised autocorrelation
+    ``snare_acf`` (frames at ``rate`` per second) at ``k`` beats; 0 where the lags run past it.
+    """
+    lag = 60.0 * rate / bpm
+    if 4 * lag > len(snare_acf) - 1:
+        return 0.0
+    lags = np.arange(len(snare_acf), dtype=np.float64)
+    r = np.interp(np.array([1.0, 2.0, 3.0, 4.0]) * lag, lags, snare_acf)
+    return float(0.5 * (r[1] + r[3] - r[0] - r[2]))
 
 
 def _prior(bpm: F64 | float) -> F64:
@@ -146,22 +180,31 @@ def estimate_tempo(features: Features) -> TempoEstimate:
         Tempo in BPM, between ``MIN_BPM`` and ``MAX_BPM``, and a confidence in [0, 1].
     """
     rate = features.onset_rate
-    curve = novelty(features)
+    if features.onset.shape[1] == 0:
+        return TempoEstimate(bpm=0.0, confidence=0.0)
+    bands = band_novelty(features)
+    curve = np.asarray(np.asarray(BAND_WEIGHTS) @ bands)
     if len(curve) < 4 * rate or not np.any(curve):
         return TempoEstimate(bpm=0.0, confidence=0.0)
-    max_lag = int(4 * 60.0 * rate / (MIN_BPM / 2)) + 2
-    acf = windowed_acf(curve, rate=rate, max_lag=min(max_lag, len(curve) - 1))
+    max_lag = min(int(4 * 60.0 * rate / (MIN_BPM / 2)) + 2, len(curve) - 1)
+    acf = windowed_acf(curve, rate=rate, max_lag=max_lag)
     bpms = np.exp(np.linspace(np.log(MIN_BPM / 2), np.log(MAX_BPM * 2), 1600))
     sal = tempo_salience(acf, rate=rate, bpms=bpms)
     in_range = (bpms >= MIN_BPM) & (bpms <= MAX_BPM)
     best = float(bpms[in_range][int(np.argmax(sal[in_range]))])
-    candidates = [best * f for f in (1 / 3, 0.5, 2 / 3, 1.0, 1.5, 2.0, 3.0)]
-    candidates = [c for c in candidates if MIN_BPM <= c <= MAX_BPM]
-    refined = [_refine(bpms, sal, c) for c in candidates]
+    candidates = [best * f for f in (1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0, 3 / 2, 2.0, 3.0, 4.0)]
+    refined = np.array([_refine(bpms, sal, c) for c in candidates if MIN_BPM <= c <= MAX_BPM])
     sal_at = np.interp(np.log(refined), np.log(bpms), sal)
-    score = sal_at * _prior(np.asarray(refined))
+    score = sal_at * _prior(refined)
+    level = refined[int(np.argmax(score))]
+    octave = np.isclose(refined / level, 0.5, rtol=0.02) | np.isclose(refined / level, 2.0, rtol=0.02)
+    octave |= refined == level
+    snare = np.maximum(bands[1] - SNARE_LOW_WEIGHT * bands[0], 0.0)
+    snare_acf = windowed_acf(snare, rate=rate, max_lag=max_lag) if np.any(snare) else np.zeros(1)
+    contrast = np.array([backbeat_contrast(snare_acf, rate=rate, bpm=float(b)) for b in refined])
+    score = np.where(octave, score * np.exp(BACKBEAT_WEIGHT * contrast), 0.0)
     pick = int(np.argmax(score))
-    bpm = refined[pick]
+    bpm = float(refined[pick])
     rival = float(np.median(sal[in_range]))
     activity = float(features.onset.mean()) / ACTIVITY_REFERENCE
     confidence = float(np.clip((sal_at[pick] - rival) / CONFIDENCE_SPAN, 0.0, 1.0) * min(activity, 1.0))
