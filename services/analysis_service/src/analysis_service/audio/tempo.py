@@ -197,8 +197,7 @@ def estimate_tempo(features: Features) -> TempoEstimate:
     sal_at = np.interp(np.log(refined), np.log(bpms), sal)
     score = sal_at * _prior(refined)
     level = refined[int(np.argmax(score))]
-    octave = np.isclose(refined / level, 0.5, rtol=0.02) | np.isclose(refined / level, 2.0, rtol=0.02)
-    octave |= refined == level
+    octave = np.isclose(refined / level, np.array([[0.5], [1.0], [2.0]]), rtol=0.02).any(axis=0)
     snare = np.maximum(bands[1] - SNARE_LOW_WEIGHT * bands[0], 0.0)
     snare_acf = windowed_acf(snare, rate=rate, max_lag=max_lag) if np.any(snare) else np.zeros(1)
     contrast = np.array([backbeat_contrast(snare_acf, rate=rate, bpm=float(b)) for b in refined])
