@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class AnalysisKind(StrEnum):
@@ -24,6 +24,21 @@ class AnalysisKind(StrEnum):
 class ResultStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: Longest accepted ``file`` (characters).
+MAX_FILE_CHARS = 4096
+#: Most analyses one request may name.
+MAX_ANALYSES = 32
+#: Longest error message carried in a result (characters); longer ones are cut.
+MAX_ERROR_CHARS = 2000
+#: Request and correlation ids: printable ASCII without spaces, quotes or backslashes.
+ID_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
+#: Analyzer names (built-in and plugins).
+ANALYZER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+#: A ``file``: no control characters (C0, DEL, C1).
+FILE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
 
 
 class RequestOptions(BaseModel):
@@ -46,21 +61,34 @@ class AnalysisRequest(BaseModel):
 
     schema_version: Literal[1] = 1
     request_id: str = Field(
-        min_length=1,
-        max_length=200,
-        pattern=r"^[A-Za-z0-9._:@/-]+$",
+        pattern=ID_PATTERN,
         description="Idempotency key: a redelivered or resubmitted request with the same id never "
-        "creates a second result.",
+        "creates a second result. 1-200 characters of A-Z a-z 0-9 . _ : @ / + = -.",
     )
     file: str = Field(
-        min_length=1, description="Path of the audio file, relative to (or inside) the media root."
+        min_length=1,
+        max_length=MAX_FILE_CHARS,
+        pattern=FILE_PATTERN,
+        description="Path of the audio file, relative to (or inside) the media root; no control characters.",
     )
     priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9 (highest).")
-    analyses: list[AnalysisKind] = Field(
-        default_factory=lambda: list(AnalysisKind), description="Which analyses to run (default all)."
+    analyses: list[Annotated[str, Field(pattern=ANALYZER_NAME_PATTERN)]] = Field(
+        default_factory=lambda: [kind.value for kind in AnalysisKind],
+        min_length=1,
+        max_length=MAX_ANALYSES,
+        json_schema_extra={"uniqueItems": True},
+        description="Which analyzers to run: distinct names of built-in (bpm, key, mood) or installed "
+        "plugin analyzers (default: the built-ins). An unknown name fails with `unknown_analyzer`.",
     )
-    correlation_id: str | None = Field(default=None, max_length=200)
+    correlation_id: str | None = Field(default=None, pattern=ID_PATTERN)
     options: RequestOptions = Field(default_factory=RequestOptions)
+
+    @field_validator("analyses")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("analyses must not repeat a name")
+        return names
 
 
 class TempoResult(BaseModel):
@@ -111,14 +139,28 @@ class EngineOutput(BaseModel):
 
 class ErrorInfo(BaseModel):
     code: str = Field(description="Stable machine-readable error code, e.g. `file_not_found`.")
-    message: str
+    message: str = Field(description=f"What failed and why (at most {MAX_ERROR_CHARS} characters).")
+
+    @field_validator("message")
+    @classmethod
+    def _bounded(cls, message: str) -> str:
+        if len(message) <= MAX_ERROR_CHARS:
+            return message
+        return message[: MAX_ERROR_CHARS - 13] + " [truncated]"
 
 
 class AnalysisResultMessage(BaseModel):
     """Outcome of one request, published on the results exchange."""
 
     schema_version: Literal[1] = 1
-    request_id: str
+    request_id: str = Field(
+        description="The request's id; for a message that could not be keyed by its own id (invalid, or "
+        "reusing the id of another request) an id derived from its body, `rejected-<digest>`."
+    )
+    claimed_request_id: str | None = Field(
+        default=None,
+        description="The id the rejected message claimed, when `request_id` had to be derived.",
+    )
     correlation_id: str | None = None
     status: ResultStatus
     file: str | None = None

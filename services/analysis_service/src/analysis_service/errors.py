@@ -40,7 +40,53 @@ class PermanentError(AnalysisServiceError):
 
 
 class InvalidRequest(PermanentError):
+    """The message does not match the request contract (the generic case)."""
+
     code = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    """The message body is larger than ``worker.max_body_bytes`` (checked before parsing)."""
+
+    code = "request_too_large"
+
+
+class InvalidEncoding(InvalidRequest):
+    """The body is not UTF-8."""
+
+    code = "invalid_encoding"
+
+
+class MalformedJson(InvalidRequest):
+    """The body is not a JSON object."""
+
+    code = "malformed_json"
+
+
+class InvalidRequestId(InvalidRequest):
+    code = "invalid_request_id"
+
+
+class InvalidFile(InvalidRequest):
+    """``file`` is missing, too long or holds control characters."""
+
+    code = "invalid_file"
+
+
+class InvalidPriority(InvalidRequest):
+    code = "invalid_priority"
+
+
+class InvalidAnalyses(InvalidRequest):
+    """``analyses`` is empty, too long, repeats a name or holds a malformed name."""
+
+    code = "invalid_analyses"
+
+
+class RequestIdConflict(InvalidRequest):
+    """The request id already belongs to a different request (another file or options)."""
+
+    code = "request_id_conflict"
 
 
 class PathOutsideMediaRoot(PermanentError):
@@ -103,8 +149,23 @@ class InternalError(PermanentError):
     code = "internal_error"
 
 
-class UnknownAnalyzer(PermanentError):
+class UnknownAnalyzer(InvalidRequest):
     code = "unknown_analyzer"
+
+
+class Cancelled(PermanentError):
+    """The request was cancelled (through the job API) before it finished."""
+
+    code = "cancelled"
+
+
+class SinkRejected(PermanentError):
+    """A store answered but refused this outcome's data (a bug or data the contract let through).
+
+    The worker then stores and publishes a minimal failed outcome in its place.
+    """
+
+    code = "store_rejected"
 
 
 class AnalysisTimeout(PermanentError):
