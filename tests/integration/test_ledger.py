@@ -1,4 +1,4 @@
-"""PostgresSink against a real PostgreSQL: migrations, idempotent writes, failures, outages."""
+"""The outcome ledger against a real PostgreSQL: migrations, the terminal-once rule, id reuse, errors."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from analysis_service.errors import SinkUnavailable
+from analysis_service.errors import SinkRejected, SinkUnavailable
 from analysis_service.settings import PostgresSettings
-from analysis_service.sinks.base import ResultSink
-from analysis_service.sinks.postgres import PostgresSink, load_migrations
+from analysis_service.sinks.postgres import (
+    Finished,
+    IdConflict,
+    Known,
+    PostgresLedger,
+    RequestFields,
+    Started,
+    load_migrations,
+)
 from service_shared.messages import (
     AnalysisResultMessage,
     EngineOutput,
@@ -28,7 +35,10 @@ from service_shared.messages import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-SinkFactory = Callable[..., Awaitable[PostgresSink]]
+SinkFactory = Callable[..., Awaitable[PostgresLedger]]
+
+FIELDS = RequestFields(fingerprint="fp-1", file="library/track one.flac", analyses=["bpm", "key"], priority=5)
+OTHER = RequestFields(fingerprint="fp-2", file="library/another.flac")
 
 
 def completed(request_id: str = "req-1", *, segments: int = 3, bpm: float = 124.0) -> AnalysisResultMessage:
@@ -60,10 +70,10 @@ def completed(request_id: str = "req-1", *, segments: int = 3, bpm: float = 124.
 @pytest.fixture
 async def make_sink(pg_dsn: str) -> AsyncIterator[SinkFactory]:
     """Factory of started sinks on the test database; closes them all afterwards."""
-    sinks: list[PostgresSink] = []
+    sinks: list[PostgresLedger] = []
 
-    async def factory(dsn: str = pg_dsn, start: bool = True) -> PostgresSink:
-        sink = PostgresSink(PostgresSettings(dsn=dsn, command_timeout_s=5.0))
+    async def factory(dsn: str = pg_dsn, start: bool = True) -> PostgresLedger:
+        sink = PostgresLedger(PostgresSettings(dsn=dsn, command_timeout_s=5.0))
         sinks.append(sink)
         if start:
             await sink.start()
@@ -90,7 +100,7 @@ async def test_migrations_apply_once_and_are_recorded(make_sink: SinkFactory, db
     tables = {
         r["tablename"] for r in await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     }
-    assert {"recordings", "analysis_results", "timeline_segments", "schema_migrations"} <= tables
+    assert {"requests", "recordings", "analysis_results", "timeline_segments", "schema_migrations"} <= tables
 
 
 async def test_concurrent_starts_do_not_race(make_sink: SinkFactory, db: asyncpg.Connection) -> None:
@@ -100,30 +110,34 @@ async def test_concurrent_starts_do_not_race(make_sink: SinkFactory, db: asyncpg
     assert count == len(load_migrations())
 
 
-async def test_write_is_idempotent_and_replaces_segments(
+async def test_finish_stores_the_outcome_once_with_typed_columns(
     make_sink: SinkFactory, db: asyncpg.Connection
 ) -> None:
     sink = await make_sink()
-    await sink.write(completed(segments=3))
-    await sink.write(completed(segments=3))
+    first = await sink.finish(completed(segments=3), FIELDS)
+    again = await sink.finish(completed(segments=2, bpm=128.0), FIELDS)  # a second delivery
+    assert first == Finished(completed(segments=3), written=True, published=False)
+    assert again.written is False
+    assert again.result == completed(segments=3)  # the stored outcome, not the second one
     assert await db.fetchval("SELECT count(*) FROM analysis_results") == 1
     assert await db.fetchval("SELECT count(*) FROM recordings") == 1
     assert await db.fetchval("SELECT count(*) FROM timeline_segments") == 3
-
-    await sink.write(completed(segments=2, bpm=128.0))  # a redelivery with a different timeline
-    segments = await db.fetch("SELECT idx, start_s, end_s, bpm, key FROM timeline_segments ORDER BY idx")
-    assert [(s["idx"], s["end_s"], s["bpm"]) for s in segments] == [(0, 10.0, 128.0), (1, 20.0, 128.0)]
-
     row = await db.fetchrow("SELECT * FROM analysis_results WHERE request_id = 'req-1'")
-    assert row["status"] == "completed"
-    assert row["bpm"] == 128.0
+    assert (row["status"], row["bpm"]) == ("completed", 124.0)
     assert (row["key"], row["key_tonic"], row["key_mode"], row["camelot"]) == ("A minor", "A", "minor", "8A")
     assert (row["mood_label"], row["energy"], row["danceability"]) == ("energetic", 0.7, 0.8)
     assert json.loads(row["analyzer_versions"]) == {"tempo": "1.0", "key": "1.1", "mood": "0.9"}
     assert json.loads(row["timings"]) == {"decode": 0.5, "features": 1.25}
-    assert EngineOutput.model_validate_json(row["output"]) == completed(segments=2, bpm=128.0).output
+    assert EngineOutput.model_validate_json(row["output"]) == completed(segments=3).output
+    assert AnalysisResultMessage.model_validate_json(row["result"]) == completed(segments=3)
     assert row["finished_at"] == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-    assert row["created_at"] <= row["updated_at"]
+    ledger = await db.fetchrow("SELECT * FROM requests WHERE request_id = 'req-1'")
+    assert (ledger["status"], ledger["fingerprint"], ledger["file"]) == (
+        "completed",
+        "fp-1",
+        "library/track one.flac",
+    )
+    assert ledger["finished_at"] == row["finished_at"]
     recording = await db.fetchrow("SELECT * FROM recordings WHERE content_hash = 'c0ffee'")
     assert (recording["path"], recording["duration_s"], recording["format"]) == (
         "library/track one.flac",
@@ -133,40 +147,75 @@ async def test_write_is_idempotent_and_replaces_segments(
     assert (recording["sample_rate"], recording["channels"]) == (44100, 2)
 
 
-async def test_failed_result_is_stored_with_its_error(make_sink: SinkFactory, db: asyncpg.Connection) -> None:
-    sink = await make_sink()
-    failed = AnalysisResultMessage(
-        request_id="req-missing",
+def failure(request_id: str = "req-1", code: str = "worker_crashed") -> AnalysisResultMessage:
+    return AnalysisResultMessage(
+        request_id=request_id,
         status=ResultStatus.FAILED,
-        file="library/gone.mp3",
-        error=ErrorInfo(code="file_not_found", message="no such file: library/gone.mp3"),
+        file="library/track one.flac",
+        error=ErrorInfo(code=code, message=f"failed: {code}"),
     )
-    await sink.write(failed)
-    await sink.write(failed)
-    row = await db.fetchrow("SELECT * FROM analysis_results WHERE request_id = 'req-missing'")
-    assert (row["status"], row["error_code"]) == ("failed", "file_not_found")
-    assert row["error_message"] == "no such file: library/gone.mp3"
-    assert (row["content_hash"], row["output"], row["bpm"]) == (None, None, None)
-    assert await db.fetchval("SELECT count(*) FROM recordings") == 0
 
 
-async def test_failed_result_with_content_hash_keeps_known_recording_data(
+async def test_a_failed_outcome_never_replaces_a_completed_one(
     make_sink: SinkFactory, db: asyncpg.Connection
 ) -> None:
     sink = await make_sink()
-    await sink.write(completed("req-ok"))
-    await sink.write(
-        AnalysisResultMessage(
-            request_id="req-timeout",
-            status=ResultStatus.FAILED,
-            file="library/track one.flac",
-            content_hash="c0ffee",
-            error=ErrorInfo(code="analysis_timeout", message="ran past 60 s"),
-        )
-    )
-    recording = await db.fetchrow("SELECT duration_s, format FROM recordings WHERE content_hash = 'c0ffee'")
-    assert (recording["duration_s"], recording["format"]) == (700.0, "flac")
-    assert await db.fetchval("SELECT count(*) FROM analysis_results WHERE content_hash = 'c0ffee'") == 2
+    await sink.finish(completed(), FIELDS)
+    late = await sink.finish(failure(), FIELDS)  # e.g. a 4th delivery failed as worker_crashed
+    assert (late.written, late.result.status) == (False, ResultStatus.COMPLETED)
+    assert await db.fetchval("SELECT status FROM analysis_results WHERE request_id = 'req-1'") == "completed"
+    assert await db.fetchval("SELECT status FROM requests WHERE request_id = 'req-1'") == "completed"
+
+
+async def test_begin_counts_starts_and_reports_terminal_requests(make_sink: SinkFactory) -> None:
+    sink = await make_sink()
+    assert await sink.begin("req-1", FIELDS, count_attempt=True) == Started(1)
+    assert await sink.begin("req-1", FIELDS, count_attempt=True) == Started(2)
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, given_back=2) == Started(1)
+    await sink.give_back("req-1")
+    assert await sink.begin("req-1", FIELDS, count_attempt=False) == Started(0)
+    await sink.finish(completed(), FIELDS)
+    known = await sink.begin("req-1", FIELDS, count_attempt=True)
+    assert isinstance(known, Known)
+    assert known.record.terminal
+    assert known.record.result == completed()
+    assert known.record.attempts == 0  # a terminal request is never counted again
+
+
+async def test_an_id_of_another_request_is_never_touched(
+    make_sink: SinkFactory, db: asyncpg.Connection
+) -> None:
+    sink = await make_sink()
+    await sink.begin("req-1", FIELDS, count_attempt=True)
+    known = await sink.begin("req-1", OTHER, count_attempt=True)
+    assert isinstance(known, Known)
+    assert known.record.fingerprint == "fp-1"
+    with pytest.raises(IdConflict):
+        await sink.finish(failure(code="invalid_request"), OTHER)
+    assert await db.fetchval("SELECT status FROM requests WHERE request_id = 'req-1'") == "running"
+    assert await db.fetchval("SELECT count(*) FROM analysis_results") == 0
+
+
+async def test_published_and_cancellations(make_sink: SinkFactory, db: asyncpg.Connection) -> None:
+    sink = await make_sink()
+    await sink.begin("req-1", FIELDS, count_attempt=True)
+    await sink.begin("req-2", OTHER, count_attempt=True)
+    await db.execute("UPDATE requests SET cancel_requested_at = now() WHERE request_id = 'req-2'")
+    assert await sink.cancellations(["req-1", "req-2", "unknown"]) == {"req-2"}
+    known = await sink.begin("req-2", OTHER, count_attempt=True)
+    assert isinstance(known, Known)
+    assert known.record.cancel_requested
+    await sink.finish(completed(), FIELDS)
+    await sink.mark_published("req-1")
+    again = await sink.finish(completed(), FIELDS)
+    assert (again.written, again.published) == (False, True)
+
+
+async def test_data_the_database_refuses_is_rejected_not_unavailable(make_sink: SinkFactory) -> None:
+    sink = await make_sink()
+    bad = completed().model_copy(update={"file": "nul\x00byte.flac"})
+    with pytest.raises(SinkRejected, match="refused the data"):
+        await sink.finish(bad, FIELDS)
 
 
 async def test_closed_port_is_sink_unavailable(make_sink: SinkFactory, closed_port: int) -> None:
@@ -178,15 +227,16 @@ async def test_closed_port_is_sink_unavailable(make_sink: SinkFactory, closed_po
     assert time.monotonic() - started < 5.0
 
 
-async def test_programming_errors_are_not_masked(make_sink: SinkFactory, db: asyncpg.Connection) -> None:
+async def test_a_refused_write_rolls_back(make_sink: SinkFactory, db: asyncpg.Connection) -> None:
     sink = await make_sink()
     await db.execute("ALTER TABLE analysis_results ADD CONSTRAINT bpm_sane CHECK (bpm < 100)")
-    with pytest.raises(asyncpg.exceptions.CheckViolationError):
-        await sink.write(completed(bpm=124.0))
+    with pytest.raises(SinkRejected):
+        await sink.finish(completed(bpm=124.0), FIELDS)
     assert await db.fetchval("SELECT count(*) FROM recordings") == 0  # the transaction rolled back
+    assert await db.fetchval("SELECT status FROM requests WHERE request_id = 'req-1'") is None
 
 
 async def test_use_before_start_is_a_bug() -> None:
-    sink: ResultSink = PostgresSink(PostgresSettings())  # also checks, statically, that it is a ResultSink
+    sink = PostgresLedger(PostgresSettings())
     with pytest.raises(RuntimeError, match="before start"):
-        await sink.write(completed())
+        await sink.finish(completed(), FIELDS)

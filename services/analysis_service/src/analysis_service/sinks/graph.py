@@ -36,42 +36,72 @@ Tracks that mix with this one (:meth:`GraphSink.compatible_recordings`)::
 All Cypher is parameterised and runs on Neo4j 5 and on FalkorDB's Bolt endpoint (used by the
 tests). Only schema setup differs, see :meth:`GraphSink.start`.
 
+The graph is derived from the outcome ledger: the worker writes here only the outcome PostgreSQL
+holds, so both stores name the same outcome. As a second guard, an ``Analysis`` node that holds a
+terminal status is never given another one.
+
+Driver errors are classified here: a ``ClientError`` other than an authentication or permission
+failure means "the server refuses this statement or data" and raises
+:class:`~analysis_service.errors.SinkRejected`; everything else (connection loss, time-outs,
+authentication after a password rotation, ``DatabaseError``, transient server errors) raises
+:class:`~analysis_service.errors.SinkUnavailable`.
+
 FalkorDB caveats (test backend only): its Bolt shim acknowledges ``BEGIN``/``COMMIT`` without
 transactions (each statement is applied when run; the statements of a write are ordered so that a
-redelivery completes a half-applied write), inlines parameters into the query text (a string
-parameter containing ``'`` fails, floats keep 6 decimals, several KB of parameters crash the
-server), and has no ``CREATE CONSTRAINT``.
+redelivery completes a half-applied write), inlines parameters into the query text (so string
+parameters are sent with ``\\`` and ``'`` backslash-escaped, which its parser undoes; floats keep 6
+decimals; several KB of parameters crash the server), and has no ``CREATE CONSTRAINT``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Final, Literal, TypeVar
 
 import neo4j
-from neo4j.exceptions import (
-    ClientError,
-    ConnectionAcquisitionTimeoutError,
-    ServiceUnavailable,
-    SessionExpired,
-    TransientError,
-)
+from neo4j.exceptions import AuthError, ClientError, DriverError, Forbidden, Neo4jError
 
+from analysis_service.errors import SinkRejected, SinkUnavailable
 from analysis_service.settings import Neo4jSettings
-from analysis_service.sinks._util import translate_unavailable
 from service_shared.messages import AnalysisResultMessage
 
 STORE = "Neo4j"
 
-#: Errors meaning "the graph database cannot be reached or is busy right now; retry later". Cypher
-#: errors, constraint violations and authentication failures propagate unchanged.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    ServiceUnavailable,  # includes IncompleteCommit; the write is idempotent, so retrying is safe
-    SessionExpired,
-    TransientError,  # Neo.TransientError.*: deadlocks, database unavailable, leader switch
-    ConnectionAcquisitionTimeoutError,
-    OSError,  # includes TimeoutError
-)
+#: Everything the driver or the network raises.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (Neo4jError, DriverError, OSError, asyncio.TimeoutError)
+#: Schema statements that lost a race with another replica creating the same thing.
+_ALREADY_EXISTS = ("already indexed", "already exists", "EquivalentSchemaRuleAlreadyExists")
+
+
+def _refused(exc: BaseException) -> bool:
+    """A client error that is not about credentials or permissions: the server refuses the data."""
+    return isinstance(exc, ClientError) and not isinstance(exc, AuthError | Forbidden)
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """Translate driver errors raised while doing ``action`` into the service's store errors."""
+    try:
+        yield
+    except _DRIVER_ERRORS as exc:
+        if _refused(exc):
+            raise SinkRejected(f"{STORE} refused the data while {action}: {exc}") from exc
+        raise SinkUnavailable(f"{STORE} unavailable while {action}: {type(exc).__name__}: {exc}") from exc
+
+
+def _falkordb_escaped(value: Any) -> Any:
+    """``value`` with every string backslash-escaped for FalkorDB's parameter inlining."""
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace("'", "\\'")
+    if isinstance(value, dict):
+        return {k: _falkordb_escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_falkordb_escaped(v) for v in value]
+    return value
+
 
 Dialect = Literal["neo4j", "falkordb"]
 
@@ -156,8 +186,11 @@ MERGE (a)-[:MIXES_WITH]->(b)
 
 # -- writes ------------------------------------------------------------------------------------------
 
+#: A terminal status, once set, is never replaced by another (the ledger already guarantees it).
 _MERGE_ANALYSIS: Final = """
 MERGE (a:Analysis {request_id: $request_id})
+WITH a
+WHERE a.status IS NULL OR a.status = $props.status
 SET a += $props
 """
 _DETACH_OTHER_RECORDING: Final = """
@@ -220,7 +253,13 @@ _T = TypeVar("_T")
 _Work = Callable[[neo4j.AsyncTransaction], Awaitable[_T]]
 
 
+#: Set while a statement runs on FalkorDB: string parameters must be escaped for its inlining.
+_ESCAPE_STRINGS: ContextVar[bool] = ContextVar("escape_strings", default=False)
+
+
 async def _run(tx: neo4j.AsyncTransaction, query: str, **parameters: Any) -> list[dict[str, Any]]:
+    if _ESCAPE_STRINGS.get():
+        parameters = _falkordb_escaped(parameters)
     result = await tx.run(query, parameters)
     return [record.data() async for record in result]
 
@@ -281,9 +320,9 @@ class GraphSink:
             self._dialect = await self._detect_dialect()
         if self._dialect == "neo4j":
             for statement in _NEO4J_CONSTRAINTS:  # schema commands may not share a transaction
-                await self._execute("creating constraints", _schema_statement(statement))
+                await self._create_schema("creating constraints", _schema_statement(statement))
         else:
-            await self._execute("creating indexes", _create_missing_falkordb_indexes)
+            await self._create_schema("creating indexes", _create_missing_falkordb_indexes)
         keys = camelot_keys()
         pairs = [{"a": k["camelot"], "b": n} for k in keys for n in camelot_neighbours(k["camelot"])]
         await self._execute("creating Key nodes", _statement(_MERGE_KEYS, keys=keys))
@@ -396,11 +435,19 @@ class GraphSink:
         if driver is not None:
             await driver.close()
 
+    async def _create_schema(self, action: str, work: _Work[None]) -> None:
+        """Run a schema statement; losing a creation race with another replica is success."""
+        try:
+            await self._execute(action, work)
+        except (SinkRejected, SinkUnavailable) as exc:
+            if not any(marker in str(exc) for marker in _ALREADY_EXISTS):
+                raise
+
     async def _detect_dialect(self) -> Dialect:
         try:
             rows = await self._execute("identifying the server", _statement(_LIST_PROCEDURES), read=True)
-        except ClientError as exc:
-            if exc.code == _PROCEDURE_NOT_FOUND:
+        except SinkRejected as exc:
+            if isinstance(exc.__cause__, ClientError) and exc.__cause__.code == _PROCEDURE_NOT_FOUND:
                 return "neo4j"
             raise
         return "falkordb" if _FALKORDB_PROCEDURE in rows[0]["names"] else "neo4j"
@@ -410,15 +457,23 @@ class GraphSink:
         if self._driver is None:
             raise RuntimeError(f"GraphSink used before start() (or after close()) while {action}")
         mode = neo4j.READ_ACCESS if read else neo4j.WRITE_ACCESS
-        with translate_unavailable(TRANSIENT_ERRORS, store=STORE, action=action):
-            async with self._driver.session(
-                database=self._settings.database, default_access_mode=mode
-            ) as session:
-                tx = await session.begin_transaction()
-                async with tx:
-                    value = await work(tx)
-                    await tx.commit()
-                return value
+        token = _ESCAPE_STRINGS.set(self._dialect == "falkordb")
+        try:
+            with _translated(action):
+                return await self._session_work(work, mode)
+        finally:
+            _ESCAPE_STRINGS.reset(token)
+
+    async def _session_work(self, work: _Work[_T], mode: str) -> _T:
+        assert self._driver is not None
+        async with self._driver.session(
+            database=self._settings.database, default_access_mode=mode
+        ) as session:
+            tx = await session.begin_transaction()
+            async with tx:
+                value = await work(tx)
+                await tx.commit()
+            return value
 
 
 def _statement(query: str, **parameters: Any) -> _Work[list[dict[str, Any]]]:

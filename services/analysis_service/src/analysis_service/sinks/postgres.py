@@ -1,53 +1,99 @@
-"""PostgreSQL result sink: one row per request, typed columns, the full output as ``jsonb``.
+"""PostgreSQL: the outcome ledger, the record of every request id and of its one terminal outcome.
 
-Schema (see ``migrations/0001_initial.sql``)::
+Schema (``migrations/``)::
 
-    recordings        (content_hash PK, path, duration_s, format, sample_rate, channels,
-                       first_seen_at, updated_at)
-    analysis_results  (request_id PK, correlation_id, status, file, content_hash -> recordings,
-                       error_code, error_message, bpm, bpm_confidence, key, key_tonic, key_mode,
-                       camelot, key_confidence, energy, valence, danceability, mood_label,
-                       mood_confidence, analyzer_versions jsonb, timings jsonb, output jsonb,
-                       cached, finished_at, created_at, updated_at)
-    timeline_segments (request_id -> analysis_results, idx, start_s, end_s, bpm, key;
-                       PK (request_id, idx))
+    requests          (request_id PK, fingerprint, file, analyses, priority, options, correlation_id,
+                       batch_id, status queued|running|completed|failed|cancelled, error_code,
+                       attempts, submitted_at, started_at, finished_at, cancel_requested_at,
+                       published_at, updated_at)
+    analysis_results  (request_id PK -> requests, the terminal outcome in typed columns, the full
+                       EngineOutput as ``output`` and the announced result message as ``result``)
+    recordings        (content_hash PK, path, duration_s, format, sample_rate, channels, ...)
+    timeline_segments (request_id -> analysis_results, idx, start_s, end_s, bpm, key)
     schema_migrations (version PK, name, applied_at)
 
-Migrations are the files ``migrations/NNNN_<name>.sql`` of this package. :meth:`PostgresSink.start`
+The ledger's rules (:class:`PostgresLedger`):
+
+* **A terminal outcome is final.** :meth:`~PostgresLedger.finish` moves a request from ``queued`` or
+  ``running`` to ``completed``, ``failed`` or ``cancelled`` and inserts its ``analysis_results`` row
+  in the same transaction, guarded by ``status NOT IN (terminal)``. When another delivery got there
+  first, nothing is written and the stored outcome is returned instead: every later step (the
+  graph, the results exchange, progress) works from what the ledger holds, so the stores cannot
+  disagree and no write path can replace a completed outcome with a failed one.
+* **A request id belongs to one request.** The ``fingerprint`` (a digest of file, analyses and
+  options) is fixed by the row's first write. A delivery that reuses the id for something else
+  neither starts nor finishes that row (:class:`IdConflict`); its outcome is keyed elsewhere.
+* **Attempts count starts without an outcome.** :meth:`~PostgresLedger.begin` adds one per start
+  (minus the starts the worker gave back by requeueing in an orderly way), which is how a request
+  that keeps killing workers is recognised on classic queues.
+
+Migrations are the files ``migrations/NNNN_<name>.sql`` of this package. :meth:`PostgresLedger.start`
 applies the ones not yet recorded in ``schema_migrations``, in version order, in one transaction
 that first takes ``pg_advisory_xact_lock``: replicas starting together queue on the lock, and the
 later ones find every version recorded and apply nothing.
 
-:meth:`PostgresSink.write` is one transaction and idempotent on ``request_id``: the result row is
-upserted and the request's segments are deleted and inserted again.
+Driver errors are classified here: data the database refuses (SQLSTATE classes 22, 23, 42 but
+42501) raise :class:`~analysis_service.errors.SinkRejected`; everything else the driver or the
+network raises (connection loss, time-outs, read-only standby, authentication, server errors,
+asyncpg's internal client errors while a connection dies) raises
+:class:`~analysis_service.errors.SinkUnavailable`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
+from analysis_service.errors import SinkRejected, SinkUnavailable
 from analysis_service.settings import PostgresSettings
-from analysis_service.sinks._util import translate_unavailable
-from service_shared.messages import AnalysisResultMessage, EngineOutput
+from service_shared.messages import AnalysisRequest, AnalysisResultMessage, EngineOutput, ResultStatus
 
 STORE = "PostgreSQL"
 
-#: Errors meaning "PostgreSQL cannot be reached or is overloaded right now; retry later". Everything
-#: else (syntax errors, constraint violations, bad data) is a bug or a bad result and propagates.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # refused / reset / unreachable; includes TimeoutError (connect and command timeouts)
-    asyncpg.exceptions.PostgresConnectionError,  # class 08, and "connection was closed in the middle"
-    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full, OOM
-    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now, cancelled
-    asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization failure, deadlock
+#: SQLSTATE classes of errors meaning "the database answered and refuses this data": data exceptions
+#: (22: e.g. a NUL byte in text), integrity violations (23) and syntax/access errors (42). Retrying
+#: cannot help. Insufficient privilege (42501) is an operator's fix away, so it is not among them.
+_REFUSALS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.SyntaxOrAccessError,
 )
+#: Everything the driver or the network raises; what is not a refusal is "unavailable, retry".
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused / reset / unreachable; includes TimeoutError
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresError,  # every server error: read-only standby, auth, shutdown, ...
+    asyncpg.exceptions.InterfaceError,  # connection closed in the middle of an operation
+    asyncpg.exceptions.InternalClientError,  # e.g. releasing a connection whose server went away
+)
+
+
+_CLOSE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *_DRIVER_ERRORS)
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """Translate driver errors raised while doing ``action`` into the service's store errors."""
+    try:
+        yield
+    except _DRIVER_ERRORS as exc:
+        detail = f"while {action}: {type(exc).__name__}: {exc}"
+        refused = isinstance(exc, _REFUSALS) and not isinstance(
+            exc, asyncpg.exceptions.InsufficientPrivilegeError
+        )
+        if refused:
+            raise SinkRejected(f"{STORE} refused the data {detail}") from exc
+        raise SinkUnavailable(f"{STORE} unavailable {detail}") from exc
+
 
 #: Key of the advisory lock that serialises migrations across replicas (any fixed bigint works;
 #: derived from a name so that it is unlikely to collide with another application's locks).
@@ -102,19 +148,18 @@ _RESULT_COLUMNS = (
     "output",
     "cached",
     "finished_at",
+    "result",
 )
-_JSONB_COLUMNS = frozenset({"analyzer_versions", "timings", "output"})
+_JSONB_COLUMNS = frozenset({"analyzer_versions", "timings", "output", "result"})
 
-_UPSERT_RESULT = (
+_INSERT_RESULT = (
     f"INSERT INTO analysis_results ({', '.join(_RESULT_COLUMNS)})\n"
     "VALUES ("
     + ", ".join(
         f"${i}::jsonb" if column in _JSONB_COLUMNS else f"${i}"
         for i, column in enumerate(_RESULT_COLUMNS, start=1)
     )
-    + ")\nON CONFLICT (request_id) DO UPDATE SET "
-    + ", ".join(f"{column} = EXCLUDED.{column}" for column in _RESULT_COLUMNS[1:])
-    + ", updated_at = now()"
+    + ")"
 )
 
 _DELETE_SEGMENTS = "DELETE FROM timeline_segments WHERE request_id = $1"
@@ -233,6 +278,7 @@ def _result_row(result: AnalysisResultMessage) -> tuple[Any, ...]:
         "output": out.model_dump_json() if out else None,
         "cached": result.cached,
         "finished_at": result.finished_at,
+        "result": result.model_dump_json(),
     }
     return tuple(values[column] for column in _RESULT_COLUMNS)
 
@@ -249,8 +295,154 @@ def _recording_row(result: AnalysisResultMessage, content_hash: str) -> tuple[An
     )
 
 
-class PostgresSink:
-    """Stores every outcome in PostgreSQL (implements :class:`~analysis_service.sinks.base.ResultSink`).
+TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
+
+#: A start: create the row 'running', or move a queued/running row of the same request to
+#: 'running', counting the attempt ($8: 1 or 0) minus the starts given back ($9). No row comes back
+#: when the id is terminal, belongs to another request or has a cancellation pending.
+_BEGIN = """
+INSERT INTO requests AS r (request_id, fingerprint, file, analyses, priority, options, correlation_id,
+                           status, attempts, started_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, 'running', $8, now())
+ON CONFLICT (request_id) DO UPDATE SET
+    status     = 'running',
+    attempts   = GREATEST(r.attempts + EXCLUDED.attempts - $9, 0),
+    started_at = COALESCE(r.started_at, now()),
+    updated_at = now()
+WHERE r.status IN ('queued', 'running')
+  AND r.fingerprint = EXCLUDED.fingerprint
+  AND r.cancel_requested_at IS NULL
+RETURNING attempts
+"""
+
+#: The terminal transition; no row comes back when the request is already terminal or the id
+#: belongs to another request.
+_FINISH = """
+INSERT INTO requests AS r (request_id, fingerprint, file, analyses, priority, options, correlation_id,
+                           status, error_code, started_at, finished_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, now(), $10)
+ON CONFLICT (request_id) DO UPDATE SET
+    status      = EXCLUDED.status,
+    error_code  = EXCLUDED.error_code,
+    finished_at = EXCLUDED.finished_at,
+    updated_at  = now()
+WHERE r.status IN ('queued', 'running')
+  AND r.fingerprint = EXCLUDED.fingerprint
+RETURNING request_id
+"""
+
+_LOOKUP = """
+SELECT r.request_id, r.fingerprint, r.status, r.attempts, r.cancel_requested_at IS NOT NULL AS cancel,
+       r.published_at IS NOT NULL AS published, r.file, a.result
+FROM requests r LEFT JOIN analysis_results a USING (request_id)
+WHERE r.request_id = $1
+"""
+
+_GIVE_BACK = """
+UPDATE requests SET attempts = GREATEST(attempts - 1, 0), updated_at = now()
+WHERE request_id = $1 AND status = 'running'
+"""
+
+_MARK_PUBLISHED = """
+UPDATE requests SET published_at = COALESCE(published_at, now()) WHERE request_id = $1
+"""
+
+_CANCEL_PENDING = """
+SELECT request_id FROM requests
+WHERE request_id = ANY($1::text[]) AND cancel_requested_at IS NOT NULL AND status IN ('queued', 'running')
+"""
+
+
+def fingerprint(request: AnalysisRequest) -> str:
+    """A digest of what a request asks for (file, analyses, options): two deliveries with the same id
+    and the same fingerprint are the same request; the same id with another fingerprint is a reuse."""
+    canonical = json.dumps(
+        {"file": request.file, "analyses": sorted(request.analyses), "options": request.options.model_dump()},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LedgerRecord:
+    """What the ledger holds for a request id."""
+
+    request_id: str
+    fingerprint: str
+    status: str
+    attempts: int
+    cancel_requested: bool
+    published: bool
+    file: str | None
+    result: AnalysisResultMessage | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class Started:
+    """:meth:`PostgresLedger.begin` moved the request to ``running``; ``attempts`` starts so far."""
+
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Known:
+    """:meth:`PostgresLedger.begin` did not start the request: the ledger's record says why (it is
+    terminal, reused by another request, or has a cancellation pending)."""
+
+    record: LedgerRecord
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The stored terminal outcome; ``written`` is False when an earlier delivery had stored it."""
+
+    result: AnalysisResultMessage
+    written: bool
+    published: bool
+
+
+class IdConflict(Exception):
+    """The request id belongs to another request (another fingerprint): nothing was written."""
+
+    def __init__(self, record: LedgerRecord) -> None:
+        super().__init__(f"request id {record.request_id!r} belongs to another request ({record.file!r})")
+        self.record = record
+
+
+@dataclass(frozen=True)
+class RequestFields:
+    """The ledger columns of a request (all None for a message that is not a valid request)."""
+
+    fingerprint: str
+    file: str | None = None
+    analyses: Sequence[str] | None = None
+    priority: int | None = None
+    options: str | None = None
+    correlation_id: str | None = None
+
+    @classmethod
+    def of(cls, request: AnalysisRequest) -> RequestFields:
+        return cls(
+            fingerprint=fingerprint(request),
+            file=request.file,
+            analyses=list(request.analyses),
+            priority=request.priority,
+            options=request.options.model_dump_json(),
+            correlation_id=request.correlation_id,
+        )
+
+    def values(self) -> tuple[Any, ...]:
+        analyses = list(self.analyses) if self.analyses is not None else None
+        return (self.fingerprint, self.file, analyses, self.priority, self.options, self.correlation_id)
+
+
+class PostgresLedger:
+    """The outcome ledger in PostgreSQL (see the module docstring for its rules).
 
     Parameters
     ----------
@@ -281,7 +473,7 @@ class PostgresSink:
         """
         # Read before any I/O on the database: a broken package is a bug, not "unavailable".
         migrations = load_migrations()
-        with translate_unavailable(TRANSIENT_ERRORS, store=STORE, action="starting (pool, migrations)"):
+        with _translated("starting (pool, migrations)"):
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
                     dsn=self._settings.dsn,
@@ -293,57 +485,163 @@ class PostgresSink:
             async with self._pool.acquire() as connection:
                 await apply_migrations(connection, migrations)
 
-    async def write(self, result: AnalysisResultMessage) -> None:
-        """Upsert ``result`` and replace its timeline segments, in one transaction.
+    async def begin(
+        self, request_id: str, fields: RequestFields, *, count_attempt: bool, given_back: int = 0
+    ) -> Started | Known:
+        """Record that a delivery of ``request_id`` starts, unless the ledger says it must not.
+
+        Parameters
+        ----------
+        request_id : str
+            The request.
+        fields : RequestFields
+            Its fingerprint and columns (used when this creates the row).
+        count_attempt : bool
+            Add one to ``attempts`` (classic queues count starts here; quorum queues use the
+            broker's delivery count).
+        given_back : int
+            Starts of this request that ended in an orderly requeue, as carried by the message;
+            subtracted from ``attempts``.
+
+        Returns
+        -------
+        Started or Known
+            ``Started`` when the request may run; otherwise the record that says why not.
 
         Raises
         ------
-        SinkUnavailable
-            When PostgreSQL cannot be reached or aborted the transaction for a transient reason.
-        RuntimeError
-            When called before :meth:`start`.
+        SinkUnavailable, SinkRejected
+            See the module docstring.
         """
-        pool = self._require_pool("write")
+        pool = self._require_pool("begin")
+        with _translated(f"starting {request_id!r}"):
+            attempts = await pool.fetchval(
+                _BEGIN, request_id, *fields.values(), 1 if count_attempt else 0, given_back
+            )
+            if attempts is not None:
+                return Started(int(attempts))
+            record = await self._lookup(pool, request_id)
+        if record is None:  # deleted between the two statements: only an operator does that
+            raise SinkUnavailable(f"{STORE}: the ledger row of {request_id!r} vanished while starting it")
+        return Known(record)
+
+    async def finish(self, result: AnalysisResultMessage, fields: RequestFields) -> Finished:
+        """Store ``result`` as the request's terminal outcome, unless one is stored already.
+
+        Returns
+        -------
+        Finished
+            The outcome the ledger holds now: ``result`` (``written=True``) or the one an earlier
+            delivery stored (``written=False``), which every later step must use instead.
+
+        Raises
+        ------
+        IdConflict
+            The id belongs to another request; nothing was written.
+        SinkUnavailable, SinkRejected
+            See the module docstring.
+        """
+        pool = self._require_pool("finish")
+        rid = result.request_id
         segments = (result.output.timeline if result.output else None) or []
-        action = f"writing result {result.request_id!r}"
-        with translate_unavailable(TRANSIENT_ERRORS, store=STORE, action=action):
+        with _translated(f"storing the outcome of {rid!r}"):
             async with pool.acquire() as connection, connection.transaction():
-                if result.content_hash:
-                    await connection.execute(_UPSERT_RECORDING, *_recording_row(result, result.content_hash))
-                await connection.execute(_UPSERT_RESULT, *_result_row(result))
-                await connection.execute(_DELETE_SEGMENTS, result.request_id)
-                if segments:
-                    await connection.execute(
-                        _INSERT_SEGMENTS,
-                        result.request_id,
-                        list(range(len(segments))),
-                        [s.start_s for s in segments],
-                        [s.end_s for s in segments],
-                        [s.bpm for s in segments],
-                        [s.key for s in segments],
-                    )
+                won = await connection.fetchval(
+                    _FINISH, rid, *fields.values(), result.status.value, _code(result), result.finished_at
+                )
+                if won is None:
+                    record = await self._lookup(connection, rid)
+                else:
+                    record = None
+                    if result.content_hash:
+                        await connection.execute(
+                            _UPSERT_RECORDING, *_recording_row(result, result.content_hash)
+                        )
+                    await connection.execute(_INSERT_RESULT, *_result_row(result))
+                    if segments:
+                        await connection.execute(
+                            _INSERT_SEGMENTS,
+                            rid,
+                            list(range(len(segments))),
+                            [s.start_s for s in segments],
+                            [s.end_s for s in segments],
+                            [s.bpm for s in segments],
+                            [s.key for s in segments],
+                        )
+        if record is None:
+            return Finished(result, written=True, published=False)
+        if record.fingerprint != fields.fingerprint:
+            raise IdConflict(record)
+        if record.result is None:  # terminal without a result row: only a manual edit does that
+            raise SinkRejected(f"{STORE}: {rid!r} is {record.status} but has no stored result")
+        return Finished(record.result, written=False, published=record.published)
+
+    async def lookup(self, request_id: str) -> LedgerRecord | None:
+        """The ledger's record of ``request_id`` (None: never seen)."""
+        pool = self._require_pool("lookup")
+        with _translated(f"reading {request_id!r}"):
+            return await self._lookup(pool, request_id)
+
+    async def give_back(self, request_id: str) -> None:
+        """Undo the attempt count of a start that ended in an orderly requeue (shutdown)."""
+        pool = self._require_pool("give_back")
+        with _translated(f"giving back a start of {request_id!r}"):
+            await pool.execute(_GIVE_BACK, request_id)
+
+    async def mark_published(self, request_id: str) -> None:
+        """Record that the broker confirmed the result of ``request_id``."""
+        pool = self._require_pool("mark_published")
+        with _translated(f"marking {request_id!r} published"):
+            await pool.execute(_MARK_PUBLISHED, request_id)
+
+    async def cancellations(self, request_ids: Sequence[str]) -> set[str]:
+        """Those of ``request_ids`` that are not terminal and whose cancellation was requested."""
+        if not request_ids:
+            return set()
+        pool = self._require_pool("cancellations")
+        with _translated("polling cancellations"):
+            rows = await pool.fetch(_CANCEL_PENDING, list(request_ids))
+        return {str(row["request_id"]) for row in rows}
 
     async def ping(self) -> None:
-        """Run ``SELECT 1``.
-
-        Raises
-        ------
-        SinkUnavailable
-            When PostgreSQL does not answer.
-        RuntimeError
-            When called before :meth:`start`.
-        """
+        """Run ``SELECT 1`` (raises SinkUnavailable when PostgreSQL does not answer)."""
         pool = self._require_pool("ping")
-        with translate_unavailable(TRANSIENT_ERRORS, store=STORE, action="pinging"):
+        with _translated("pinging"):
             await pool.fetchval("SELECT 1")
 
     async def close(self) -> None:
-        """Close the pool, waiting for connections in use to be released. Idempotent."""
+        """Close the pool, waiting briefly for connections in use. Idempotent."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except _CLOSE_ERRORS:
+                pool.terminate()
+
+    @staticmethod
+    async def _lookup(connection: Any, request_id: str) -> LedgerRecord | None:
+        row = await connection.fetchrow(_LOOKUP, request_id)
+        if row is None:
+            return None
+        raw = row["result"]
+        return LedgerRecord(
+            request_id=row["request_id"],
+            fingerprint=row["fingerprint"],
+            status=row["status"],
+            attempts=int(row["attempts"]),
+            cancel_requested=bool(row["cancel"]),
+            published=bool(row["published"]),
+            file=row["file"],
+            result=AnalysisResultMessage.model_validate_json(raw) if raw is not None else None,
+        )
 
     def _require_pool(self, operation: str) -> Any:
         if self._pool is None:
-            raise RuntimeError(f"PostgresSink.{operation}() called before start() (or after close())")
+            raise RuntimeError(f"PostgresLedger.{operation}() called before start() (or after close())")
         return self._pool
+
+
+def _code(result: AnalysisResultMessage) -> str | None:
+    if result.status is ResultStatus.COMPLETED:
+        return None
+    return result.error.code if result.error else None

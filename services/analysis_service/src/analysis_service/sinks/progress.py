@@ -189,25 +189,6 @@ class ProgressStore:
             progress["percent"] = float(progress["percent"])
         return progress
 
-    async def count_delivery(self, request_id: str, *, delta: int = 1) -> int:
-        """Add ``delta`` to the number of times ``request_id`` was started, and return the total.
-
-        The counter (``{prefix}:deliveries:{request_id}``) lives as long as the progress hash; the
-        worker uses it to stop a request that keeps killing worker processes.
-
-        Raises
-        ------
-        SinkUnavailable
-            When Redis cannot be reached in ``socket_timeout_s``.
-        """
-        key = f"{self._settings.key_prefix}:deliveries:{request_id}"
-        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"counting {request_id!r}"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, delta)
-                pipe.expire(key, self._settings.progress_ttl_s)
-                total, _ = await pipe.execute()
-        return int(total)
-
     async def ping(self) -> None:
         """Raise :class:`SinkUnavailable` unless Redis answers ``PING`` now."""
         with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action="pinging"):
