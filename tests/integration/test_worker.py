@@ -12,7 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
-from service_shared.messages import ResultStatus
+from analysis_service.sinks.postgres import fingerprint
+from service_shared.messages import AnalysisRequest, ResultStatus
 from tests.integration.worker_harness import Broker, make_settings, running_worker, write_song
 
 pytestmark = pytest.mark.integration
@@ -102,8 +103,8 @@ async def test_bad_inputs_fail_with_specific_codes_and_are_dead_lettered(setting
     write_song(media / "long.wav", seconds=12.0)
     settings = settings.model_copy(update={"engine": EngineSettings(max_duration_s=5.0)})
     cases: dict[str, tuple[bytes | dict[str, object], str]] = {
-        "bad-json": (b"{not json", "invalid_request"),
-        "bad-schema": (request("bad-schema", "x.wav", priority=12), "invalid_request"),
+        "bad-json": (b"{not json", "malformed_json"),
+        "bad-schema": (request("bad-schema", "x.wav", priority=12), "invalid_priority"),
         "outside": (request("outside", "../../etc/passwd"), "path_outside_media_root"),
         "missing": (request("missing", "nowhere/missing.flac"), "file_not_found"),
         "not-audio": (request("not-audio", "notes.mp3"), "not_audio"),
@@ -117,7 +118,7 @@ async def test_bad_inputs_fail_with_specific_codes_and_are_dead_lettered(setting
         dead = await broker.drain(settings.rabbitmq.dead_letter_queue, len(cases))
     by_id = {r.request_id: r for r in results}
     for name, (_, code) in cases.items():
-        # Unparseable JSON has no request id: the result is keyed by the AMQP message id.
+        # Unparseable JSON has no request id: the result is keyed by a digest of its body.
         result = by_id[name] if name != "bad-json" else next(r for r in results if r.request_id not in cases)
         assert result.status is ResultStatus.FAILED
         assert result.error is not None
@@ -142,8 +143,9 @@ async def test_redelivered_request_creates_no_duplicates(settings: Settings) -> 
             "MATCH (a:Analysis {request_id: 'same'}) RETURN count(a)",
             "MATCH (r:Recording) RETURN count(r)",
         )
-    assert first[0].status is second[0].status is ResultStatus.COMPLETED
-    assert second[0].cached  # same audio, same analyzer versions: not analysed twice
+    assert first[0].status is ResultStatus.COMPLETED
+    # The ledger's stored outcome is announced again, exactly as it was: nothing re-analysed.
+    assert second[0] == first[0]
     assert len(await pg_rows(settings.postgres.dsn, "SELECT 1 FROM analysis_results")) == 1
     assert len(await pg_rows(settings.postgres.dsn, "SELECT 1 FROM recordings")) == 1
     assert (analyses, recordings) == (1, 1)
@@ -205,19 +207,31 @@ async def test_store_down_request_waits_then_requeues_not_lost(
             await broker.publish(request("pg-down", "a.wav"))
             while worker.counters["requeued"] == 0:  # noqa: ASYNC110 - polling the worker's counter
                 await asyncio.sleep(0.1)
-        # Never acked as done, never dead-lettered: the request is back in its queue.
+        # Never acked as done, never dead-lettered: requeued with a delay, then back in its queue.
+        for _ in range(100):
+            if await broker.depth(settings.rabbitmq.request_queue) == 1:
+                break
+            await asyncio.sleep(0.1)
         assert await broker.depth(settings.rabbitmq.request_queue) == 1
         assert await broker.depth(settings.rabbitmq.dead_letter_queue) == 0
+        assert await broker.depth(settings.rabbitmq.retry_queue) == 0
 
 
-async def test_request_that_keeps_killing_workers_is_failed(settings: Settings, redis_url: str) -> None:
+async def test_request_that_keeps_killing_workers_is_failed(settings: Settings) -> None:
     write_song(settings.worker.media_root / "a.wav")
-    redis = Redis.from_url(redis_url)
-    # Three earlier deliveries started and never finished (the worker process died each time).
-    await redis.set(f"{settings.redis.key_prefix}:deliveries:poison", settings.worker.max_deliveries)
-    await redis.aclose()
+    body = request("poison", "a.wav")
     async with Broker(settings) as broker, running_worker(settings):
-        await broker.publish(request("poison", "a.wav"))
+        # Three earlier deliveries started and never finished (the worker process died each time).
+        await pg_rows(
+            settings.postgres.dsn,
+            "INSERT INTO requests (request_id, fingerprint, file, status, attempts, started_at) "
+            "VALUES ($1, $2, $3, 'running', $4, now())",
+            "poison",
+            fingerprint(AnalysisRequest.model_validate(body)),
+            "a.wav",
+            settings.worker.max_deliveries,
+        )
+        await broker.publish(body)
         [result] = await broker.results(1)
         dead = await broker.drain(settings.rabbitmq.dead_letter_queue, 1)
     assert result.status is ResultStatus.FAILED

@@ -133,7 +133,7 @@ async def test_memory_guard_pauses_and_resumes_consumption(settings: Settings) -
 
         await broker.publish({"request_id": "held", "file": "a.wav"})
         await stays_queued(broker, settings, seconds=2.0)
-        assert worker.counters == {"completed": 0, "failed": 0, "requeued": 0}
+        assert worker.counters == {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
 
         worker.settings.worker.max_rss_mb = 1e9
         await run.until("resumed", consuming, timeout_s=5.0)

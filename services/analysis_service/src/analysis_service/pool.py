@@ -5,14 +5,22 @@ Only a path and small options cross into the pool; the engine's output (a pydant
 the ``spawn`` method (no inherited sockets, locks or event loop), run single-threaded BLAS/OpenMP
 (one analysis per core is the unit of parallelism) and are warmed up by their initializer so the
 first request does not pay for imports.
+
+Everything that reads an untrusted file (its header, its hash, its audio) runs here, in a process
+that can be killed, never in the parent. Pool processes die with the process that started them
+(Linux ``PR_SET_PDEATHSIG``): a parent killed with SIGKILL leaves no analysis process behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the parent process never needs numpy to submit work
@@ -32,8 +40,29 @@ SINGLE_THREADED_ENV = {
 ProgressQueue = Any
 
 
-def _initialize(progress_queue: ProgressQueue | None) -> None:
-    """Pool process start-up: single-threaded numerics, analyzers loaded once, progress queue kept."""
+#: Linux prctl option: the signal this process gets when the thread that started it ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent ends (Linux; a no-op elsewhere).
+
+    Exits at once when the parent is already gone (it died before the request took effect).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _initialize(progress_queue: ProgressQueue | None, parent_pid: int | None = None) -> None:
+    """Pool process start-up: die with the parent, single-threaded numerics, analyzers loaded once,
+    progress queue kept."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     os.environ.update(SINGLE_THREADED_ENV)
     from analysis_service.audio.registry import build_registry
 
@@ -69,6 +98,49 @@ def run_analysis(
         report = _throttled(queue, progress_key)
     return analyze_file(
         path, settings=settings, analyses=analyses, timeline=timeline, progress=report, registry=_REGISTRY
+    )
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What :func:`inspect_file` learnt about a file, for the time limit and the result cache.
+
+    Attributes
+    ----------
+    content_hash : str
+        ``"sha256:<hex>"`` of the file's bytes.
+    size_bytes : int
+        File size.
+    duration_s : float
+        Duration according to the header (0.0 when it does not say).
+    """
+
+    content_hash: str
+    size_bytes: int
+    duration_s: float
+
+    def duration_bound_s(self, *, max_duration_s: float, min_bytes_per_s: float = 1000.0) -> float:
+        """Longest the audio can plausibly be: the header's duration, else what the file size
+        allows at ``min_bytes_per_s`` (8 kbit/s), never more than ``max_duration_s`` (the decoder
+        stops there)."""
+        if self.duration_s > 0:
+            return min(self.duration_s, max_duration_s)
+        return min(self.size_bytes / min_bytes_per_s, max_duration_s)
+
+
+def inspect_file(path: str, settings: EngineSettings) -> FileFacts:
+    """Read and check a file's header and hash its bytes (in a pool process: the file is untrusted).
+
+    Raises
+    ------
+    analysis_service.errors.AudioInputError
+        What :func:`~analysis_service.audio.decode.probe` raises for a file that is not usable audio.
+    """
+    from analysis_service.audio.decode import content_hash, probe
+
+    info = probe(path, settings=settings)
+    return FileFacts(
+        content_hash=content_hash(path), size_bytes=os.stat(path).st_size, duration_s=info.duration_s
     )
 
 
@@ -109,6 +181,6 @@ def create_pool(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_initialize,
-        initargs=(progress_queue,),
+        initargs=(progress_queue, os.getpid()),
         max_tasks_per_child=max_tasks_per_child,
     )

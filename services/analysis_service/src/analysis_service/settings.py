@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -35,10 +36,36 @@ class RabbitSettings(BaseModel):
     request_routing_key: str = "analysis.request"
     dead_letter_exchange: str = "analysis.dlx"
     dead_letter_queue: str = "analysis.requests.dead"
+    retry_queue: str = Field(
+        default="analysis.requests.retry",
+        description="Holds requests requeued with a delay (stores down) for retry_delay_s, then "
+        "dead-letters them back to the request exchange.",
+    )
+    retry_delay_s: float = Field(default=15.0, gt=0, description="Delay of a requeue-with-delay (s).")
     results_exchange: str = "analysis.results"
     results_queue: str = Field(
         default="analysis.results.all",
         description="Durable queue bound to every result (so none is unroutable); empty: none.",
+    )
+    results_queue_max_length: int = Field(
+        default=100_000,
+        ge=1,
+        description="The results queue keeps at most this many messages (the oldest are dropped), so "
+        "it cannot grow without bound when nobody consumes it.",
+    )
+    results_queue_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=1, description="Results older than this leave the results queue."
+    )
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="classic: x-max-priority, one node, poison requests counted in the ledger; "
+        "quorum: replicated, the broker's delivery count finds poison requests.",
+    )
+    quorum_delivery_limit: int = Field(
+        default=20,
+        ge=1,
+        description="x-delivery-limit of a quorum request queue: the broker's own backstop, above "
+        "worker.max_deliveries (the worker fails a poison request first, with an outcome).",
     )
     max_priority: int = Field(default=10, ge=1, le=255)
     consumer_timeout_ms: int = Field(
@@ -95,6 +122,12 @@ class WorkerSettings(BaseModel):
         ge=1,
         description="Fail a request started this many times without finishing (it kills workers).",
     )
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Larger request bodies fail (request_too_large) unparsed."
+    )
+    cancel_poll_s: float = Field(
+        default=1.0, gt=0, description="How often in-flight requests are checked for a cancellation."
+    )
     max_rss_mb: float = Field(default=4096.0, description="Pause consuming above this process-tree RSS.")
     max_system_memory_percent: float = Field(default=90.0, le=100)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
@@ -124,6 +157,16 @@ class Settings(ServiceSettings):
     neo4j: Neo4jSettings = Field(default_factory=Neo4jSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @model_validator(mode="after")
+    def _delivery_limit_above_max_deliveries(self) -> Settings:
+        """The broker's delivery limit must not dead-letter a request before the worker fails it."""
+        if self.rabbitmq.quorum_delivery_limit <= self.worker.max_deliveries:
+            raise ValueError(
+                f"rabbitmq.quorum_delivery_limit ({self.rabbitmq.quorum_delivery_limit}) must exceed "
+                f"worker.max_deliveries ({self.worker.max_deliveries})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _limits_below_consumer_timeout(self) -> Settings:

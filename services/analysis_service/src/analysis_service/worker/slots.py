@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -23,6 +25,8 @@ from analysis_service.settings import EngineSettings
 from service_shared.messages import EngineOutput
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -80,6 +84,56 @@ class SlotPool:
         """True when every slot exists and none is broken."""
         return len(self._slots) == self.size and all(not _broken(s.executor) for s in self._slots)
 
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[Slot]:
+        """Hold a free slot (waiting for one) for one or more calls of :meth:`call`."""
+        slot = await self._free.get()
+        try:
+            slot.busy = True
+            if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
+                await self._replace(slot, reason="died while idle")
+            elif slot.jobs >= self._max_tasks:
+                await self._replace(slot, reason="recycle")
+            elif not slot.warm:
+                await self._warm(slot)
+            yield slot
+        finally:
+            slot.busy = False
+            self._free.put_nowait(slot)
+
+    async def call(self, slot: Slot, fn: Callable[..., _T], *args: Any, time_limit_s: float, path: str) -> _T:
+        """Run ``fn(*args)`` (a module-level function) in ``slot``'s process within ``time_limit_s``.
+
+        Raises
+        ------
+        AnalysisTimeout
+            The limit passed; the slot's process was killed and replaced.
+        WorkerCrashed
+            The slot's process died (e.g. killed by the OOM killer); it was replaced.
+        AnalysisServiceError
+            What ``fn`` raised for this input.
+        """
+        slot.jobs += 1
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(slot.executor, fn, *args)
+            return await asyncio.wait_for(future, timeout=time_limit_s)
+        except TimeoutError:
+            await self._replace(slot, reason="timeout")
+            raise AnalysisTimeout(
+                f"analysis did not finish within its time limit of {time_limit_s:g} s; "
+                "its process was killed",
+                path=path,
+            ) from None
+        except BrokenProcessPool as exc:
+            await self._replace(slot, reason="crash")
+            raise WorkerCrashed(f"the analysis process died: {exc}", path=path) from exc
+        except asyncio.CancelledError:
+            # The process cannot be interrupted, so it is killed; its successor is warmed on
+            # first use, not here, so the cancellation is not held up.
+            await self._replace(slot, reason="cancelled", warm=False)
+            raise
+
     async def analyze(
         self,
         path: str,
@@ -90,57 +144,19 @@ class SlotPool:
         progress_key: str,
         time_limit_s: float,
     ) -> EngineOutput:
-        """Run one analysis in a free slot, within ``time_limit_s`` seconds.
-
-        Raises
-        ------
-        AnalysisTimeout
-            The limit passed; the slot's process was killed and replaced.
-        WorkerCrashed
-            The slot's process died (e.g. killed by the OOM killer); it was replaced.
-        AnalysisServiceError
-            What the engine raised for this input.
-        """
-        slot = await self._free.get()
-        try:
-            slot.busy = True
-            if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
-                await self._replace(slot, reason="died while idle")
-            elif slot.jobs >= self._max_tasks:
-                await self._replace(slot, reason="recycle")
-            elif not slot.warm:
-                await self._warm(slot)
-            slot.jobs += 1
-            loop = asyncio.get_running_loop()
-            try:
-                future = loop.run_in_executor(
-                    slot.executor,
-                    _call,
-                    path,
-                    settings,
-                    analyses,
-                    timeline,
-                    progress_key,
-                )
-                return await asyncio.wait_for(future, timeout=time_limit_s)
-            except TimeoutError:
-                await self._replace(slot, reason="timeout")
-                raise AnalysisTimeout(
-                    f"analysis did not finish within its time limit of {time_limit_s:g} s; "
-                    "its process was killed",
-                    path=path,
-                ) from None
-            except BrokenProcessPool as exc:
-                await self._replace(slot, reason="crash")
-                raise WorkerCrashed(f"the analysis process died: {exc}", path=path) from exc
-            except asyncio.CancelledError:
-                # The process cannot be interrupted, so it is killed; its successor is warmed on
-                # first use, not here, so the cancellation is not held up.
-                await self._replace(slot, reason="cancelled", warm=False)
-                raise
-        finally:
-            slot.busy = False
-            self._free.put_nowait(slot)
+        """Run one analysis in a free slot, within ``time_limit_s`` seconds (see :meth:`call`)."""
+        async with self.lease() as slot:
+            return await self.call(
+                slot,
+                _call,
+                path,
+                settings,
+                analyses,
+                timeline,
+                progress_key,
+                time_limit_s=time_limit_s,
+                path=path,
+            )
 
     async def _replace(self, slot: Slot, *, reason: str, warm: bool = True) -> None:
         _kill(slot.executor)

@@ -2,12 +2,17 @@
 
 ::
 
-    analysis.requests (direct exchange) --analysis.request--> analysis.requests (queue,
-        x-max-priority 10, dead-letters to analysis.dlx)
+    analysis.requests (direct exchange) --analysis.request--> analysis.requests (queue: classic with
+        x-max-priority 10, or quorum with x-delivery-limit; dead-letters to analysis.dlx)
     analysis.dlx (fanout exchange) --> analysis.requests.dead (queue)
-    analysis.results (topic exchange) --analysis.#--> analysis.results.all (queue, optional)
+    (default exchange) --> analysis.requests.retry (queue, x-message-ttl retry_delay_s,
+        dead-letters back to analysis.requests / analysis.request): requeue with a delay
+    analysis.results (topic exchange) --analysis.#--> analysis.results.all (queue, optional,
+        bounded by x-max-length and x-message-ttl)
 
-All are durable; names come from :class:`~analysis_service.settings.RabbitSettings`.
+All are durable; names come from :class:`~analysis_service.settings.RabbitSettings`. Declarations
+are idempotent and safe when replicas start at the same moment (the broker serialises them; equal
+arguments are no conflict).
 """
 
 from __future__ import annotations
@@ -31,15 +36,35 @@ class Topology:
     dead_letter_queue: AbstractQueue
     results_exchange: AbstractExchange
     results_queue: AbstractQueue | None
+    retry_queue: AbstractQueue
 
 
 def request_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
     """Arguments of the request queue (they must match on every declaration)."""
-    return {
-        "x-queue-type": "classic",
-        "x-max-priority": settings.max_priority,
+    common = {
         "x-dead-letter-exchange": settings.dead_letter_exchange,
         "x-consumer-timeout": settings.consumer_timeout_ms,
+    }
+    if settings.queue_type == "quorum":
+        return {"x-queue-type": "quorum", "x-delivery-limit": settings.quorum_delivery_limit, **common}
+    return {"x-queue-type": "classic", "x-max-priority": settings.max_priority, **common}
+
+
+def retry_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
+    """Arguments of the delay queue: hold for ``retry_delay_s``, then back to the request exchange."""
+    return {
+        "x-message-ttl": round(settings.retry_delay_s * 1000),
+        "x-dead-letter-exchange": settings.request_exchange,
+        "x-dead-letter-routing-key": settings.request_routing_key,
+    }
+
+
+def results_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
+    """Bounds of the results queue, so that it cannot grow without a consumer."""
+    return {
+        "x-max-length": settings.results_queue_max_length,
+        "x-overflow": "drop-head",
+        "x-message-ttl": settings.results_queue_ttl_s * 1000,
     }
 
 
@@ -57,11 +82,16 @@ async def declare_topology(channel: AbstractChannel, settings: RabbitSettings) -
         settings.request_queue, durable=True, arguments=request_queue_arguments(settings)
     )
     await queue.bind(requests, routing_key=settings.request_routing_key)
+    retry = await channel.declare_queue(
+        settings.retry_queue, durable=True, arguments=retry_queue_arguments(settings)
+    )
     results = await channel.declare_exchange(
         settings.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
     results_queue = None
     if settings.results_queue:
-        results_queue = await channel.declare_queue(settings.results_queue, durable=True)
+        results_queue = await channel.declare_queue(
+            settings.results_queue, durable=True, arguments=results_queue_arguments(settings)
+        )
         await results_queue.bind(results, routing_key="analysis.#")
-    return Topology(requests, queue, dlx, dlq, results, results_queue)
+    return Topology(requests, queue, dlx, dlq, results, results_queue, retry)

@@ -1,24 +1,25 @@
 """The Worker: owns the broker connection, the analysis slots, the stores and their lifecycle.
 
-Flow of one delivery (:meth:`Worker._handle`, the only place that acks, rejects or requeues):
+A delivery walks :class:`~analysis_service.worker.pipeline.Pipeline` (parse → ledger check →
+analyse in a slot → persist → project → publish); :meth:`Worker._settle` is the only place that
+acks, dead-letters or requeues, from the :class:`~analysis_service.worker.pipeline.Settlement` the
+pipeline returned. Metrics, log context and progress are hooks around the steps.
 
-1. parse and validate the request; resolve its file inside the media root;
-2. read the header (duration gives the time limit), hash the file, look in the result cache;
-3. analyse in a free slot (a crashed process is replaced and the request retried once);
-4. store the outcome in PostgreSQL, Neo4j and on the results exchange, each behind its own circuit
-   breaker, retrying with backoff until ``persist_deadline_s``;
-5. ack a completed request; reject (dead-letter) a request that can never succeed — after its
-   failed result is stored; requeue when the stores stay down or the worker shuts down.
+Deliveries of one request id never run side by side in one worker: a redelivery that arrives while
+its first delivery is still being worked on (the broker connection blipped, so that delivery's
+channel is gone) is adopted by the running work, which settles the new delivery when it is done; a
+second copy published while the first runs waits for it, then finds its outcome in the ledger.
 
-Progress goes to Redis best-effort: when Redis is down its breaker opens and analysis and
-persistence carry on.
+Shutdown (SIGTERM, or the broker lost for good) runs in a fixed, logged order: stop consuming (and
+refuse, by requeueing, anything a reconnecting channel still delivers), drain in-flight work for
+``shutdown_grace_s``, requeue the rest and kill their analyses, close the slots, the stores, the
+connection and the HTTP server, then log the counters and the exit status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import multiprocessing
 import threading
 import time
@@ -30,37 +31,36 @@ import aio_pika
 import psutil
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
-from pydantic import ValidationError
 
-from analysis_service.audio.decode import content_hash, probe
-from analysis_service.audio.registry import build_registry, resolve
-from analysis_service.errors import (
-    AnalysisServiceError,
-    InternalError,
-    InvalidRequest,
-    PathOutsideMediaRoot,
-    SinkUnavailable,
-    WorkerCrashed,
-)
+from analysis_service.audio.registry import build_registry
+from analysis_service.errors import AnalysisServiceError, InternalError, SinkRejected, SinkUnavailable
 from analysis_service.http.server import HttpServer
+from analysis_service.media import resolve_media_path
 from analysis_service.metrics import Metrics
 from analysis_service.settings import Settings, available_cpus
-from analysis_service.sinks.base import ResultSink
 from analysis_service.sinks.cache import ResultCache
 from analysis_service.sinks.graph import GraphSink
-from analysis_service.sinks.postgres import PostgresSink
+from analysis_service.sinks.postgres import PostgresLedger
 from analysis_service.sinks.progress import ProgressStore
 from analysis_service.sinks.resilience import Guard
+from analysis_service.worker.hooks import LogContextHook, MetricsHook, ProgressHook
+from analysis_service.worker.pipeline import (
+    GIVEN_BACK_HEADER,
+    REQUEUES_HEADER,
+    Delivery,
+    Pipeline,
+    RetryLater,
+    Settlement,
+    _int_header,
+    _raise_if_cancelling,
+    failed,
+    parse,
+)
 from analysis_service.worker.publisher import ResultsPublisher
 from analysis_service.worker.slots import SlotPool
 from analysis_service.worker.topology import Topology, declare_topology
-from service_shared.messages import (
-    AnalysisRequest,
-    AnalysisResultMessage,
-    EngineOutput,
-    ErrorInfo,
-    ResultStatus,
-)
+
+__all__ = ["EXIT_BROKER_LOST", "EXIT_OK", "EXIT_STARTUP_FAILED", "Worker", "resolve_media_path"]
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +69,7 @@ EXIT_OK = 0
 EXIT_BROKER_LOST = 3
 EXIT_STARTUP_FAILED = 4
 
-_PROGRESS_MIN_INTERVAL_S = 0.5
+_STORES = ("postgres", "neo4j", "results-exchange")
 
 
 class Worker:
@@ -89,16 +89,15 @@ class Worker:
         self.concurrency = w.concurrency or available_cpus()
         self.metrics = metrics or Metrics(time_limit_s=w.time_limit_max_s)
         self.registry = build_registry()
+        # One attempt per call: the pipeline retries with backoff until its deadline.
         self._guards = {
-            name: Guard.from_settings(name, w) for name in ("postgres", "neo4j", "results-exchange")
+            name: Guard(
+                name, threshold=w.breaker_threshold, ttl_s=w.breaker_ttl_s, attempts=1, max_wait_s=0.0
+            )
+            for name in (*_STORES, "redis")
         }
-        # Progress and cache are best effort: one attempt, then the breaker decides.
-        self._redis_guard = Guard(
-            "redis", threshold=w.breaker_threshold, ttl_s=w.breaker_ttl_s, attempts=1, max_wait_s=0.0
-        )
-        self._tasks: dict[asyncio.Task[None], AbstractIncomingMessage] = {}
-        # Deliveries requeued by the shutdown: their tasks must not store, publish or settle.
-        self._abandoned: set[int] = set()
+        self._tasks: dict[asyncio.Task[None], Delivery] = {}
+        self._inflight: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
         self._semaphore = asyncio.Semaphore(self.concurrency)
         self._fatal: asyncio.Event = asyncio.Event()
         self._exit_code = EXIT_OK
@@ -108,37 +107,46 @@ class Worker:
         self._topology: Topology | None = None
         self._consumer_tag: str | None = None
         self._slots: SlotPool | None = None
-        self._sinks: list[ResultSink] = []
-        self._started_sinks: set[str] = set()
+        self._ledger: PostgresLedger | None = None
+        self._graph: GraphSink | None = None
+        self._publisher: ResultsPublisher | None = None
+        self._started: set[str] = set()
         self._progress: ProgressStore | None = None
+        self._progress_hook: ProgressHook | None = None
         self._cache: ResultCache | None = None
+        self._pipeline: Pipeline | None = None
         self._http: HttpServer | None = None
         self._progress_queue: Any = None
-        self._last_progress: dict[str, float] = {}
-        self._progress_tasks: set[asyncio.Task[None]] = set()
-        self._analysing: set[str] = set()  # request ids whose pool progress is forwarded
-        self.counters = {"completed": 0, "failed": 0, "requeued": 0}
+        self.counters = {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> int:
         """Start everything, consume until ``stop`` is set (or the broker is lost), shut down.
 
-        Returns the process exit status.
+        Returns the process exit status. A start-up failure is logged in one line naming the
+        dependency and the reason, and ends with :data:`EXIT_STARTUP_FAILED`.
         """
         s = self.settings
         log.info("worker starting", concurrency=self.concurrency, media_root=str(s.worker.media_root))
         self._http = HttpServer(s.http, self.metrics, self._ready_checks())
         background: list[asyncio.Task[None]] = []
+        step = "http server"
         try:
             await self._http.start()
+            step = "stores"
             await self._start_stores()
+            step = "analysis processes"
             await self._start_slots()
+            step = "rabbitmq"
             await self._connect()
+            self._pipeline = self._build_pipeline()
             await self._start_consuming()
             background = [
                 asyncio.create_task(self._memory_guard(), name="memory-guard"),
                 asyncio.create_task(self._broker_watchdog(), name="broker-watchdog"),
                 asyncio.create_task(self._sample_queue_depth(), name="queue-depth"),
+                asyncio.create_task(self._poll_cancellations(), name="cancellations"),
+                asyncio.create_task(self._repair_progress(), name="progress-repair"),
             ]
             log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
             stop_wait = asyncio.create_task(stop.wait())
@@ -146,8 +154,14 @@ class Worker:
             await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
             fatal_wait.cancel()
-        except (OSError, aio_pika.exceptions.AMQPError) as exc:
-            log.error("worker start-up failed", error=f"{type(exc).__name__}: {exc}")
+        except (
+            OSError,
+            aio_pika.exceptions.AMQPError,
+            AnalysisServiceError,
+            ValueError,
+            TimeoutError,
+        ) as exc:
+            log.error("worker start-up failed", dependency=step, error=f"{type(exc).__name__}: {exc}")
             self._exit_code = EXIT_STARTUP_FAILED
         finally:
             await self._shutdown(background)
@@ -157,19 +171,20 @@ class Worker:
         s = self.settings
         self._progress = ProgressStore(s.redis)
         self._cache = ResultCache(s.redis)
-        self._sinks = [PostgresSink(s.postgres), GraphSink(s.neo4j)]
-        for sink in self._sinks:
+        self._ledger = PostgresLedger(s.postgres)
+        self._graph = GraphSink(s.neo4j)
+        for sink in (self._ledger, self._graph):
             try:
-                await self._ensure_started(sink)
-            except SinkUnavailable as exc:
+                await asyncio.wait_for(self._ensure_started(sink), timeout=s.worker.persist_deadline_s)
+            except (SinkUnavailable, SinkRejected, TimeoutError) as exc:
                 # Not fatal: the worker starts, /ready reports the store, and every write retries
                 # start() first; requests wait for the store instead of being lost.
-                log.warning("store unavailable at start-up", sink=sink.name, error=str(exc))
+                log.warning("store unavailable at start-up", sink=sink.name, error=str(exc) or "time-out")
 
-    async def _ensure_started(self, sink: ResultSink) -> None:
-        if sink.name not in self._started_sinks:
+    async def _ensure_started(self, sink: PostgresLedger | GraphSink) -> None:
+        if sink.name not in self._started:
             await sink.start()
-            self._started_sinks.add(sink.name)
+            self._started.add(sink.name)
 
     async def _start_slots(self) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -195,10 +210,39 @@ class Worker:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         assert isinstance(channel, AbstractRobustChannel)
         self._channel = channel
-        await channel.set_qos(prefetch_count=self.concurrency)
+        # global: the limit is the channel's, so a consumer re-created after a pause does not
+        # add another window of deliveries on top of those still held.
+        await channel.set_qos(prefetch_count=self.concurrency, global_=True)
         self._topology = await declare_topology(channel, s)
-        self._sinks.append(ResultsPublisher(self._topology.results_exchange, channel, s))
-        self._started_sinks.add("results-exchange")
+        self._publisher = ResultsPublisher(self._topology.results_exchange, channel, s)
+
+    def _build_pipeline(self) -> Pipeline:
+        assert self._ledger is not None
+        assert self._graph is not None
+        assert self._slots is not None
+        assert self._publisher is not None
+        assert self._progress is not None
+        self._progress_hook = ProgressHook(self._progress, self._best_effort)
+        return Pipeline(
+            settings=self.settings,
+            registry=self.registry,
+            ledger=self._ledger,
+            graph=self._graph,
+            publisher=self._publisher,
+            slots=self._slots,
+            cache=self._cache,
+            guards=self._guards,
+            hooks=(LogContextHook(), MetricsHook(self.metrics), self._progress_hook),
+            best_effort=self._best_effort,
+            prepare=self._prepare,
+        )
+
+    async def _prepare(self, store: str) -> None:
+        """Start a store that was unavailable at start-up, before its first use."""
+        if store == "postgres" and self._ledger is not None:
+            await self._ensure_started(self._ledger)
+        elif store == "neo4j" and self._graph is not None:
+            await self._ensure_started(self._graph)
 
     async def _start_consuming(self) -> None:
         assert self._topology is not None
@@ -206,13 +250,18 @@ class Worker:
         self.metrics.consuming.set(1)
 
     async def _stop_consuming(self) -> None:
-        if self._channel is not None and self._channel.is_closed:
-            self._consumer_tag = None  # nothing to cancel: the broker requeues that channel's deliveries
+        """Cancel the consumer; also when the channel is closed, so a reconnect does not restore it."""
         if self._topology is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-            with contextlib.suppress(aio_pika.exceptions.AMQPError, asyncio.TimeoutError, RuntimeError):
-                # The channel may already be gone (broker lost); its deliveries are then requeued
-                # by the broker anyway.
+            with contextlib.suppress(
+                aio_pika.exceptions.AMQPError,
+                aio_pika.exceptions.ChannelInvalidStateError,
+                asyncio.TimeoutError,
+                RuntimeError,
+            ):
+                # The robust queue forgets the consumer before the RPC, so even a failed cancel
+                # (channel gone) keeps it from being restored; the broker requeues the channel's
+                # deliveries itself.
                 await asyncio.wait_for(self._topology.request_queue.cancel(tag), timeout=5)
         self.metrics.consuming.set(0)
 
@@ -226,12 +275,7 @@ class Worker:
             if pending:
                 log.warning("grace period over: requeueing unfinished requests", count=len(pending))
                 for task in pending:
-                    message = self._tasks[task]
-                    self._abandoned.add(id(message))
-                    await self._requeue(message, reason="shutdown")
-                    task.cancel()
-                if self._slots is not None:
-                    await self._slots.close()  # running analyses cannot be interrupted: kill them
+                    task.cancel()  # _handle requeues its delivery; the slot's process is killed
                 await asyncio.gather(*pending, return_exceptions=True)
         for task in background:
             task.cancel()
@@ -240,30 +284,65 @@ class Worker:
             await self._slots.close()
         if self._progress_queue is not None:
             self._progress_queue.put(None)  # stops the pump thread
-        for sink in self._sinks:
-            await _close_quietly(sink.name, sink.close)
-        for store in (self._progress, self._cache):
-            if store is not None:
-                await _close_quietly(store.name, store.close)
-        if self._connection is not None:
-            await _close_quietly("rabbitmq", self._connection.close)
+            self._progress_queue.close()
+        if self._progress_hook is not None and self._progress_hook.debt:
+            log.warning("terminal progress left unwritten (Redis down)", requests=self._progress_hook.debt)
+        for name, closer in (
+            ("postgres", self._ledger.close if self._ledger else None),
+            ("neo4j", self._graph.close if self._graph else None),
+            ("redis-progress", self._progress.close if self._progress else None),
+            ("redis-cache", self._cache.close if self._cache else None),
+            ("rabbitmq", self._connection.close if self._connection else None),
+        ):
+            if closer is not None:
+                await _close_quietly(name, closer)
         if self._http is not None:
             await self._http.stop()
         log.info("worker stopped", exit_code=self._exit_code, **self.counters)
 
     # ------------------------------------------------------------------ one delivery
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._handle(message))
-        self._tasks[task] = message
-        task.add_done_callback(self._forget)
+        if self._stopping or self._pipeline is None:
+            # A reconnecting channel can deliver during the shutdown: hand it back untouched.
+            await _settle(message.nack(requeue=True))
+            return
+        delivery = parse(message, settings=self.settings, registry=self.registry)
+        running = self._inflight.get(delivery.request_id)
+        if running is not None and _channel_closed(running[0].message):
+            # Its first delivery's channel died (a blip): the running work adopts this delivery.
+            log.info("redelivery adopted by the running work", request_id=delivery.request_id)
+            running[0].message = message
+            return
+        task = asyncio.create_task(self._handle(delivery, after=running[1] if running else None))
+        self._tasks[task] = delivery
+        task.add_done_callback(self._tasks.pop)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        message = self._tasks.pop(task)
-        self._abandoned.discard(id(message))
+    async def _handle(self, d: Delivery, *, after: asyncio.Task[None] | None) -> None:
+        """Run the pipeline for one delivery, then settle it from the pipeline's verdict."""
+        pipeline = self._pipeline
+        assert pipeline is not None
+        key = d.request_id
+        try:
+            if after is not None:  # another copy of this request runs here: its outcome comes first
+                await asyncio.wait({after})
+            self._inflight[key] = (d, asyncio.current_task())  # type: ignore[assignment]
+            settlement = await self._run_gated(pipeline, d)
+        except asyncio.CancelledError:
+            await self._give_back(d)
+            await self._settle(d, Settlement.REQUEUE)
+            raise
+        except Exception as exc:  # a bug: the last resort still leaves one outcome behind
+            settlement = await self._last_resort(pipeline, d, exc)
+        finally:
+            if self._inflight.get(key, (None,))[0] is d:
+                del self._inflight[key]
+        await self._settle(d, settlement)
+        for hook in pipeline.hooks:
+            await hook.settled(d, settlement)
+        structlog.contextvars.clear_contextvars()
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        """Process one delivery and decide its fate (ack / dead-letter / requeue)."""
-        received = time.monotonic()
+    async def _run_gated(self, pipeline: Pipeline, d: Delivery) -> Settlement:
+        """The pipeline, once one of ``concurrency`` places is free."""
         self.metrics.semaphore_waiters.inc()
         waiting = True
         try:
@@ -272,311 +351,156 @@ class Worker:
                 waiting = False
                 self.metrics.in_flight.inc()
                 try:
-                    await self._process(message, received)
+                    return await pipeline.run(d)
                 finally:
                     self.metrics.in_flight.dec()
-        except asyncio.CancelledError:
-            if id(message) not in self._abandoned:
-                await self._requeue(message, reason="shutdown")
-            raise
-        except Exception:
-            if id(message) in self._abandoned:
-                raise  # already requeued by the shutdown
-            # A bug, not bad input: keep the message (dead-letter queue) for inspection rather
-            # than redeliver it forever.
-            log.exception("unexpected error while handling a request: dead-lettered")
-            await _settle(message.reject(requeue=False))
         finally:
             if waiting:
                 self.metrics.semaphore_waiters.dec()
-            structlog.contextvars.clear_contextvars()
 
-    async def _process(self, message: AbstractIncomingMessage, received: float) -> None:
-        outcome = await self._outcome(message, received)
-        if id(message) in self._abandoned:
-            return  # requeued by the shutdown: another delivery will do this work
-        t = time.perf_counter()
-        try:
-            await self._persist(outcome)
-        except SinkUnavailable as exc:
-            log.error("stores unavailable past the deadline: requeueing", error=str(exc))
-            await self._requeue(message, reason="stores unavailable")
-            return
-        self.metrics.stage_duration.labels(stage="persist").observe(time.perf_counter() - t)
-        if id(message) in self._abandoned:
-            return
-        code = outcome.error.code if outcome.error else ""
-        self.metrics.outcomes.labels(status=outcome.status.value, error_code=code).inc()
-        await self._report(
-            outcome.request_id,
-            status=outcome.status.value,
-            percent=100.0,
-            stage="done" if outcome.status is ResultStatus.COMPLETED else "failed",
-            error_code=outcome.error.code if outcome.error else None,
-            error=outcome.error.message if outcome.error else None,
-            summary=_summary(outcome.output),
+    async def _last_resort(self, pipeline: Pipeline, d: Delivery, exc: Exception) -> Settlement:
+        """An unexpected error: still store, announce and report a failed outcome, then dead-letter."""
+        log.error(
+            "unexpected error while handling a request: failing it",
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=exc,
         )
-        if outcome.status is ResultStatus.COMPLETED:
-            self.counters["completed"] += 1
+        d.outcome = failed(
+            d.request_id,
+            InternalError(f"unexpected {type(exc).__name__} while handling the request: {exc}"),
+            request=d.request,
+            claimed_id=d.claimed_id,
+        )
+        d.stored = None
+        try:
+            await pipeline.persist(d)
+            await pipeline.project(d)
+            await pipeline.publish(d)
+        except RetryLater:
+            return Settlement.RETRY_LATER
+        except Exception as again:
+            log.error("the last resort failed too", error=f"{type(again).__name__}: {again}")
+            if self._progress_hook is not None:
+                await self._progress_hook.write_terminal(d.outcome)
+        return Settlement.DEAD_LETTER
+
+    async def _settle(self, d: Delivery, settlement: Settlement) -> None:
+        """Ack, dead-letter or requeue ``d``'s current delivery (the only place that does)."""
+        message = d.message
+        if settlement is Settlement.ACK:
+            result = d.result
+            self.counters[result.status.value if result.status.value in self.counters else "failed"] += 1
             await _settle(message.ack())
-            log.info("request completed", cached=outcome.cached)
-        else:
+        elif settlement is Settlement.DEAD_LETTER:
             self.counters["failed"] += 1
-            assert outcome.error is not None
             await _settle(message.reject(requeue=False))
+        elif settlement is Settlement.RETRY_LATER and await self._publish_retry(d):
+            self.counters["requeued"] += 1
+            await _settle(message.ack())
+        else:
+            self.counters["requeued"] += 1
+            await _settle(message.nack(requeue=True))
+
+    async def _publish_retry(self, d: Delivery) -> bool:
+        """Publish a copy of ``d`` to the delay queue (confirmed); False when that failed."""
+        channel, topology = self._channel, self._topology
+        if channel is None or topology is None or channel.is_closed:
+            return False
+        m = d.message
+        headers = dict(m.headers or {})
+        headers[REQUEUES_HEADER] = _int_header(m, REQUEUES_HEADER) + 1
+        headers[GIVEN_BACK_HEADER] = _int_header(m, GIVEN_BACK_HEADER) + int(d.counted_start)
+        copy = aio_pika.Message(
+            m.body,
+            headers=headers,
+            priority=m.priority,
+            message_id=m.message_id,
+            correlation_id=m.correlation_id,
+            content_type=m.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await asyncio.wait_for(
+                channel.default_exchange.publish(copy, routing_key=topology.retry_queue.name),
+                timeout=self.settings.rabbitmq.publish_timeout_s,
+            )
+        except (
+            aio_pika.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            OSError,
+            TimeoutError,
+        ) as exc:
             log.warning(
-                "request failed: dead-lettered", error_code=outcome.error.code, error=outcome.error.message
+                "could not requeue with a delay: requeueing at once", error=f"{type(exc).__name__}: {exc}"
             )
+            return False
+        return True
 
-    async def _outcome(self, message: AbstractIncomingMessage, received: float) -> AnalysisResultMessage:
-        """The result of one delivery: completed, or failed with a specific error code."""
+    async def _give_back(self, d: Delivery) -> None:
+        """Undo the start count of a delivery the worker requeues in an orderly way (shutdown)."""
+        if not d.counted_start or self._ledger is None:
+            return
         try:
-            request = _parse(message)
-        except InvalidRequest as exc:
-            request_id = _fallback_request_id(message)
-            structlog.contextvars.bind_contextvars(
-                request_id=request_id, correlation_id=message.correlation_id
-            )
-            return _failed(request_id, message.correlation_id, None, exc)
-        structlog.contextvars.bind_contextvars(
-            request_id=request.request_id, correlation_id=request.correlation_id
-        )
-        # The broker orders by the AMQP priority property; the body's field is its default.
-        priority = message.priority if message.priority is not None else request.priority
-        self.metrics.requests_received.labels(priority=str(priority)).inc()
-        log.info("request received", file=request.file, priority=priority, redelivered=message.redelivered)
-        await self._report(
-            request.request_id,
-            status="running",
-            percent=0.0,
-            stage="started",
-            correlation_id=request.correlation_id,
-            file=request.file,
-        )
-        deliveries = await self._count_delivery(request.request_id)
-        if deliveries is not None and deliveries > self.settings.worker.max_deliveries:
-            return _failed(
-                request.request_id,
-                request.correlation_id,
-                request.file,
-                WorkerCrashed(
-                    f"started {deliveries - 1} times without finishing (limit "
-                    f"{self.settings.worker.max_deliveries}): the worker died while analysing it",
-                    path=request.file,
-                ),
-            )
-        try:
-            output, digest, cached = await self._analyse(request)
-        except AnalysisServiceError as exc:
-            return _failed(request.request_id, request.correlation_id, request.file, exc)
-        except Exception as exc:
-            # An engine bug on this input: a failed result says so, and the request is
-            # dead-lettered with it instead of being retried forever.
-            log.exception("analysis raised an unexpected error")
-            return _failed(
-                request.request_id,
-                request.correlation_id,
-                request.file,
-                InternalError(f"unexpected {type(exc).__name__} during analysis: {exc}", path=request.file),
-            )
-        finally:
-            self.metrics.stage_duration.labels(stage="total").observe(time.monotonic() - received)
-        return AnalysisResultMessage(
-            request_id=request.request_id,
-            correlation_id=request.correlation_id,
-            status=ResultStatus.COMPLETED,
-            file=request.file,
-            content_hash=digest,
-            output=output,
-            cached=cached,
-        )
-
-    async def _analyse(self, request: AnalysisRequest) -> tuple[EngineOutput, str, bool]:
-        """Run (or fetch from the cache) the engine for one valid request."""
-        s = self.settings
-        path = resolve_media_path(s.worker.media_root, request.file)
-        info = await asyncio.to_thread(probe, path, settings=s.engine)
-        digest = await asyncio.to_thread(content_hash, path)
-        analyses = [a.value for a in request.analyses]
-        versions = {a.name: a.version for a in resolve(self.registry, analyses)}
-        timeline = request.options.timeline
-        if request.options.use_cache and self._cache is not None:
-            cached = await self._best_effort(
-                "cache read",
-                self._cache.get,
-                digest,
-                analyzer_versions=versions,
-                analyses=analyses,
-                timeline=timeline,
-            )
-            if cached is not None:
-                self.metrics.cache_hits.inc()
-                return cached, digest, True
-            self.metrics.cache_misses.inc()
-        w = s.worker
-        limit = min(
-            w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * info.duration_s / 60
-        )
-        assert self._slots is not None
-        attempts = 1 + w.crash_retries
-        self._analysing.add(request.request_id)
-        try:
-            output = await self._analyse_with_retry(request, str(path), analyses, timeline, limit, attempts)
-        finally:
-            self._analysing.discard(request.request_id)
-            self._last_progress.pop(request.request_id, None)
-        for stage, seconds in output.timings_s.items():
-            if stage != "total":
-                self.metrics.stage_duration.labels(stage=stage).observe(seconds)
-        if self._cache is not None:
-            await self._best_effort(
-                "cache write",
-                self._cache.put,
-                digest,
-                output,
-                analyzer_versions=versions,
-                analyses=analyses,
-                timeline=timeline,
-            )
-        return output, digest, False
-
-    async def _analyse_with_retry(
-        self,
-        request: AnalysisRequest,
-        path: str,
-        analyses: list[str],
-        timeline: bool | None,
-        limit: float,
-        attempts: int,
-    ) -> EngineOutput:
-        """Analyse in a slot; a crashed process is replaced and the request retried."""
-        assert self._slots is not None
-        for attempt in range(1, attempts + 1):
-            try:
-                return await self._slots.analyze(
-                    path,
-                    settings=self.settings.engine,
-                    analyses=analyses,
-                    timeline=timeline,
-                    progress_key=request.request_id,
-                    time_limit_s=limit,
-                )
-            except WorkerCrashed:
-                self.metrics.pool_restarts.inc()
-                if attempt == attempts:
-                    raise
-                self.metrics.retries.labels(reason="worker_crashed").inc()
-                log.warning("analysis process crashed: retrying", attempt=attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    async def _persist(self, outcome: AnalysisResultMessage) -> None:
-        """Store the outcome in PostgreSQL and Neo4j, then publish it on the results exchange.
-
-        Failing stores are retried (behind their breakers, with backoff) until ``persist_deadline_s``;
-        the result is announced only once both stores hold it.
-        """
-        deadline = time.monotonic() + self.settings.worker.persist_deadline_s
-        stores = [s for s in self._sinks if s.name != "results-exchange"]
-        publisher = [s for s in self._sinks if s.name == "results-exchange"]
-        for stage in (stores, publisher):
-            await self._write_all(stage, outcome, deadline)
-
-    async def _write_all(
-        self, sinks: list[ResultSink], outcome: AnalysisResultMessage, deadline: float
-    ) -> None:
-        pending = list(sinks)
-        pause = 1.0
-        while True:
-            failed: list[ResultSink] = []
-            errors: list[str] = []
-            for sink in pending:
-                guard = self._guards[sink.name]
-                t = time.perf_counter()
-                try:
-                    await guard.call(self._write, sink, outcome)
-                except SinkUnavailable as exc:
-                    _raise_if_cancelling(exc)
-                    self.metrics.sink_errors.labels(sink=sink.name).inc()
-                    failed.append(sink)
-                    errors.append(str(exc))
-                else:
-                    self.metrics.sink_latency.labels(sink=sink.name).observe(time.perf_counter() - t)
-                finally:
-                    self.metrics.set_breaker(sink.name, guard.state)
-            if not failed:
-                return
-            if time.monotonic() + pause > deadline:
-                raise SinkUnavailable("; ".join(errors))
-            log.warning("stores unavailable: will retry", sinks=[f.name for f in failed], retry_in_s=pause)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, self.settings.worker.sink_retry_max_wait_s)
-            pending = failed
-
-    async def _write(self, sink: ResultSink, outcome: AnalysisResultMessage) -> None:
-        await self._ensure_started(sink)
-        await sink.write(outcome)
-
-    async def _count_delivery(self, request_id: str, *, delta: int = 1) -> int | None:
-        """Count a start of ``request_id`` (None when Redis is unavailable: no limit then)."""
-        if self._progress is None:
-            return None
-        total: int | None = await self._best_effort(
-            "delivery count", self._progress.count_delivery, request_id, delta=delta
-        )
-        return total
-
-    async def _requeue(self, message: AbstractIncomingMessage, *, reason: str) -> None:
-        self.counters["requeued"] += 1
-        # A requeue by the worker is not a crash: give the delivery back.
-        with contextlib.suppress(InvalidRequest):
-            request = _parse(message)
-            await self._count_delivery(request.request_id, delta=-1)
-        self.metrics.retries.labels(reason="requeued").inc()
-        log.info("request requeued", reason=reason)
-        await _settle(message.nack(requeue=True))
+            async with asyncio.timeout(2.0):
+                await self._ledger.give_back(d.request_id)
+        except (SinkUnavailable, SinkRejected, TimeoutError) as exc:
+            log.info("could not give back the start", error=str(exc) or "time-out")
 
     # ------------------------------------------------------------------ progress (best effort)
-    async def _report(self, request_id: str, **fields: Any) -> None:
-        if self._progress is not None:
-            await self._best_effort("progress", self._progress.update, request_id, **fields)
-
     async def _best_effort(
         self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> Any:
         """Call a Redis operation through its breaker; on failure record it and return None."""
+        guard = self._guards["redis"]
         try:
-            return await self._redis_guard.call(fn, *args, **kwargs)
+            return await guard.call(fn, *args, **kwargs)
         except SinkUnavailable as exc:
             _raise_if_cancelling(exc)
             self.metrics.sink_errors.labels(sink="redis").inc()
             log.debug("redis unavailable", operation=what, error=str(exc))
             return None
         finally:
-            self.metrics.set_breaker("redis", self._redis_guard.state)
+            self.metrics.set_breaker("redis", guard.state)
 
     def _pump_progress(self, loop: asyncio.AbstractEventLoop, queue: Any) -> None:
         """Thread: forward ``(request_id, fraction, stage)`` from pool processes to the loop."""
         while True:
-            item = queue.get()
+            try:
+                item = queue.get()
+            except (EOFError, OSError, ValueError):
+                return  # the queue was closed at shutdown
             if item is None:
                 return
-            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(self._on_progress, *item)
+            hook = self._progress_hook
+            if hook is not None:
+                with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                    loop.call_soon_threadsafe(hook.forward, *item)
 
-    def _on_progress(self, request_id: str, fraction: float, stage: str) -> None:
-        if request_id not in self._analysing:
-            return  # a late message: the request has finished (its final state is written)
-        now = time.monotonic()
-        if now - self._last_progress.get(request_id, 0.0) < _PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
-            return
-        self._last_progress[request_id] = now
-        task = asyncio.create_task(
-            self._report(
-                request_id, status="running", percent=round(min(fraction, 0.99) * 100, 1), stage=stage
-            )
-        )
-        self._progress_tasks.add(task)
-        task.add_done_callback(self._progress_tasks.discard)
+    async def _repair_progress(self) -> None:
+        """Write again the terminal progress Redis missed, once it answers."""
+        while True:
+            await asyncio.sleep(5.0)
+            if self._progress_hook is not None:
+                await self._progress_hook.repay()
+
+    async def _poll_cancellations(self) -> None:
+        """Stop the in-flight requests whose cancellation was requested (through the job API)."""
+        ledger = self._ledger
+        assert ledger is not None
+        while True:
+            await asyncio.sleep(self.settings.worker.cancel_poll_s)
+            ids = [rid for rid, (d, _) in self._inflight.items() if d.request is not None]
+            if not ids:
+                continue
+            try:
+                async with asyncio.timeout(self.settings.postgres.command_timeout_s):
+                    pending = await ledger.cancellations(ids)
+            except (SinkUnavailable, SinkRejected, TimeoutError, RuntimeError):
+                continue  # the ledger is down: cancellations wait for it
+            for rid in pending:
+                entry = self._inflight.get(rid)
+                if entry is not None:
+                    entry[0].cancel.set()
 
     # ------------------------------------------------------------------ guards and probes
     async def _memory_guard(self) -> None:
@@ -647,8 +571,8 @@ class Worker:
 
         def store(name: str) -> Callable[[], Awaitable[None]]:
             async def check() -> None:
-                sink = next((s for s in self._sinks if s.name == name), None)
-                if sink is None:
+                sink = {"postgres": self._ledger, "neo4j": self._graph}[name]
+                if sink is None or name not in self._started:
                     raise RuntimeError("not started")
                 await sink.ping()
 
@@ -668,81 +592,10 @@ class Worker:
 
 
 # ---------------------------------------------------------------------- helpers
-def resolve_media_path(media_root: Path, file: str) -> Path:
-    """The absolute path of ``file`` inside ``media_root`` (symlinks resolved).
-
-    Raises
-    ------
-    PathOutsideMediaRoot
-        When the path (relative or absolute) leads outside the media root, e.g. ``../../etc``.
-    """
-    root = media_root.resolve()
-    candidate = Path(file)
-    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not path.is_relative_to(root):
-        raise PathOutsideMediaRoot(f"path {file} leads outside the media root {root}", path=file)
-    return path
-
-
-def _parse(message: AbstractIncomingMessage) -> AnalysisRequest:
-    try:
-        return AnalysisRequest.model_validate_json(message.body)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors(include_url=False)
-        )
-        raise InvalidRequest(f"request does not match the contract: {problems}") from exc
-
-
-def _fallback_request_id(message: AbstractIncomingMessage) -> str:
-    """An id for a request whose own id could not be read: its message id or a body digest."""
-    import json
-
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        rid = json.loads(message.body).get("request_id")
-        if isinstance(rid, str) and 0 < len(rid) <= 200:
-            return rid
-    if message.message_id:
-        return str(message.message_id)
-    return "invalid-" + hashlib.sha256(message.body).hexdigest()[:32]
-
-
-def _failed(
-    request_id: str, correlation_id: str | None, file: str | None, exc: AnalysisServiceError
-) -> AnalysisResultMessage:
-    return AnalysisResultMessage(
-        request_id=request_id,
-        correlation_id=correlation_id,
-        status=ResultStatus.FAILED,
-        file=file,
-        error=ErrorInfo(code=exc.code, message=str(exc)),
-    )
-
-
-def _summary(output: EngineOutput | None) -> dict[str, str] | None:
-    """The headline results, as progress-hash fields."""
-    if output is None:
-        return None
-    fields = {"duration_s": f"{output.duration_s:.1f}"}
-    if output.tempo:
-        fields["bpm"] = f"{output.tempo.bpm:.1f}"
-    if output.key:
-        fields |= {"key": output.key.key, "camelot": output.key.camelot}
-    if output.mood:
-        fields["mood"] = output.mood.label
-    return fields
-
-
-def _raise_if_cancelling(exc: BaseException) -> None:
-    """Re-raise a cancellation that a client library turned into a connection error.
-
-    Some drivers catch ``CancelledError`` inside their I/O and raise a connection error instead;
-    the store adapters translate that to ``SinkUnavailable``, which must not be mistaken for an
-    outage (and retried) while the worker is shutting this task down.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError() from exc
+def _channel_closed(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel ``message`` came on is gone (it can no longer be acked)."""
+    channel = message.channel
+    return bool(getattr(channel, "is_closed", False))
 
 
 async def _settle(op: Awaitable[Any]) -> None:
