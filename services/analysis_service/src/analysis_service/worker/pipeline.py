@@ -30,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -91,7 +92,6 @@ REQUEUES_HEADER = "x-analysis-requeues"
 #: Header a quorum queue sets: how often the broker delivered the message before.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
@@ -179,8 +179,6 @@ def rejected_id(body: bytes) -> str:
 
 def _claimed_id(body: bytes) -> str | None:
     """The ``request_id`` an invalid body claims, when it is well-formed."""
-    import re
-
     try:
         claimed = json.loads(body).get("request_id")
     except (ValueError, AttributeError, RecursionError):

@@ -70,6 +70,12 @@ EXIT_BROKER_LOST = 3
 EXIT_STARTUP_FAILED = 4
 
 _STORES = ("postgres", "neo4j", "results-exchange")
+_AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    OSError,
+    TimeoutError,
+)
 
 
 class Worker:
@@ -130,42 +136,45 @@ class Worker:
         log.info("worker starting", concurrency=self.concurrency, media_root=str(s.worker.media_root))
         self._http = HttpServer(s.http, self.metrics, self._ready_checks())
         background: list[asyncio.Task[None]] = []
-        step = "http server"
         try:
-            await self._http.start()
-            step = "stores"
-            await self._start_stores()
-            step = "analysis processes"
-            await self._start_slots()
-            step = "rabbitmq"
-            await self._connect()
-            self._pipeline = self._build_pipeline()
-            await self._start_consuming()
-            background = [
-                asyncio.create_task(self._memory_guard(), name="memory-guard"),
-                asyncio.create_task(self._broker_watchdog(), name="broker-watchdog"),
-                asyncio.create_task(self._sample_queue_depth(), name="queue-depth"),
-                asyncio.create_task(self._poll_cancellations(), name="cancellations"),
-                asyncio.create_task(self._repair_progress(), name="progress-repair"),
-            ]
-            log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
-            stop_wait = asyncio.create_task(stop.wait())
-            fatal_wait = asyncio.create_task(self._fatal.wait())
-            await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            fatal_wait.cancel()
-        except (
-            OSError,
-            aio_pika.exceptions.AMQPError,
-            AnalysisServiceError,
-            ValueError,
-            TimeoutError,
-        ) as exc:
-            log.error("worker start-up failed", dependency=step, error=f"{type(exc).__name__}: {exc}")
-            self._exit_code = EXIT_STARTUP_FAILED
+            if await self._start():
+                background = [
+                    asyncio.create_task(self._memory_guard(), name="memory-guard"),
+                    asyncio.create_task(self._broker_watchdog(), name="broker-watchdog"),
+                    asyncio.create_task(self._sample_queue_depth(), name="queue-depth"),
+                    asyncio.create_task(self._poll_cancellations(), name="cancellations"),
+                    asyncio.create_task(self._repair_progress(), name="progress-repair"),
+                ]
+                log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
+                stop_wait = asyncio.create_task(stop.wait())
+                fatal_wait = asyncio.create_task(self._fatal.wait())
+                await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                fatal_wait.cancel()
         finally:
             await self._shutdown(background)
         return self._exit_code
+
+    async def _start(self) -> bool:
+        """Start the parts in order; False (logged in one line, exit status set) when one fails."""
+        assert self._http is not None
+        steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+            ("http server", self._http.start),
+            ("stores", self._start_stores),
+            ("analysis processes", self._start_slots),
+            ("rabbitmq", self._connect),
+            ("consumer", self._start_consuming),
+        )
+        for dependency, start in steps:
+            try:
+                await start()
+            except Exception as exc:  # start-up: whatever failed, say which part and why, no traceback
+                log.error(
+                    "worker start-up failed", dependency=dependency, error=f"{type(exc).__name__}: {exc}"
+                )
+                self._exit_code = EXIT_STARTUP_FAILED
+                return False
+        return True
 
     async def _start_stores(self) -> None:
         s = self.settings
@@ -246,6 +255,8 @@ class Worker:
 
     async def _start_consuming(self) -> None:
         assert self._topology is not None
+        if self._pipeline is None:
+            self._pipeline = self._build_pipeline()
         self._consumer_tag = await self._topology.request_queue.consume(self._on_message)
         self.metrics.consuming.set(1)
 
@@ -424,12 +435,7 @@ class Worker:
                 channel.default_exchange.publish(copy, routing_key=topology.retry_queue.name),
                 timeout=self.settings.rabbitmq.publish_timeout_s,
             )
-        except (
-            aio_pika.exceptions.AMQPError,
-            aio_pika.exceptions.ChannelInvalidStateError,
-            OSError,
-            TimeoutError,
-        ) as exc:
+        except _AMQP_ERRORS as exc:
             log.warning(
                 "could not requeue with a delay: requeueing at once", error=f"{type(exc).__name__}: {exc}"
             )
@@ -546,15 +552,22 @@ class Worker:
             await asyncio.sleep(1.0)
 
     async def _sample_queue_depth(self) -> None:
-        name = self.settings.rabbitmq.request_queue
+        """Every 10 s: ready messages in the request queue and in the dead-letter queue."""
+        names = (self.settings.rabbitmq.request_queue, self.settings.rabbitmq.dead_letter_queue)
         while True:
             channel = self._channel
             if channel is not None and not channel.is_closed:
-                with contextlib.suppress(aio_pika.exceptions.AMQPError, asyncio.TimeoutError):
-                    q = await asyncio.wait_for(channel.declare_queue(name, passive=True), timeout=5)
-                    count = q.declaration_result.message_count
-                    if count is not None:
-                        self.metrics.queue_depth.labels(queue=name).set(count)
+                for name in names:
+                    with contextlib.suppress(
+                        aio_pika.exceptions.AMQPError,
+                        aio_pika.exceptions.ChannelInvalidStateError,
+                        TimeoutError,
+                    ):
+                        # On the raw channel: the robust one answers a passive declaration of a queue
+                        # it knows from its cache, with the count of the first declaration.
+                        raw = await channel.get_underlay_channel()
+                        ok = await asyncio.wait_for(raw.queue_declare(name, passive=True), timeout=5)
+                        self.metrics.queue_depth.labels(queue=name).set(ok.message_count or 0)
             await asyncio.sleep(10.0)
 
     def _ready_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
