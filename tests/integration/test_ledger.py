@@ -167,12 +167,20 @@ async def test_a_failed_outcome_never_replaces_a_completed_one(
     assert await db.fetchval("SELECT status FROM requests WHERE request_id = 'req-1'") == "completed"
 
 
-async def test_begin_counts_starts_and_reports_terminal_requests(make_sink: SinkFactory) -> None:
+async def test_begin_counts_starts_and_reports_terminal_requests(
+    make_sink: SinkFactory, db: asyncpg.Connection
+) -> None:
     sink = await make_sink()
+    expire = "UPDATE requests SET heartbeat_at = now() - interval '1 hour'"
     assert await sink.begin("req-1", FIELDS, count_attempt=True) == Started(1)
+    leased = await sink.begin("req-1", FIELDS, count_attempt=True)  # running elsewhere: not counted
+    assert isinstance(leased, Known)
+    assert (leased.record.leased, leased.record.attempts) == (True, 1)
+    await db.execute(expire)  # that worker died: its lease ran out
     assert await sink.begin("req-1", FIELDS, count_attempt=True) == Started(2)
+    await db.execute(expire)
     assert await sink.begin("req-1", FIELDS, count_attempt=True, given_back=2) == Started(1)
-    await sink.give_back("req-1")
+    await sink.give_back("req-1")  # an orderly requeue releases the lease at once
     assert await sink.begin("req-1", FIELDS, count_attempt=False) == Started(0)
     await sink.finish(completed(), FIELDS)
     known = await sink.begin("req-1", FIELDS, count_attempt=True)
@@ -201,7 +209,7 @@ async def test_published_and_cancellations(make_sink: SinkFactory, db: asyncpg.C
     await sink.begin("req-1", FIELDS, count_attempt=True)
     await sink.begin("req-2", OTHER, count_attempt=True)
     await db.execute("UPDATE requests SET cancel_requested_at = now() WHERE request_id = 'req-2'")
-    assert await sink.cancellations(["req-1", "req-2", "unknown"]) == {"req-2"}
+    assert await sink.heartbeat(["req-1", "req-2", "unknown"]) == {"req-2"}
     known = await sink.begin("req-2", OTHER, count_attempt=True)
     assert isinstance(known, Known)
     assert known.record.cancel_requested

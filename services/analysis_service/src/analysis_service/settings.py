@@ -126,7 +126,15 @@ class WorkerSettings(BaseModel):
         default=64 * 1024, ge=1024, description="Larger request bodies fail (request_too_large) unparsed."
     )
     cancel_poll_s: float = Field(
-        default=1.0, gt=0, description="How often in-flight requests are checked for a cancellation."
+        default=1.0,
+        gt=0,
+        description="How often in-flight requests renew their lease and are checked for a cancellation.",
+    )
+    lease_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A request whose lease was renewed this recently is running elsewhere: another "
+        "delivery of it waits (requeued with a delay). Must exceed 3 x cancel_poll_s.",
     )
     max_rss_mb: float = Field(default=4096.0, description="Pause consuming above this process-tree RSS.")
     max_system_memory_percent: float = Field(default=90.0, le=100)
@@ -157,6 +165,15 @@ class Settings(ServiceSettings):
     neo4j: Neo4jSettings = Field(default_factory=Neo4jSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> Settings:
+        if self.worker.lease_s <= 3 * self.worker.cancel_poll_s:
+            raise ValueError(
+                f"worker.lease_s ({self.worker.lease_s}) must exceed 3 x worker.cancel_poll_s "
+                f"({self.worker.cancel_poll_s})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _delivery_limit_above_max_deliveries(self) -> Settings:

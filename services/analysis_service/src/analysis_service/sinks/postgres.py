@@ -23,9 +23,14 @@ The ledger's rules (:class:`PostgresLedger`):
 * **A request id belongs to one request.** The ``fingerprint`` (a digest of file, analyses and
   options) is fixed by the row's first write. A delivery that reuses the id for something else
   neither starts nor finishes that row (:class:`IdConflict`); its outcome is keyed elsewhere.
+* **One worker runs a request at a time.** The worker running a request renews its lease
+  (``heartbeat_at``) every ``cancel_poll_s``; :meth:`~PostgresLedger.begin` refuses to start a
+  request whose lease is younger than ``lease_s`` (a redelivery after a connection blip while the
+  first worker still analyses it), and that delivery is requeued with a delay instead.
 * **Attempts count starts without an outcome.** :meth:`~PostgresLedger.begin` adds one per start
   (minus the starts the worker gave back by requeueing in an orderly way), which is how a request
-  that keeps killing workers is recognised on classic queues.
+  that keeps killing workers is recognised on classic queues. A start refused for a live lease
+  is not counted.
 
 Migrations are the files ``migrations/NNNN_<name>.sql`` of this package. :meth:`PostgresLedger.start`
 applies the ones not yet recorded in ``schema_migrations``, in version order, in one transaction
@@ -298,20 +303,23 @@ def _recording_row(result: AnalysisResultMessage, content_hash: str) -> tuple[An
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 
 #: A start: create the row 'running', or move a queued/running row of the same request to
-#: 'running', counting the attempt ($8: 1 or 0) minus the starts given back ($9). No row comes back
-#: when the id is terminal, belongs to another request or has a cancellation pending.
+#: 'running', counting the attempt ($8: 1 or 0) minus the starts given back ($9) and taking the
+#: lease. No row comes back when the id is terminal, belongs to another request, has a
+#: cancellation pending, or another worker's lease on it is younger than $10 seconds.
 _BEGIN = """
 INSERT INTO requests AS r (request_id, fingerprint, file, analyses, priority, options, correlation_id,
-                           status, attempts, started_at)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, 'running', $8, now())
+                           status, attempts, started_at, heartbeat_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, 'running', $8, now(), now())
 ON CONFLICT (request_id) DO UPDATE SET
-    status     = 'running',
-    attempts   = GREATEST(r.attempts + EXCLUDED.attempts - $9, 0),
-    started_at = COALESCE(r.started_at, now()),
-    updated_at = now()
+    status       = 'running',
+    attempts     = GREATEST(r.attempts + EXCLUDED.attempts - $9, 0),
+    started_at   = COALESCE(r.started_at, now()),
+    heartbeat_at = now(),
+    updated_at   = now()
 WHERE r.status IN ('queued', 'running')
   AND r.fingerprint = EXCLUDED.fingerprint
   AND r.cancel_requested_at IS NULL
+  AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - make_interval(secs => $10))
 RETURNING attempts
 """
 
@@ -333,13 +341,15 @@ RETURNING request_id
 
 _LOOKUP = """
 SELECT r.request_id, r.fingerprint, r.status, r.attempts, r.cancel_requested_at IS NOT NULL AS cancel,
+       r.status = 'running' AND r.heartbeat_at >= now() - make_interval(secs => $2) AS leased,
        r.published_at IS NOT NULL AS published, r.file, a.result
 FROM requests r LEFT JOIN analysis_results a USING (request_id)
 WHERE r.request_id = $1
 """
 
+#: An orderly requeue: the start does not count, and the lease is released at once.
 _GIVE_BACK = """
-UPDATE requests SET attempts = GREATEST(attempts - 1, 0), updated_at = now()
+UPDATE requests SET attempts = GREATEST(attempts - 1, 0), heartbeat_at = NULL, updated_at = now()
 WHERE request_id = $1 AND status = 'running'
 """
 
@@ -347,9 +357,11 @@ _MARK_PUBLISHED = """
 UPDATE requests SET published_at = COALESCE(published_at, now()) WHERE request_id = $1
 """
 
-_CANCEL_PENDING = """
-SELECT request_id FROM requests
-WHERE request_id = ANY($1::text[]) AND cancel_requested_at IS NOT NULL AND status IN ('queued', 'running')
+#: Renew the leases of the requests a worker is running; report those whose cancellation is pending.
+_HEARTBEAT = """
+UPDATE requests SET heartbeat_at = now()
+WHERE request_id = ANY($1::text[]) AND status = 'running'
+RETURNING request_id, cancel_requested_at IS NOT NULL AS cancel
 """
 
 
@@ -373,6 +385,7 @@ class LedgerRecord:
     status: str
     attempts: int
     cancel_requested: bool
+    leased: bool
     published: bool
     file: str | None
     result: AnalysisResultMessage | None
@@ -457,8 +470,9 @@ class PostgresLedger:
 
     name = "postgres"
 
-    def __init__(self, settings: PostgresSettings) -> None:
+    def __init__(self, settings: PostgresSettings, *, lease_s: float = 15.0) -> None:
         self._settings = settings
+        self._lease_s = lease_s
         self._pool: Any = None  # asyncpg.Pool once started
 
     async def start(self) -> None:
@@ -516,7 +530,7 @@ class PostgresLedger:
         pool = self._require_pool("begin")
         with _translated(f"starting {request_id!r}"):
             attempts = await pool.fetchval(
-                _BEGIN, request_id, *fields.values(), 1 if count_attempt else 0, given_back
+                _BEGIN, request_id, *fields.values(), 1 if count_attempt else 0, given_back, self._lease_s
             )
             if attempts is not None:
                 return Started(int(attempts))
@@ -594,14 +608,14 @@ class PostgresLedger:
         with _translated(f"marking {request_id!r} published"):
             await pool.execute(_MARK_PUBLISHED, request_id)
 
-    async def cancellations(self, request_ids: Sequence[str]) -> set[str]:
-        """Those of ``request_ids`` that are not terminal and whose cancellation was requested."""
+    async def heartbeat(self, request_ids: Sequence[str]) -> set[str]:
+        """Renew this worker's leases on ``request_ids``; return those whose cancellation is pending."""
         if not request_ids:
             return set()
-        pool = self._require_pool("cancellations")
-        with _translated("polling cancellations"):
-            rows = await pool.fetch(_CANCEL_PENDING, list(request_ids))
-        return {str(row["request_id"]) for row in rows}
+        pool = self._require_pool("heartbeat")
+        with _translated("renewing leases"):
+            rows = await pool.fetch(_HEARTBEAT, list(request_ids))
+        return {str(row["request_id"]) for row in rows if row["cancel"]}
 
     async def ping(self) -> None:
         """Run ``SELECT 1`` (raises SinkUnavailable when PostgreSQL does not answer)."""
@@ -618,9 +632,8 @@ class PostgresLedger:
             except _CLOSE_ERRORS:
                 pool.terminate()
 
-    @staticmethod
-    async def _lookup(connection: Any, request_id: str) -> LedgerRecord | None:
-        row = await connection.fetchrow(_LOOKUP, request_id)
+    async def _lookup(self, connection: Any, request_id: str) -> LedgerRecord | None:
+        row = await connection.fetchrow(_LOOKUP, request_id, self._lease_s)
         if row is None:
             return None
         raw = row["result"]
@@ -630,6 +643,7 @@ class PostgresLedger:
             status=row["status"],
             attempts=int(row["attempts"]),
             cancel_requested=bool(row["cancel"]),
+            leased=bool(row["leased"]),
             published=bool(row["published"]),
             file=row["file"],
             result=AnalysisResultMessage.model_validate_json(raw) if raw is not None else None,

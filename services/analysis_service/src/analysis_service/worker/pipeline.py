@@ -10,9 +10,11 @@ request end in exactly one outcome:
 * **check** — :meth:`~PostgresLedger.begin` either starts the request or says why not: it already
   has a terminal outcome (it is then re-announced, nothing is analysed), its id belongs to another
   request (the message is failed under an id derived from its body), or its cancellation was
-  requested (it ends ``cancelled`` unanalysed). A request that started ``max_deliveries`` times
-  without an outcome (it kills workers) fails with ``worker_crashed`` here, before it can kill
-  another one; one that has an outcome never does.
+  requested (it ends ``cancelled`` unanalysed), or another worker holds its lease (it is running
+  there; the delivery is requeued with a delay). A request that started ``max_deliveries`` times
+  without an outcome (it kills workers; counted in the ledger, and on quorum queues also by the
+  broker's ``x-delivery-count``) fails with ``worker_crashed`` here, before it can kill another
+  one; one that has an outcome never does.
 * **persist** — :meth:`~PostgresLedger.finish` stores the outcome unless another delivery stored one
   first; from here on every step works on *the stored outcome*, not on this delivery's.
 * **project** — the graph gets the stored outcome (so it names the same outcome as PostgreSQL).
@@ -301,20 +303,21 @@ class Pipeline:
             return
         assert d.request is not None
         quorum = self.settings.rabbitmq.queue_type == "quorum"
-        given_back = _int_header(d.message, GIVEN_BACK_HEADER)
         begun = await self._store(
             "postgres",
             self.ledger.begin,
             d.request_id,
             d.fields,
-            count_attempt=not quorum,
-            given_back=given_back,
+            count_attempt=True,
+            given_back=_int_header(d.message, GIVEN_BACK_HEADER),
             deadline=time.monotonic() + self.settings.worker.persist_deadline_s,
         )
         limit = self.settings.worker.max_deliveries
         if isinstance(begun, Started):
-            d.counted_start = not quorum
-            starts = _int_header(d.message, DELIVERY_COUNT_HEADER) + 1 if quorum else begun.attempts
+            d.counted_start = True
+            starts = begun.attempts
+            if quorum:  # the broker counts too (its redeliveries); the larger count decides
+                starts = max(starts, _int_header(d.message, DELIVERY_COUNT_HEADER) + 1)
             if starts > limit:
                 d.outcome = failed(
                     d.request_id,
@@ -333,7 +336,9 @@ class Pipeline:
         elif record.terminal:
             assert record.result is not None
             d.stored = Finished(record.result, written=False, published=record.published)
-        else:  # a cancellation is pending
+        elif not record.cancel_requested:  # another worker holds its lease: it is running there
+            raise RetryLater("the request is running in another worker (its lease is live)")
+        else:
             d.outcome = failed(
                 d.request_id,
                 Cancelled("cancelled before it started", path=d.request.file),

@@ -142,7 +142,7 @@ class Worker:
                     asyncio.create_task(self._memory_guard(), name="memory-guard"),
                     asyncio.create_task(self._broker_watchdog(), name="broker-watchdog"),
                     asyncio.create_task(self._sample_queue_depth(), name="queue-depth"),
-                    asyncio.create_task(self._poll_cancellations(), name="cancellations"),
+                    asyncio.create_task(self._heartbeat(), name="heartbeat"),
                     asyncio.create_task(self._repair_progress(), name="progress-repair"),
                 ]
                 log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
@@ -180,7 +180,7 @@ class Worker:
         s = self.settings
         self._progress = ProgressStore(s.redis)
         self._cache = ResultCache(s.redis)
-        self._ledger = PostgresLedger(s.postgres)
+        self._ledger = PostgresLedger(s.postgres, lease_s=s.worker.lease_s)
         self._graph = GraphSink(s.neo4j)
         for sink in (self._ledger, self._graph):
             try:
@@ -489,8 +489,9 @@ class Worker:
             if self._progress_hook is not None:
                 await self._progress_hook.repay()
 
-    async def _poll_cancellations(self) -> None:
-        """Stop the in-flight requests whose cancellation was requested (through the job API)."""
+    async def _heartbeat(self) -> None:
+        """Renew the leases of in-flight requests, and stop those whose cancellation was requested
+        (through the job API)."""
         ledger = self._ledger
         assert ledger is not None
         while True:
@@ -500,7 +501,7 @@ class Worker:
                 continue
             try:
                 async with asyncio.timeout(self.settings.postgres.command_timeout_s):
-                    pending = await ledger.cancellations(ids)
+                    pending = await ledger.heartbeat(ids)
             except (SinkUnavailable, SinkRejected, TimeoutError, RuntimeError):
                 continue  # the ledger is down: cancellations wait for it
             for rid in pending:

@@ -3,7 +3,9 @@
 --
 --   * a row is created 'queued' (by the job API, at submission) or 'running' (by a worker, at the
 --     first delivery of a request published straight to the broker);
---   * queued/running -> running: a delivery started (attempts + 1 on classic queues);
+--   * queued/running -> running: a delivery started (attempts + 1 on classic queues), unless another
+--     worker holds the request: heartbeat_at is renewed every second by the worker running it, and
+--     a start is refused while it is younger than the lease;
 --   * queued/running -> completed | failed | cancelled: terminal, written once, in the same
 --     transaction as the analysis_results row; a terminal row is never changed again (every write
 --     is guarded by "status NOT IN terminal"), so a late or duplicate delivery cannot replace it;
@@ -25,6 +27,7 @@ CREATE TABLE requests (
     attempts            integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     submitted_at        timestamptz NOT NULL DEFAULT now(),
     started_at          timestamptz,
+    heartbeat_at        timestamptz,
     finished_at         timestamptz,
     cancel_requested_at timestamptz,
     published_at        timestamptz,
