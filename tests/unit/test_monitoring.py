@@ -375,3 +375,22 @@ def test_prometheus_loads_the_rule_files() -> None:
         assert str(in_container) in mounts, f"{pattern}: {in_container} is not mounted"
         assert (INFRA / mounts[str(in_container)]).resolve() == (INFRA / "prometheus" / "rules").resolve()
         assert sorted((PROMETHEUS_FILE.parent).glob(pattern)) == RULE_FILES
+
+
+def test_promtool_lints_the_exposition(promtool: str) -> None:
+    metrics = Metrics(time_limit_s=60.0)
+    metrics.outcomes.labels(status="failed", error_code="not_audio").inc()
+    metrics.dead_letter_depth.labels(queue="analysis.requests.dead").set(1)
+    metrics.queue_consumers.labels(queue="analysis.requests").set(1)
+    metrics.set_breaker("postgres", "open")
+    metrics.sample_memory()
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=metrics.render().decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not result.stdout.strip(), result.stdout  # no naming or unit lint findings
