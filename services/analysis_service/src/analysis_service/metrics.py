@@ -138,8 +138,9 @@ class Metrics:
     dead_letter_depth : Gauge
         ``analysis_dead_letter_depth_messages{queue}``: messages held in a dead-letter queue.
     queue_consumers : Gauge
-        ``analysis_queue_consumers{queue}``: consumers the broker counts on a queue (every
-        worker reports the same broker-wide figure).
+        ``analysis_queue_consumers{queue}``: consumers the broker counts on the request queue
+        (every worker reports the same broker-wide figure). Set it for the request queue only:
+        the alert rules read 0 as "nobody consumes".
     last_success : Gauge
         ``analysis_last_success_timestamp_seconds``: Unix time of this worker's latest completed
         request; 0 until the first one (set with ``last_success.set_to_current_time()``).
@@ -234,7 +235,7 @@ class Metrics:
         )
         self.queue_consumers = Gauge(
             "analysis_queue_consumers",
-            "Consumers the broker counts on a queue (all workers together).",
+            "Consumers the broker counts on the request queue (all workers together).",
             ["queue"],
             registry=r,
         )
