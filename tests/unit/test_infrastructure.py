@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from compose_spec.models import ComposeSpecification
 from dotenv import dotenv_values
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from analysis_service.settings import Settings
 
@@ -277,6 +278,16 @@ def test_settings_walk_finds_nested_fields() -> None:
 
 
 # ---------------------------------------------------------------------------------------- compose
+
+
+def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    # As written (with ${...}) and as rendered from the example .env: both must be valid.
+    ComposeSpecification.model_validate(compose)
+    ComposeSpecification.model_validate(render(compose))
+    broken = {**compose, "services": {**compose["services"], "worker": {**compose["services"]["worker"]}}}
+    broken["services"]["worker"]["env_file"] = [{"pth": ".env"}]
+    with pytest.raises(ValidationError):
+        ComposeSpecification.model_validate(broken)
 
 
 def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
