@@ -21,3 +21,8 @@ def require_service(name: str, host: str, port: int) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI requires it", pytrace=False)
         pytest.skip(reason)
+
+
+# The service reads ./.env (README: `cp .env.example .env`); a developer's copy must not change
+# what the tests see. Tests of the .env file itself set or clear ANALYSIS_ENV_FILE explicitly.
+os.environ.setdefault("ANALYSIS_ENV_FILE", "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,6 +26,12 @@ EXPECTED_NAMES = (
     "analysis_pool_restarts_total",
     "analysis_retries_total",
     "analysis_consuming",
+    "analysis_audio_seconds_processed_total",
+    "analysis_dead_letter_depth_messages",
+    "analysis_queue_consumers",
+    "analysis_last_success_timestamp_seconds",
+    "analysis_slots",
+    "analysis_slots_busy",
 )
 
 
@@ -136,3 +143,38 @@ def test_sample_memory_sets_worker_and_pool_rss() -> None:
     assert worker > 1_000_000
     assert pool is not None
     assert pool > 0
+
+
+def test_dashboard_metrics_record_their_values() -> None:
+    metrics = Metrics(time_limit_s=60.0)
+    metrics.audio_seconds.inc(183.4)
+    metrics.dead_letter_depth.labels(queue="analysis.requests.dead").set(3)
+    metrics.queue_consumers.labels(queue="analysis.requests").set(2)
+    metrics.slots.set(4)
+    metrics.slots_busy.set(3)
+    metrics.last_success.set_to_current_time()
+    assert sample(metrics, "analysis_audio_seconds_processed_total") == pytest.approx(183.4)
+    assert sample(metrics, "analysis_dead_letter_depth_messages", queue="analysis.requests.dead") == 3.0
+    assert sample(metrics, "analysis_queue_consumers", queue="analysis.requests") == 2.0
+    assert (sample(metrics, "analysis_slots"), sample(metrics, "analysis_slots_busy")) == (4.0, 3.0)
+    last = sample(metrics, "analysis_last_success_timestamp_seconds")
+    assert last is not None
+    assert abs(last - time.time()) < 5
+
+
+def test_last_success_is_zero_until_the_first_success() -> None:
+    assert sample(Metrics(time_limit_s=60.0), "analysis_last_success_timestamp_seconds") == 0.0
+
+
+def test_sample_names_cover_unobserved_labelled_metrics() -> None:
+    names = Metrics(time_limit_s=60.0).sample_names()
+    # Labelled metrics without children expose no sample yet, but their names are known.
+    assert {
+        "analysis_outcomes_total",
+        "analysis_dead_letter_depth_messages",
+        "analysis_sink_write_duration_seconds_bucket",
+        "analysis_sink_write_duration_seconds_count",
+        "analysis_stage_duration_seconds_sum",
+    } <= names
+    assert "analysis_outcomes" not in names
+    assert "analysis_dead_letter_depth_messages_total" not in names

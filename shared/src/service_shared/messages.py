@@ -169,3 +169,45 @@ class AnalysisResultMessage(BaseModel):
     error: ErrorInfo | None = None
     cached: bool = False
     finished_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class ProgressStatus(StrEnum):
+    """State of a request in its progress updates."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ProgressMessage(BaseModel):
+    """One progress update of a request, published as JSON on Redis pub/sub.
+
+    Sent on ``{prefix}:progress:{request_id}`` (one request) and ``{prefix}:progress`` (all), with
+    the same fields as the hash ``{prefix}:progress:{request_id}`` that pollers read (see
+    ``analysis_service/sinks/progress.py``). Optional fields are absent, not null, when unset.
+    """
+
+    request_id: str
+    status: ProgressStatus
+    percent: float = Field(ge=0.0, le=100.0, description="Progress, 0 to 100.")
+    stage: str = Field(
+        description="What is happening, e.g. `started`, `decode`, `features`, `done`, `failed`."
+    )
+    updated_at: datetime = Field(description="When this update was made (ISO 8601, UTC).")
+    finished_at: datetime | None = Field(
+        default=None, description="Set by the update with status `completed` or `failed`."
+    )
+    error_code: str | None = Field(
+        default=None, description="Why it failed: a stable error code such as `file_not_found`."
+    )
+    error: str | None = Field(default=None, description="Why it failed, human-readable.")
+    correlation_id: str | None = Field(default=None, description="The request's correlation id, once known.")
+    file: str | None = Field(default=None, description="The request's file, once known.")
+    duration_s: str | None = Field(
+        default=None, description="When completed: the audio duration in seconds, e.g. `183.4`."
+    )
+    bpm: str | None = Field(default=None, description="When completed: the tempo in BPM, e.g. `124.0`.")
+    key: str | None = Field(default=None, description="When completed: the key, e.g. `A minor`.")
+    camelot: str | None = Field(default=None, description="When completed: the Camelot code, e.g. `8A`.")
+    mood: str | None = Field(default=None, description="When completed: the mood label.")

@@ -132,6 +132,22 @@ class Metrics:
         ``analysis_retries_total{reason}``: requests tried again, by reason.
     consuming : Gauge
         ``analysis_consuming``: 1 while consuming, 0 when paused (memory guard) or stopped.
+    audio_seconds : Counter
+        ``analysis_audio_seconds_processed_total``: seconds of audio analysed by this worker;
+        add ``EngineOutput.duration_s`` once per analysed (not cached) completed request.
+    dead_letter_depth : Gauge
+        ``analysis_dead_letter_depth_messages{queue}``: messages held in a dead-letter queue.
+    queue_consumers : Gauge
+        ``analysis_queue_consumers{queue}``: consumers the broker counts on the request queue
+        (every worker reports the same broker-wide figure). Set it for the request queue only:
+        the alert rules read 0 as "nobody consumes".
+    last_success : Gauge
+        ``analysis_last_success_timestamp_seconds``: Unix time of this worker's latest completed
+        request; 0 until the first one (set with ``last_success.set_to_current_time()``).
+    slots : Gauge
+        ``analysis_slots``: analysis slots (pool processes) of this worker.
+    slots_busy : Gauge
+        ``analysis_slots_busy``: analysis slots running an analysis now.
     """
 
     def __init__(self, *, time_limit_s: float) -> None:
@@ -206,6 +222,30 @@ class Metrics:
             "1 while the worker consumes requests, 0 while paused by the memory guard or stopped.",
             registry=r,
         )
+        self.audio_seconds = Counter(
+            "analysis_audio_seconds_processed_total",
+            "Seconds of audio analysed (completed requests, cache hits excluded).",
+            registry=r,
+        )
+        self.dead_letter_depth = Gauge(
+            "analysis_dead_letter_depth_messages",
+            "Messages held in a dead-letter queue (requests that failed permanently).",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_consumers = Gauge(
+            "analysis_queue_consumers",
+            "Consumers the broker counts on the request queue (all workers together).",
+            ["queue"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "analysis_last_success_timestamp_seconds",
+            "Unix time of this worker's latest completed request (0: none yet).",
+            registry=r,
+        )
+        self.slots = Gauge("analysis_slots", "Analysis slots (pool processes) of this worker.", registry=r)
+        self.slots_busy = Gauge("analysis_slots_busy", "Analysis slots running an analysis now.", registry=r)
         for stage in STAGES:  # export every known stage from the start, at zero
             self.stage_duration.labels(stage=stage)
         self._process: psutil.Process | None = None  # created on the first sample_memory()
@@ -249,6 +289,25 @@ class Metrics:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue  # exited (or was recycled) between listing and measuring: nothing to count
         self.rss_bytes.labels(process="pool").set(pool)
+
+    def sample_names(self) -> frozenset[str]:
+        """Every sample name this registry can expose, labelled or not, observed or not.
+
+        A histogram ``x`` exposes ``x_bucket``, ``x_sum``, ``x_count`` and ``x_created``; a counter
+        ``x_total`` also ``x_created``; a gauge just its name. Dashboards and alert rules may use
+        only these names (``tests/unit/test_dashboards.py`` checks).
+        """
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("_bucket", "_sum", "_count", "_created"),
+            "summary": ("", "_sum", "_count", "_created"),
+            "gauge": ("",),
+        }
+        return frozenset(
+            family.name + suffix
+            for family in self.registry.collect()
+            for suffix in suffixes.get(family.type, ("",))
+        )
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""

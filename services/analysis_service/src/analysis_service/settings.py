@@ -153,6 +153,8 @@ class HttpSettings(BaseModel):
 class Settings(ServiceSettings):
     """All settings of the analysis service."""
 
+    # Also read from ./.env or the file named by ANALYSIS_ENV_FILE (environment variables win), and
+    # unknown ANALYSIS_* names are listed by Settings.unknown_env_names(): see ServiceSettings.
     model_config = SettingsConfigDict(
         env_prefix="ANALYSIS_", env_nested_delimiter="__", extra="ignore", env_parse_none_str=""
     )
