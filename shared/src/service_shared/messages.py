@@ -178,6 +178,7 @@ class ProgressStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class ProgressMessage(BaseModel):

@@ -79,6 +79,10 @@ class MetricsHook:
     async def step_started(self, step: str, delivery: Delivery) -> None:
         if step == "check" and delivery.request is not None:
             self.metrics.requests_received.labels(priority=str(delivery.request.priority)).inc()
+            sent = delivery.message.timestamp
+            if sent is not None:  # producers that stamp their messages (submit, the job API)
+                wait = time.time() - sent.timestamp()
+                self.metrics.stage_duration.labels(stage="queue_wait").observe(max(wait, 0.0))
 
     async def step_finished(self, step: str, delivery: Delivery, seconds: float) -> None:
         m = self.metrics
@@ -104,6 +108,10 @@ class MetricsHook:
         m.outcomes.labels(
             status=result.status.value, error_code=result.error.code if result.error else ""
         ).inc()
+        if result.status is ResultStatus.COMPLETED:
+            m.last_success.set_to_current_time()
+            if result.output is not None and not result.cached:
+                m.audio_seconds.inc(result.output.duration_s)
 
 
 class ProgressHook:

@@ -80,6 +80,11 @@ class SlotPool:
         slot.warm = True
 
     @property
+    def busy(self) -> int:
+        """Slots held by a running analysis now."""
+        return sum(1 for s in self._slots if s.busy)
+
+    @property
     def healthy(self) -> bool:
         """True when every slot exists and none is broken."""
         return len(self._slots) == self.size and all(not _broken(s.executor) for s in self._slots)

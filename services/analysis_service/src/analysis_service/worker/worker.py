@@ -203,6 +203,7 @@ class Worker:
             max_tasks_per_child=self.settings.worker.max_tasks_per_child,
             progress_queue=self._progress_queue,
         )
+        self.metrics.slots.set(self.concurrency)
         t = time.perf_counter()
         await self._slots.start()
         log.info(
@@ -516,6 +517,8 @@ class Worker:
         proc = psutil.Process()
         paused = False  # by this guard (shutdown and the watchdog stop consuming for good)
         while True:
+            if self._slots is not None:
+                self.metrics.slots_busy.set(self._slots.busy)
             rss = proc.memory_info().rss + sum(_rss(c) for c in proc.children(recursive=True))
             system = memory_percent()
             over = rss > w.max_rss_mb * 2**20 or system > w.max_system_memory_percent
@@ -553,22 +556,24 @@ class Worker:
             await asyncio.sleep(1.0)
 
     async def _sample_queue_depth(self) -> None:
-        """Every 10 s: ready messages in the request queue and in the dead-letter queue."""
-        names = (self.settings.rabbitmq.request_queue, self.settings.rabbitmq.dead_letter_queue)
+        """Every 10 s: ready messages and consumers of the request queue, dead letters."""
+        r = self.settings.rabbitmq
         while True:
             channel = self._channel
             if channel is not None and not channel.is_closed:
-                for name in names:
-                    with contextlib.suppress(
-                        aio_pika.exceptions.AMQPError,
-                        aio_pika.exceptions.ChannelInvalidStateError,
-                        TimeoutError,
-                    ):
-                        # On the raw channel: the robust one answers a passive declaration of a queue
-                        # it knows from its cache, with the count of the first declaration.
-                        raw = await channel.get_underlay_channel()
-                        ok = await asyncio.wait_for(raw.queue_declare(name, passive=True), timeout=5)
-                        self.metrics.queue_depth.labels(queue=name).set(ok.message_count or 0)
+                with contextlib.suppress(*_AMQP_ERRORS):
+                    # On the raw channel: the robust one answers a passive declaration of a queue it
+                    # knows from its cache, with the counts of the first declaration.
+                    raw = await channel.get_underlay_channel()
+                    ok = await asyncio.wait_for(raw.queue_declare(r.request_queue, passive=True), timeout=5)
+                    self.metrics.queue_depth.labels(queue=r.request_queue).set(ok.message_count or 0)
+                    self.metrics.queue_consumers.labels(queue=r.request_queue).set(ok.consumer_count or 0)
+                    ok = await asyncio.wait_for(
+                        raw.queue_declare(r.dead_letter_queue, passive=True), timeout=5
+                    )
+                    self.metrics.dead_letter_depth.labels(queue=r.dead_letter_queue).set(
+                        ok.message_count or 0
+                    )
             await asyncio.sleep(10.0)
 
     def _ready_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
