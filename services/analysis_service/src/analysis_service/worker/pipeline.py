@@ -46,6 +46,7 @@ from analysis_service.errors import (
     Cancelled,
     InternalError,
     InvalidAnalyses,
+    InvalidCorrelationId,
     InvalidEncoding,
     InvalidFile,
     InvalidPriority,
@@ -167,7 +168,9 @@ def parse(message: AbstractIncomingMessage, *, settings: Settings, registry: dic
         resolve(registry, request.analyses)  # an unknown (plugin) analyzer: unknown_analyzer
         resolve_media_path(settings.worker.media_root, request.file)
     except AnalysisServiceError as exc:
-        rid = _claimed_id(body) or rejected_id(body)
+        # A body refused before parsing (too large, not UTF-8) is never parsed for its id.
+        parsed = not isinstance(exc, RequestTooLarge | InvalidEncoding)
+        rid = (_claimed_id(body) if parsed else None) or rejected_id(body)
         return Delivery(message, received, rid, RequestFields(fingerprint=digest), problem=exc)
     return Delivery(message, received, request.request_id, RequestFields.of(request), request=request)
 
@@ -192,6 +195,7 @@ def _claimed_id(body: bytes) -> str | None:
 
 _FIELD_ERRORS: dict[str, type[InvalidRequest]] = {
     "request_id": InvalidRequestId,
+    "correlation_id": InvalidCorrelationId,
     "file": InvalidFile,
     "priority": InvalidPriority,
     "analyses": InvalidAnalyses,
@@ -349,14 +353,12 @@ class Pipeline:
         d.claimed_id = claimed
         d.request_id = rejected_id(d.message.body)
         d.fields = RequestFields(fingerprint="body:" + hashlib.sha256(d.message.body).hexdigest())
-        d.outcome = failed(
-            d.request_id,
-            RequestIdConflict(
-                f"request id {claimed!r} already belongs to another request"
-                + (f" (file {owner_file!r})" if owner_file else "")
-            ),
-            claimed_id=claimed,
+        # An invalid body keeps its own, more specific code; only its key changes.
+        problem = d.problem or RequestIdConflict(
+            f"request id {claimed!r} already belongs to another request"
+            + (f" (file {owner_file!r})" if owner_file else "")
         )
+        d.outcome = failed(d.request_id, problem, claimed_id=claimed)
 
     # -- analyse ----------------------------------------------------------------------------------
     async def analyse(self, d: Delivery) -> None:
