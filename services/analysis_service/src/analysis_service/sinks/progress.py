@@ -5,7 +5,7 @@ Key ``{prefix}:progress:{request_id}`` (``prefix`` is ``RedisSettings.key_prefix
 
 ==================  =====================================================================
 ``request_id``      the request
-``status``          ``queued`` | ``running`` | ``completed`` | ``failed``
+``status``          ``queued`` | ``running`` | ``completed`` | ``failed`` | ``cancelled``
 ``percent``         0-100
 ``stage``           what is happening, e.g. ``decode``, ``features``, ``store``
 ``updated_at``      ISO 8601 UTC time of the last update
@@ -51,7 +51,7 @@ from analysis_service.sinks._util import (
 
 STORE = "Redis (progress)"
 
-ProgressStatus = Literal["queued", "running", "completed", "failed"]
+ProgressStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 PROGRESS_STATUSES: Final[frozenset[str]] = frozenset(get_args(ProgressStatus))
 
 
@@ -107,7 +107,7 @@ class ProgressStore:
         ----------
         request_id : str
             The request.
-        status : {"queued", "running", "completed", "failed"}
+        status : {"queued", "running", "completed", "failed", "cancelled"}
             Its state.
         percent : float
             Progress, 0 to 100.
@@ -144,7 +144,7 @@ class ProgressStore:
         fields.update({name: value for name, value in optional.items() if value is not None})
         fields.update(summary or {})
         removed = [name for name in ("error_code", "error") if optional[name] is None]
-        if status in ("completed", "failed"):
+        if status in ("completed", "failed", "cancelled"):
             fields["finished_at"] = now
         else:
             removed.append("finished_at")
