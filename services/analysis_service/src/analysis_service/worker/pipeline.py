@@ -532,8 +532,9 @@ class Pipeline:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                async with asyncio.timeout(max(remaining, 0.05)):
-                    return await guard.call(self._attempt, name, fn, *args, **kwargs)
+                return await _bounded(
+                    guard.call(self._attempt, name, fn, *args, **kwargs), max(remaining, 0.05)
+                )
             except (SinkUnavailable, TimeoutError) as exc:
                 _raise_if_cancelling(exc)
                 error = str(exc) or f"no answer within {max(remaining, 0.05):.1f} s"
@@ -556,6 +557,32 @@ def run_analysis_in_slot(
     return run_analysis(
         path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key
     )
+
+
+async def _bounded(work: Awaitable[_T], seconds: float) -> _T:
+    """Await ``work`` for at most ``seconds``, then cancel it and raise ``TimeoutError`` at once.
+
+    The cancelled work is not waited for: a driver may spend its own time-outs (the Bolt driver's
+    ``connection_timeout``) closing a connection to a server that stopped answering, which would
+    stretch ``persist_deadline_s`` far past its value.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    raise TimeoutError
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done callback of abandoned work: fetch its outcome so that it is not reported as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _int_header(message: AbstractIncomingMessage, name: str) -> int:
