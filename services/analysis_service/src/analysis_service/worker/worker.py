@@ -213,8 +213,9 @@ class Worker:
         assert isinstance(channel, AbstractRobustChannel)
         self._channel = channel
         # global: the limit is the channel's, so a consumer re-created after a pause does not
-        # add another window of deliveries on top of those still held.
-        await channel.set_qos(prefetch_count=self.concurrency, global_=True)
+        # add another window of deliveries on top of those still held. Quorum queues refuse a
+        # global limit (the broker closes the connection), so theirs is per consumer.
+        await channel.set_qos(prefetch_count=self.concurrency, global_=s.queue_type == "classic")
         self._topology = await declare_topology(channel, s)
         self._publisher = ResultsPublisher(self._topology.results_exchange, channel, s)
 
