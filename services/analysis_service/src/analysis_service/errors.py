@@ -67,6 +67,12 @@ class InvalidRequestId(InvalidRequest):
     code = "invalid_request_id"
 
 
+class InvalidCorrelationId(InvalidRequest):
+    """``correlation_id`` does not match the id pattern (e.g. holds a control character)."""
+
+    code = "invalid_correlation_id"
+
+
 class InvalidFile(InvalidRequest):
     """``file`` is missing, too long or holds control characters."""
 

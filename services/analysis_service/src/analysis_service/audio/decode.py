@@ -94,6 +94,14 @@ _RAW_READ: Final = hasattr(sf, "_ffi") and hasattr(sf, "_snd")
 _FFMPEG_EXACT_DURATION = frozenset(
     {"m4a", "mp4", "m4b", "mov", "3gp", "3g2", "mj2", "matroska", "mka", "webm", "asf", "wma"}
 )
+#: The only ffmpeg demuxers (audio containers) and protocol (local files) ffprobe and ffmpeg may use:
+#: no playlist (hls), concat, image or device demuxer, nor a network protocol, can make them read
+#: files outside the media root or anything remote.
+_FFMPEG_DEMUXERS: Final = (
+    "mov,mp4,m4a,3gp,3g2,mj2,asf,matroska,webm,amr,amrnb,amrwb,ape,wv,tta,mpc,mpc8,aac,ac3,eac3,"
+    "dsf,iff,rm,caf,mp3,ogg,flac,wav,w64,aiff,au,dts,truehd,mlp,xwma,voc,shn,tak,loas"
+)
+_FFMPEG_INPUT_OPTIONS: Final = ("-protocol_whitelist", "file", "-format_whitelist", _FFMPEG_DEMUXERS)
 #: File extensions whose ffmpeg demuxer has another name.
 _FFMPEG_ALIASES = {"wma": "asf", "mka": "matroska", "opus": "ogg", "oga": "ogg"}
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -550,19 +558,29 @@ def _check_riff_data(fh: IO[bytes], *, path: str) -> None:
 
 
 def _riff_data_chunk(fh: IO[bytes]) -> tuple[int, int] | None:
-    """Offset and declared size of the ``data`` chunk of a RIFF/WAVE file (None: not found)."""
+    """Offset and declared size of the ``data`` chunk of a RIFF/WAVE file (None: not found).
+
+    RF64 and BW64 files give the size of a large ``data`` chunk in their ``ds64`` chunk.
+    """
     header = fh.read(12)
-    if len(header) < 12 or header[:4] not in (b"RIFF", b"RIFX") or header[8:12] != b"WAVE":
+    if len(header) < 12 or header[:4] not in (b"RIFF", b"RIFX", b"RF64", b"BW64") or header[8:12] != b"WAVE":
         return None
-    order: Literal["little", "big"] = "little" if header[:4] == b"RIFF" else "big"
+    order: Literal["little", "big"] = "big" if header[:4] == b"RIFX" else "little"
     position = 12
+    ds64_data_size: int | None = None
     for _ in range(_MAX_RIFF_CHUNKS):
         fh.seek(position)
         chunk = fh.read(8)
         if len(chunk) < 8:
             return None
         size = int.from_bytes(chunk[4:], order)
+        if chunk[:4] == b"ds64":
+            sizes = fh.read(16)  # riffSize, dataSize (64-bit each)
+            if len(sizes) == 16:
+                ds64_data_size = int.from_bytes(sizes[8:], "little")
         if chunk[:4] == b"data":
+            if size == 0xFFFFFFFF and ds64_data_size is not None:
+                size = ds64_data_size
             return position + 8, size
         position += 8 + size + (size & 1)
     return None
@@ -670,7 +688,7 @@ def _probe_ffmpeg(path: str, *, head: bytes) -> AudioInfo:
 def _run_ffprobe(ffprobe: str, path: str, *, head: bytes) -> dict[str, Any]:
     """Run ``ffprobe`` on ``path``; its JSON, or the error explaining why it failed."""
     command = [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
-    command += ["-select_streams", "a:0", _ffmpeg_input(path)]
+    command += ["-select_streams", "a:0", *_FFMPEG_INPUT_OPTIONS, _ffmpeg_input(path)]
     try:
         done = subprocess.run(
             command, stdin=subprocess.DEVNULL, capture_output=True, timeout=FFPROBE_TIMEOUT_S, check=False
@@ -722,7 +740,8 @@ def _ffmpeg_command(ffmpeg: str, path: str, *, channels: int, target_rate: int) 
     mean like the libsndfile path) and averaged by the caller.
     """
     return [
-        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", _ffmpeg_input(path),
+        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *_FFMPEG_INPUT_OPTIONS,
+        "-i", _ffmpeg_input(path),
         "-map", "0:a:0", "-ac", str(channels), "-ar", str(target_rate), "-f", "f32le", "-",
     ]  # fmt: skip
 

@@ -20,7 +20,7 @@ from analysis_service.audio.mood import MoodEstimate
 from analysis_service.audio.registry import Analyzer, build_registry, resolve
 from analysis_service.audio.tempo import TempoEstimate
 from analysis_service.audio.timeline import estimate_timeline
-from analysis_service.errors import SilentAudio, TooShort
+from analysis_service.errors import SilentAudio, TooLong, TooShort
 from analysis_service.settings import EngineSettings
 from service_shared.messages import EngineOutput, KeyResult, MoodResult, Segment, TempoResult
 
@@ -84,6 +84,8 @@ def analyze_file(
         sample_rate=settings.sample_rate,
         expected_s=info.duration_s,
         report=report,
+        max_s=settings.max_duration_s,
+        path=str(path),
     )
     timings["decode"] = round(time.perf_counter() - t0 - features_s, 4)  # probe + decode + resample
     timings["features"] = round(features_s, 4)
@@ -111,14 +113,30 @@ def analyze_file(
 
 
 def _extract(
-    *, info_blocks: Iterable[np.ndarray], sample_rate: int, expected_s: float, report: ProgressCallback
+    *,
+    info_blocks: Iterable[np.ndarray],
+    sample_rate: int,
+    expected_s: float,
+    report: ProgressCallback,
+    max_s: float,
+    path: str,
 ) -> tuple[Features, float]:
-    """Stream decoded blocks through the feature extractor; return the features and their seconds."""
+    """Stream decoded blocks through the feature extractor; return the features and their seconds.
+
+    Decoding stops with ``TooLong`` once more than ``max_s`` seconds decoded, whatever the header
+    said (a streamed FLAC or an MP3 without a length declares none).
+    """
     fx = FeatureExtractor(sample_rate=sample_rate)
     expected = max(expected_s * sample_rate, 1.0)
     done = 0
     features_s = 0.0
     for block in info_blocks:
+        if done + len(block) > max_s * sample_rate:
+            raise TooLong(
+                f"more than {max_s / 60:.1f} min of audio decoded (the limit); the header said "
+                + (f"{expected_s / 60:.1f} min" if expected_s > 0 else "nothing about its length"),
+                path=path,
+            )
         t = time.perf_counter()
         fx.push(block)
         features_s += time.perf_counter() - t

@@ -50,7 +50,7 @@ POLL_INTERVAL_S: Final = 1.0
 #: Progress hashes read concurrently per poll.
 POLL_BATCH: Final = 32
 #: Statuses after which a request changes no more.
-TERMINAL_STATUSES: Final = frozenset({"completed", "failed"})
+TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 #: ``app_id`` of the published messages.
 APP_ID: Final = "analysis-service-submit"
 

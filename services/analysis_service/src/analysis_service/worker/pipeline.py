@@ -49,6 +49,7 @@ from analysis_service.errors import (
     Cancelled,
     InternalError,
     InvalidAnalyses,
+    InvalidCorrelationId,
     InvalidEncoding,
     InvalidFile,
     InvalidPriority,
@@ -169,7 +170,9 @@ def parse(message: AbstractIncomingMessage, *, settings: Settings, registry: dic
         resolve(registry, request.analyses)  # an unknown (plugin) analyzer: unknown_analyzer
         resolve_media_path(settings.worker.media_root, request.file)
     except AnalysisServiceError as exc:
-        rid = _claimed_id(body) or rejected_id(body)
+        # A body refused before parsing (too large, not UTF-8) is never parsed for its id.
+        parsed = not isinstance(exc, RequestTooLarge | InvalidEncoding)
+        rid = (_claimed_id(body) if parsed else None) or rejected_id(body)
         return Delivery(message, received, rid, RequestFields(fingerprint=digest), problem=exc)
     return Delivery(message, received, request.request_id, RequestFields.of(request), request=request)
 
@@ -192,6 +195,7 @@ def _claimed_id(body: bytes) -> str | None:
 
 _FIELD_ERRORS: dict[str, type[InvalidRequest]] = {
     "request_id": InvalidRequestId,
+    "correlation_id": InvalidCorrelationId,
     "file": InvalidFile,
     "priority": InvalidPriority,
     "analyses": InvalidAnalyses,
@@ -352,14 +356,12 @@ class Pipeline:
         d.claimed_id = claimed
         d.request_id = rejected_id(d.message.body)
         d.fields = RequestFields(fingerprint="body:" + hashlib.sha256(d.message.body).hexdigest())
-        d.outcome = failed(
-            d.request_id,
-            RequestIdConflict(
-                f"request id {claimed!r} already belongs to another request"
-                + (f" (file {owner_file!r})" if owner_file else "")
-            ),
-            claimed_id=claimed,
+        # An invalid body keeps its own, more specific code; only its key changes.
+        problem = d.problem or RequestIdConflict(
+            f"request id {claimed!r} already belongs to another request"
+            + (f" (file {owner_file!r})" if owner_file else "")
         )
+        d.outcome = failed(d.request_id, problem, claimed_id=claimed)
 
     # -- analyse ----------------------------------------------------------------------------------
     async def analyse(self, d: Delivery) -> None:
@@ -533,8 +535,9 @@ class Pipeline:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                async with asyncio.timeout(max(remaining, 0.05)):
-                    return await guard.call(self._attempt, name, fn, *args, **kwargs)
+                return await _bounded(
+                    guard.call(self._attempt, name, fn, *args, **kwargs), max(remaining, 0.05)
+                )
             except (SinkUnavailable, TimeoutError) as exc:
                 _raise_if_cancelling(exc)
                 error = str(exc) or f"no answer within {max(remaining, 0.05):.1f} s"
@@ -557,6 +560,32 @@ def run_analysis_in_slot(
     return run_analysis(
         path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key
     )
+
+
+async def _bounded(work: Awaitable[_T], seconds: float) -> _T:
+    """Await ``work`` for at most ``seconds``, then cancel it and raise ``TimeoutError`` at once.
+
+    The cancelled work is not waited for: a driver may spend its own time-outs (the Bolt driver's
+    ``connection_timeout``) closing a connection to a server that stopped answering, which would
+    stretch ``persist_deadline_s`` far past its value.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    raise TimeoutError
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done callback of abandoned work: fetch its outcome so that it is not reported as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _int_header(message: AbstractIncomingMessage, name: str) -> int:

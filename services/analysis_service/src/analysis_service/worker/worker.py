@@ -123,6 +123,7 @@ class Worker:
         self._pipeline: Pipeline | None = None
         self._http: HttpServer | None = None
         self._progress_queue: Any = None
+        self._pump: threading.Thread | None = None
         self.counters = {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -210,9 +211,10 @@ class Worker:
             "analysis processes ready", slots=self.concurrency, seconds=round(time.perf_counter() - t, 2)
         )
         loop = asyncio.get_running_loop()
-        threading.Thread(
+        self._pump = threading.Thread(
             target=self._pump_progress, args=(loop, self._progress_queue), name="progress-pump", daemon=True
-        ).start()
+        )
+        self._pump.start()
 
     async def _connect(self) -> None:
         s = self.settings.rabbitmq
@@ -221,8 +223,9 @@ class Worker:
         assert isinstance(channel, AbstractRobustChannel)
         self._channel = channel
         # global: the limit is the channel's, so a consumer re-created after a pause does not
-        # add another window of deliveries on top of those still held.
-        await channel.set_qos(prefetch_count=self.concurrency, global_=True)
+        # add another window of deliveries on top of those still held. Quorum queues refuse a
+        # global limit (the broker closes the connection), so theirs is per consumer.
+        await channel.set_qos(prefetch_count=self.concurrency, global_=s.queue_type == "classic")
         self._topology = await declare_topology(channel, s)
         self._publisher = ResultsPublisher(self._topology.results_exchange, channel, s)
 
@@ -295,8 +298,16 @@ class Worker:
         if self._slots is not None:
             await self._slots.close()
         if self._progress_queue is not None:
-            self._progress_queue.put(None)  # stops the pump thread
+            self._progress_queue.put(None)  # stops the pump thread, which must end before the queue
+            for _ in range(500):  # is closed (a read on a closed queue raises in the thread)
+                if self._pump is None or not self._pump.is_alive():
+                    break
+                await asyncio.sleep(0.01)
             self._progress_queue.close()
+            if self._pump is not None and self._pump.is_alive():
+                self._progress_queue.cancel_join_thread()
+            else:
+                self._progress_queue.join_thread()  # the feeder thread has flushed the None
         if self._progress_hook is not None and self._progress_hook.debt:
             log.warning("terminal progress left unwritten (Redis down)", requests=self._progress_hook.debt)
         for name, closer in (
@@ -474,8 +485,8 @@ class Worker:
         while True:
             try:
                 item = queue.get()
-            except (EOFError, OSError, ValueError):
-                return  # the queue was closed at shutdown
+            except (EOFError, OSError, ValueError, TypeError):
+                return  # the queue was closed at shutdown (TypeError: closed while reading)
             if item is None:
                 return
             hook = self._progress_hook
