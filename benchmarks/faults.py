@@ -31,7 +31,7 @@ figures against the targets. Processes left behind by killed workers are found b
 marker that every worker process (and its children) inherits. The whole stack is torn down on
 exit, also after an error or Ctrl-C.
 
-    uv run python benchmarks/faults.py [--requests 3000] [--seconds 20] [--files 6]
+    uv run python benchmarks/faults.py [--requests 3000] [--seconds 20] [--files 6] [--queue-type classic]
                                        [--scale 1.0] [--outage-s 30] [--work .bench/faults]
 
 ``--scale`` multiplies the fault schedule's times (``--scale 0.3 --requests 300`` for a quick run).
@@ -68,6 +68,8 @@ import asyncpg
 import psutil
 import soundfile as sf
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from analysis_service.audio.synth import demo_song
 from analysis_service.settings import RabbitSettings
@@ -128,10 +130,13 @@ class Teardown:
                 print(f"teardown of {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
+_PORTS = random.SystemRandom()  # not the seeded generator: parallel runs must not pick the same port
+
+
 def free_port(*, below: int | None = None) -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (random below ``below`` when given)."""
     for _ in range(500):
-        port = random.randint(20000, below) if below else 0
+        port = _PORTS.randint(20000, below) if below else 0
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -319,7 +324,14 @@ class PrivateRedis:
             stop_process(self.process)
 
     def client(self) -> Redis:
-        return Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=30)
+        return Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=30,
+            socket_connect_timeout=10,
+            retry=Retry(NoBackoff(), 0),
+        )
 
 
 def falkordb(root: Path) -> tuple[PrivateRedis, int]:
@@ -675,7 +687,7 @@ def start_stack(root: Path, media: Path, teardown: Teardown, args: argparse.Name
     rabbit.start()
     say(f"RabbitMQ node {rabbit.node} on port {rabbit.port}")
     rabbit_settings = RabbitSettings(
-        url=rabbit.url, retry_delay_s=args.retry_delay_s, reconnect_grace_s=600.0
+        url=rabbit.url, retry_delay_s=args.retry_delay_s, reconnect_grace_s=600.0, queue_type=args.queue_type
     )
     token = secrets.token_hex(8)
     env = {
@@ -686,6 +698,7 @@ def start_stack(root: Path, media: Path, teardown: Teardown, args: argparse.Name
         "ANALYSIS_RABBITMQ__URL": rabbit.url,
         "ANALYSIS_RABBITMQ__RETRY_DELAY_S": str(args.retry_delay_s),
         "ANALYSIS_RABBITMQ__RECONNECT_GRACE_S": "600",
+        "ANALYSIS_RABBITMQ__QUEUE_TYPE": args.queue_type,
         "ANALYSIS_REDIS__URL": f"redis://127.0.0.1:{redis.port}/0",
         "ANALYSIS_REDIS__KEY_PREFIX": "faults",
         "ANALYSIS_POSTGRES__DSN": pg.dsn,
@@ -831,6 +844,7 @@ def main() -> int:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the fault schedule's times")
     parser.add_argument("--outage-s", type=float, default=30.0)
+    parser.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
     parser.add_argument("--concurrency", type=int, default=2, help="slots per worker")
     parser.add_argument("--persist-deadline-s", type=float, default=20.0)
     parser.add_argument("--retry-delay-s", type=float, default=5.0)
@@ -931,6 +945,10 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
         else "gave up waiting: some requests have no outcome"
     )
     time.sleep(10)  # let the last repair of progress run
+    # The graph is read before the workers stop: FalkorDB can hang connections made after a Bolt
+    # driver closed gracefully. Its writes are done (the graph is written before a delivery is acked).
+    say("reading the graph")
+    graph = graph_nodes(stack.bolt)
     say("final SIGTERM to every worker")
     final_codes: dict[str, int | None] = {}
     for w in stack.workers:
@@ -947,7 +965,6 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
 
     say("counting")
     ledger, result_rows, request_rows = asyncio.run(ledger_rows(stack.pg.dsn))
-    graph = graph_nodes(stack.bolt)
     observed = asyncio.run(drain_queue(stack.rabbit.url, OBSERVER_QUEUE))
     dead = asyncio.run(drain_queue(stack.rabbit.url, r.dead_letter_queue))
     progress = progress_status(stack.redis, ids)
@@ -1062,7 +1079,7 @@ def report(
         "=" * 78,
         f"Fault benchmark: {n} requests ({n - len(expect_fail)} valid files, "
         f"{len(expect_fail)} missing files), {args.files} songs of {args.seconds:.0f} s, "
-        f"2 workers x {args.concurrency} slots, schedule x{args.scale}",
+        f"2 workers x {args.concurrency} slots, {args.queue_type} queue, schedule x{args.scale}",
         "Fault timeline (seconds after publishing started):",
         *(f"  +{t:7.1f}s {clock}  {text}" for t, clock, text in say.events),
         "",
