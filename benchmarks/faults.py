@@ -439,6 +439,14 @@ class PrivateRabbit:
                 closed += 1
         return closed
 
+    def channels(self) -> list[tuple[int, int]]:
+        """(consumers, unacknowledged messages) of every open channel."""
+        out = self.ctl_run(
+            "list_channels", "-q", "--no-table-headers", "consumer_count", "messages_unacknowledged"
+        )
+        rows = [line.split() for line in out.splitlines()]
+        return [(int(r[0]), int(r[1])) for r in rows if len(r) == 2 and r[0].isdigit() and r[1].isdigit()]
+
     def queue_depths(self) -> dict[str, int]:
         """Messages (ready + unacknowledged) of every queue."""
         out = self.ctl_run("list_queues", "-q", "--no-table-headers", "name", "messages")
@@ -528,11 +536,9 @@ class WorkerProcess:
         self.exits.append((self.label, self.process.returncode))
         return children
 
-    def terminate(self, timeout_s: float) -> int | None:
-        if not self.alive:
-            return None
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """Wait for the exit after a SIGTERM was sent (once); None when it did not stop in time."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
         try:
             code: int | None = self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -823,11 +829,21 @@ def status_line(stack: Stack, n: int) -> tuple[int | None, int | None]:
         queued = depths.get(stack.rabbit_settings.request_queue, 0) + depths.get(
             stack.rabbit_settings.retry_queue, 0
         )
+    channels = "?"
+    with contextlib.suppress(Exception):
+        channels = " ".join(f"{c}c/{u}u" for c, u in stack.rabbit.channels())
     for w in stack.workers:
         w.descendants()  # remember every descendant, for the leftover check
+        if w.process is not None and w.process.poll() is not None and not w.alive:
+            label, code = w.label, w.process.returncode
+            if (label, code) not in w.exits:
+                w.exits.append((label, code))
+                say(f"worker {label} exited by itself with status {code}: restarting it", fault=True)
+                w.start()
     say(
         f"status: {terminal if terminal is not None else '?'}/{n} terminal in the ledger, "
-        f"{queued if queued is not None else '?'} in the request and retry queues"
+        f"{queued if queued is not None else '?'} in the request and retry queues; "
+        f"channels (consumers/unacked): {channels}"
     )
     return terminal, queued
 
@@ -957,7 +973,7 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
             w.process.send_signal(signal.SIGTERM)
     for w in stack.workers:
         if w.process is not None and w.process.returncode is None:
-            final_codes[w.label] = w.terminate(args.grace_s + 60)
+            final_codes[w.label] = w.wait_exit(args.grace_s + 60)
     say(f"worker exit codes on SIGTERM: {final_codes}")
     time.sleep(3)
     leftovers = marked_processes(stack.token)
