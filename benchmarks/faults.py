@@ -865,7 +865,12 @@ def main() -> int:
     parser.add_argument("--persist-deadline-s", type=float, default=20.0)
     parser.add_argument("--retry-delay-s", type=float, default=5.0)
     parser.add_argument("--grace-s", type=float, default=20.0)
-    parser.add_argument("--stall-s", type=float, default=120.0, help="give up when nothing moves this long")
+    parser.add_argument(
+        "--stall-s",
+        type=float,
+        default=180.0,
+        help="give up when the ledger and queues do not move this long",
+    )
     parser.add_argument("--max-wait-s", type=float, default=3600.0, help="give up draining after this long")
     parser.add_argument("--work", type=Path, default=REPO / ".bench" / "faults", help="logs go here")
     parser.add_argument("--seed", type=int, default=1)
@@ -952,8 +957,8 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
             if terminal >= len(ids) and queued == 0:
                 drained = True
                 break
-            if queued == 0 and time.monotonic() - last_change > args.stall_s:
-                break
+        if time.monotonic() - last_change > args.stall_s:
+            break  # nothing moved: stuck (e.g. deliveries held unacked by a stalled consumer)
         time.sleep(10)
     say(
         "every request has a terminal outcome"
@@ -983,6 +988,11 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
     ledger, result_rows, request_rows = asyncio.run(ledger_rows(stack.pg.dsn))
     observed = asyncio.run(drain_queue(stack.rabbit.url, OBSERVER_QUEUE))
     dead = asyncio.run(drain_queue(stack.rabbit.url, r.dead_letter_queue))
+    left_queued = [
+        m
+        for name in (r.request_queue, r.retry_queue)
+        for m in asyncio.run(drain_queue(stack.rabbit.url, name))
+    ]
     progress = progress_status(stack.redis, ids)
     report(
         args,
@@ -994,6 +1004,7 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
         graph,
         observed,
         dead,
+        left_queued,
         progress,
         final_codes,
         stack,
@@ -1042,6 +1053,7 @@ def report(
     graph: dict[str, list[str]],
     observed: list[aio_pika.abc.AbstractIncomingMessage],
     dead: list[aio_pika.abc.AbstractIncomingMessage],
+    queued: list[aio_pika.abc.AbstractIncomingMessage],
     progress: dict[str, str | None],
     final_codes: dict[str, int | None],
     stack: Stack,
@@ -1061,6 +1073,11 @@ def report(
 
     terminal = {rid for rid in ids if ledger.get(rid, ("",))[0] in TERMINAL}
     lost = [rid for rid in ids if rid not in terminal]
+    still_queued: set[str] = set()
+    for m in queued:
+        with contextlib.suppress(ValueError, AttributeError):
+            still_queued.add(json.loads(m.body).get("request_id"))
+    lost_queued = [rid for rid in lost if rid in still_queued]
     no_node = [rid for rid in terminal if rid not in graph]
     no_result = [rid for rid in terminal if rid not in results]
     statuses = Counter(ledger[rid][0] for rid in terminal)
@@ -1100,7 +1117,8 @@ def report(
         *(f"  +{t:7.1f}s {clock}  {text}" for t, clock, text in say.events),
         "",
         f"ledger outcomes: {dict(statuses)}; failure codes: {dict(codes)}",
-        f"lost (no terminal outcome in the ledger): {len(lost)}{sample(lost)}",
+        f"lost (no terminal outcome in the ledger): {len(lost)}{sample(lost)}; of them still in the "
+        f"request or retry queue after the final stop: {len(lost_queued)}",
         f"  terminal but no graph node: {len(no_node)}{sample(no_node)}",
         f"  terminal but no result message: {len(no_result)}{sample(no_result)}",
         f"unexpected outcome (completed vs failed): {len(wrong_outcome)}{sample(wrong_outcome)}",
@@ -1141,6 +1159,7 @@ def report(
     (logs / "summary.txt").write_text(text + "\n")
     details = {
         "lost": lost,
+        "lost_queued": lost_queued,
         "no_node": no_node,
         "no_result": no_result,
         "wrong_outcome": wrong_outcome,
