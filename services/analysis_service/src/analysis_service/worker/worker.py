@@ -624,7 +624,10 @@ class Worker:
 # ---------------------------------------------------------------------- helpers
 def _channel_closed(message: AbstractIncomingMessage) -> bool:
     """Whether the channel ``message`` came on is gone (it can no longer be acked)."""
-    channel = message.channel
+    try:
+        channel = message.channel
+    except aio_pika.exceptions.ChannelInvalidStateError:  # aio-pika's answer for a closed channel
+        return True
     return bool(getattr(channel, "is_closed", False))
 
 
