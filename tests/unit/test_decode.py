@@ -21,6 +21,7 @@ from mutagen.ogg import OggPage
 from analysis_service.audio.decode import AudioInfo, content_hash, iter_mono_blocks, probe
 from analysis_service.audio.encode import write_audio
 from analysis_service.errors import (
+    DecoderUnavailable,
     EmptyFile,
     FileMissing,
     FileUnreadable,
@@ -400,6 +401,17 @@ def test_non_audio_is_refused(tmp_path: Path, name: str) -> None:
         probe(path, settings=SETTINGS)
 
     assert caught.value.path == str(path)
+
+
+def test_audio_codec_without_a_decoder(tmp_path: Path) -> None:
+    path = _make(tmp_path, "wav", seconds=1.0)
+    data = bytearray(path.read_bytes())
+    fmt = data.index(b"fmt ")
+    data[fmt + 8 : fmt + 10] = struct.pack("<H", 0x1234)  # a WAVE format tag no codec has
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(DecoderUnavailable, match="no decoder"):
+        probe(path, settings=SETTINGS)
 
 
 def test_binary_that_looks_like_mpeg_frames_is_refused(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ import soxr
 
 from analysis_service.errors import (
     CorruptAudio,
+    DecoderUnavailable,
     EmptyFile,
     FileMissing,
     FileUnreadable,
@@ -191,6 +192,8 @@ def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInf
         The file has zero bytes.
     NotAudio
         No allowed demuxer recognises the content as audio, or its first second does not decode.
+    DecoderUnavailable
+        The container is known but its audio codec is not (no decoder in the bundled FFmpeg).
     TruncatedAudio
         The header shows the file is cut short (an MP4 without its index, an incomplete last Ogg
         page), or promises far more audio than the file's size can hold.
@@ -423,6 +426,12 @@ def _audio_stream(container: Any, *, path: str) -> Any:
 def _header_info(container: Any, stream: Any, *, path: str) -> AudioInfo:
     """An :class:`AudioInfo` from what PyAV read of the header."""
     ctx = stream.codec_context
+    if ctx is None:  # FFmpeg knows no decoder for the stream's codec
+        tag = stream.codec_tag if hasattr(stream, "codec_tag") else "?"
+        raise DecoderUnavailable(
+            f"the {container.format.name} file's audio codec ({tag!s}) has no decoder in the bundled FFmpeg",
+            path=path,
+        )
     rate, channels = int(ctx.sample_rate or 0), int(ctx.channels or 0)
     if rate <= 0 or channels <= 0:
         raise NotAudio(f"no playable audio stream ({ctx.name}, {rate} Hz, {channels} channels)", path=path)
