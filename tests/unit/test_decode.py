@@ -530,6 +530,25 @@ def test_sparse_rf64_declaring_150_gb_fails_at_once(tmp_path: Path) -> None:
         probe(path, settings=SETTINGS)
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["declared", "streaming-sizes"])
+def test_sparse_150_gb_wav_is_too_long_from_its_size(tmp_path: Path, streaming: bool) -> None:
+    # A sparse file (4 KB on disk, 150 GB long): whether the header declares the size or leaves
+    # the streaming marker, PCM's length follows from the size and nothing is read.
+    path = _make(tmp_path, "rf64" if not streaming else "wav", seconds=0.02)
+    data = bytearray(path.read_bytes())
+    if streaming:
+        chunk = data.index(b"data")
+        data[4:8] = data[chunk + 4 : chunk + 8] = b"\xff\xff\xff\xff"
+    else:
+        ds64 = data.index(b"ds64")
+        data[ds64 + 8 : ds64 + 32] = struct.pack("<QQQ", 150 << 30, 150 << 30, (150 << 30) // 4)
+    path.write_bytes(bytes(data[:4096]))
+    os.truncate(path, 150 << 30)
+
+    with pytest.raises(TooLong):
+        probe(path, settings=SETTINGS)
+
+
 def test_too_long_is_refused_from_the_header_without_decoding_it_all(tmp_path: Path) -> None:
     path = _make(tmp_path, "flac", seconds=1.0)
     _set_flac_total_samples(path, 5 * 3600 * 44100)  # the header now claims 5 hours
@@ -538,10 +557,11 @@ def test_too_long_is_refused_from_the_header_without_decoding_it_all(tmp_path: P
         probe(path, settings=SETTINGS)
 
 
-def test_frames_are_counted_whatever_the_header_says(tmp_path: Path) -> None:
-    # A FLAC without a total (streamed) and a WAV with streaming sizes: no length in the header.
+@pytest.mark.parametrize("header_frames", [0, 44100], ids=["no-length", "lying-length"])
+def test_frames_are_counted_whatever_the_header_says(tmp_path: Path, header_frames: int) -> None:
+    # A FLAC without a total (streamed), and one whose header claims 1 s: 5 s decode all the same.
     flac = _make(tmp_path, "flac", seconds=5.0)
-    _set_flac_total_samples(flac, 0)
+    _set_flac_total_samples(flac, header_frames)
     settings = EngineSettings(max_duration_s=3.0)
 
     info = probe(flac, settings=settings)
