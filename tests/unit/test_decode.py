@@ -146,6 +146,15 @@ def test_each_format_decodes_to_its_duration_and_pitch(tmp_path: Path, kind: str
     assert np.abs(signal[TARGET : 3 * TARGET]).max() == pytest.approx(0.375, abs=0.03)
 
 
+@pytest.mark.parametrize("kind", ["mp4-video", "mkv-video"])
+def test_video_outlasting_its_sound_is_not_truncation(tmp_path: Path, kind: str) -> None:
+    name, rate, _, _ = KINDS[kind]
+    path = tmp_path / name
+    write_audio(path, _tone(rate, 3.0, channels=2), rate, kind, video_extra_s=3.0)
+
+    assert len(_decode(path)) / TARGET == pytest.approx(3.0, abs=0.1)
+
+
 def test_a_tempo_survives_lossy_encoding(tmp_path: Path) -> None:
     from analysis_service.audio.engine import analyze_file
     from analysis_service.audio.synth import demo_song

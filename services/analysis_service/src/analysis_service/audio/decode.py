@@ -21,7 +21,7 @@ FFmpeg's log is silenced at import (``av.logging``): no decoder writes to the pr
 Completeness is judged the same way for every format: the frames decoded are compared with the
 count the header promises *exactly* (:attr:`AudioInfo.expected_frames`, read by mutagen: FLAC
 STREAMINFO, the WAV/AIFF data size, the MP4 media header, the ASF file properties, the last Ogg
-granule, an MP3 Xing/Info/VBRI frame count; or the Matroska segment duration). Falling short by
+granule, an MP3 Xing/Info/VBRI frame count; or Matroska's per-track duration). Falling short by
 more than :data:`SHORT_SLACK_S` (plus 0.5 %) is ``truncated_audio``; decoding more is fine (a
 chained Ogg file's header names only its last part). A cut Ogg file gives itself away by an
 incomplete last page (mutagen cannot read it in full). Single corrupt packets are skipped, as
@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -208,7 +209,7 @@ def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInf
         stream = _audio_stream(container, path=name)
         info = _header_info(container, stream, path=name)
         if container.format.name.startswith("matroska"):
-            declared = container.duration / av.time_base if container.duration else 0.0
+            declared = _matroska_seconds(container, stream)
         else:  # PCM: FFmpeg's count comes from the data size (clamped to the file's at worst)
             declared = _declared_seconds(name) or (info.duration_s if _pcm_bits(info.codec) else 0.0)
         info = replace(
@@ -524,6 +525,29 @@ def _declared_seconds(path: str) -> float:
     if isinstance(parsed, mutagen.wave.WAVE) and length * parsed.info.bitrate / 8 >= _WAV_STREAMING_BYTES:
         return 0.0  # sizes left at 0xFFFFFFFF by a writer that could not seek back
     return length
+
+
+def _matroska_seconds(container: Any, stream: Any) -> float:
+    """The audio track's duration in a Matroska/WebM file (0.0: unknown).
+
+    The track's own ``DURATION`` tag (written by FFmpeg and mkvmerge) when it has one; else the
+    segment's duration, but only when there is no video track (the segment lasts as long as its
+    longest track, and a video may outlast its sound).
+    """
+    tagged = _hms_seconds(str(stream.metadata.get("DURATION", "")))
+    if tagged:
+        return tagged
+    if container.streams.video or not container.duration:
+        return 0.0
+    return float(container.duration / av.time_base)
+
+
+def _hms_seconds(text: str) -> float:
+    """``"00:03:25.120000000"`` in seconds (0.0: not that form)."""
+    match = re.fullmatch(r"(\d+):([0-5]\d):([0-5]\d(?:\.\d+)?)", text.strip())
+    if match is None:
+        return 0.0
+    return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + float(match.group(3))
 
 
 def _check_last_ogg_page(path: str) -> None:

@@ -53,7 +53,9 @@ _VIDEO_FPS = 10
 _VIDEO_SIZE = (64, 48)
 
 
-def write_audio(path: str | os.PathLike[str], data: FloatArray, rate: int, kind: str) -> None:
+def write_audio(
+    path: str | os.PathLike[str], data: FloatArray, rate: int, kind: str, *, video_extra_s: float = 0.0
+) -> None:
     """Encode ``data`` into a file of ``kind`` (a key of :data:`RECIPES`).
 
     Parameters
@@ -66,6 +68,8 @@ def write_audio(path: str | os.PathLike[str], data: FloatArray, rate: int, kind:
         Sample rate in Hz (Opus accepts only 8, 12, 16, 24 and 48 kHz).
     kind : str
         Which recipe to use.
+    video_extra_s : float
+        For recipes with a video track: how much longer than the audio it lasts (s).
     """
     recipe = RECIPES[kind]
     if data.ndim != 2 or data.shape[1] not in (1, 2):
@@ -93,7 +97,7 @@ def write_audio(path: str | os.PathLike[str], data: FloatArray, rate: int, kind:
         out.mux(stream.encode(None))
         if video is not None:
             black = np.zeros((_VIDEO_SIZE[1], _VIDEO_SIZE[0], 3), dtype=np.uint8)
-            for i in range(int(len(data) / rate * _VIDEO_FPS)):
+            for i in range(int((len(data) / rate + video_extra_s) * _VIDEO_FPS)):
                 picture = av.VideoFrame.from_ndarray(black, format="rgb24")
                 picture.pts = i
                 out.mux(video.encode(picture))
