@@ -73,7 +73,7 @@ from analysis_service.settings import EngineSettings
 
 FloatArray = npt.NDArray[np.float32]
 
-av.logging.set_level(None)  # FFmpeg's log callback off: nothing reaches stderr
+av.logging.set_level(None)  # FFmpeg's log off: nothing reaches stderr, nor Python's logging
 
 #: FFmpeg demuxers allowed to read a file (``format_whitelist``). Audio formats, then the video
 #: containers whose audio track is analysed. Playlists, ``concat``, network and image demuxers
