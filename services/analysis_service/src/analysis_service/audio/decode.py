@@ -580,12 +580,12 @@ def _decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
     Checks, as it goes, the frame limit, and at the end the frame count against the header's.
     """
     _check_file(info.path)  # gone or unreadable since probe()?
-    decoded = good = bad = 0
-    pending: list[FloatArray] = []
-    pending_n = 0
+    decoded = good = bad = filled = 0
+    buffer = np.empty(CHUNK_FRAMES, dtype=np.float32)  # reused: no allocation per decoded frame
     rate = info.sample_rate
     with _open(info.path) as container:
         stream = container.streams[info.stream_index]
+        stream.codec_context.thread_count = 1  # one core per analysis, as in the process pool
         try:
             for packet in container.demux(stream):
                 try:
@@ -595,29 +595,28 @@ def _decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
                     continue
                 good += 1
                 for frame in frames:
-                    if frame.sample_rate != rate and pending:
-                        yield rate, _joined(pending)
-                        pending, pending_n = [], 0
+                    n = frame.samples
+                    if filled and (frame.sample_rate != rate or filled + n > len(buffer)):
+                        yield rate, buffer[:filled].copy()
+                        filled = 0
+                    if n > len(buffer):
+                        buffer = np.empty(n, dtype=np.float32)
                     rate = frame.sample_rate
-                    mono = _downmix(frame)
-                    pending.append(mono)
-                    pending_n += len(mono)
-                    decoded += len(mono)
+                    _downmix_into(frame, buffer[filled : filled + n])
+                    filled += n
+                    decoded += n
                     if info.max_frames and decoded > info.max_frames:
                         raise TooLong(
                             f"more than {info.max_frames / info.sample_rate / 60:.1f} min of audio decode "
                             "(the limit), whatever the header says",
                             path=info.path,
                         )
-                    if pending_n >= CHUNK_FRAMES:
-                        yield rate, _joined(pending)
-                        pending, pending_n = [], 0
         except av.error.FFmpegError as exc:
             if decoded == 0:
                 raise NotAudio(f"nothing in it decodes ({exc})", path=info.path) from exc
             bad += 1  # the demuxer met an error part way: judged below like a cut file
-    if pending:
-        yield rate, _joined(pending)
+    if filled:
+        yield rate, buffer[:filled].copy()
     _check_complete(info, decoded=decoded, good=good, bad=bad)
 
 
@@ -650,11 +649,12 @@ _SAMPLES: dict[str, tuple[type[np.generic], float]] = {
 }
 
 
-def _downmix(frame: Any) -> FloatArray:
-    """A decoded PyAV frame averaged over its channels into a new float32 1-D array.
+def _downmix_into(frame: Any, out: FloatArray) -> None:
+    """Average a decoded PyAV frame over its channels into ``out`` (float32, ``frame.samples`` long).
 
-    The planes are read in place (``np.frombuffer``): ``AudioFrame.to_ndarray`` stacks them
-    first, which costs more than the decoding itself for MP3's small frames.
+    The planes are read in place (``np.frombuffer``; ``AudioFrame.to_ndarray`` stacks them first,
+    which costs more than decoding MP3's small frames) and summed into ``out`` without
+    temporaries; unlike a matrix product this never starts BLAS threads.
     """
     fmt = frame.format
     n, channels = frame.samples, frame.layout.nb_channels
@@ -665,19 +665,14 @@ def _downmix(frame: Any) -> FloatArray:
     else:
         packed = np.frombuffer(planes[0], dtype, n * channels).reshape(n, channels)
         columns = [packed[:, c] for c in range(channels)]
-    mono: FloatArray = columns[0].astype(np.float32)
+    np.copyto(out, columns[0], casting="unsafe")
     for column in columns[1:]:
-        mono += column
+        np.add(out, column, out=out, casting="unsafe")
     if dtype is np.uint8:
-        mono -= np.float32(128 * channels)
+        out -= np.float32(128 * channels)
     factor = scale / channels
     if factor != 1.0:
-        mono *= np.float32(factor)
-    return mono
-
-
-def _joined(pieces: list[FloatArray]) -> FloatArray:
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        out *= np.float32(factor)
 
 
 def _resampled(chunks: Iterable[tuple[int, FloatArray]], *, out_rate: int) -> Iterator[FloatArray]:
