@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,7 @@ def test_each_format_decodes_to_its_duration_and_pitch(tmp_path: Path, kind: str
     signal = np.concatenate(list(iter_mono_blocks(info, target_rate=TARGET)))
 
     assert (info.format, info.codec, info.sample_rate, info.channels) == (fmt, codec, rate, 2)
+    assert info.decoder == ("soundfile" if kind in ("wav", "rf64", "aiff") else "pyav")
     assert info.duration_s == pytest.approx(4.0, abs=0.1)
     assert signal.dtype == np.float32
     assert signal.ndim == 1
@@ -155,6 +157,34 @@ def test_video_outlasting_its_sound_is_not_truncation(tmp_path: Path, kind: str)
     write_audio(path, _tone(rate, 3.0, channels=2), rate, kind, video_extra_s=3.0)
 
     assert len(_decode(path)) / TARGET == pytest.approx(3.0, abs=0.1)
+
+
+@pytest.mark.parametrize("kind", ["wav", "rf64", "aiff"])
+def test_both_decoders_give_the_same_samples(tmp_path: Path, kind: str) -> None:
+    info = probe(_make(tmp_path, kind, seconds=3.0), settings=SETTINGS)
+    with_pyav = replace(info, decoder="pyav")
+
+    by_soundfile = np.concatenate(list(iter_mono_blocks(info, target_rate=TARGET)))
+    by_pyav = np.concatenate(list(iter_mono_blocks(with_pyav, target_rate=TARGET)))
+
+    assert info.decoder == "soundfile"
+    np.testing.assert_allclose(by_soundfile, by_pyav, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["wav", "rf64", "aiff"])
+@pytest.mark.parametrize("fraction", [0.3, 0.7, 0.9])
+def test_both_decoders_agree_that_a_cut_file_is_truncated(tmp_path: Path, kind: str, fraction: float) -> None:
+    path = _cut(_make(tmp_path, kind, seconds=6.0), fraction)
+
+    verdicts = []
+    for decoder in ("soundfile", "pyav"):
+        try:
+            info = replace(probe(path, settings=SETTINGS), decoder=decoder)
+            list(iter_mono_blocks(info, target_rate=TARGET))
+        except TruncatedAudio as exc:
+            verdicts.append(exc.code)
+
+    assert verdicts == ["truncated_audio", "truncated_audio"]
 
 
 def test_a_tempo_survives_lossy_encoding(tmp_path: Path) -> None:

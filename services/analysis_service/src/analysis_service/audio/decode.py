@@ -1,11 +1,12 @@
 """Audio decoding: validate a file, then stream it as mono float32 blocks at the analysis rate.
 
-One decoder, in process: **PyAV** (``av``, the FFmpeg libraries bundled in its wheel). It reads MP3,
-AAC/M4A, ALAC, Opus, Vorbis, FLAC, WAV/AIFF/RF64/W64, WMA and the audio track of MP4, Matroska/WebM,
-AVI, MPEG-TS and FLV files, with no subprocess and no system package. libsndfile is not used for
-decoding: measured on a 3-minute file it was no faster for FLAC (0.23 s against 0.21 s), 0.04 s
-faster for WAV, and 0.3 s faster for MP3 only because it stops early on VBR files without a frame
-count (``docs/speed.md``); one decoder also means one answer to "is this file complete?".
+Decoding is in process. **PyAV** (``av``, the FFmpeg libraries bundled in its wheel) probes every
+file and decodes MP3, AAC/M4A, ALAC, Opus, Vorbis, WMA, W64 and the audio track of MP4, Matroska/WebM,
+AVI, MPEG-TS and FLV files, with no subprocess and no system package. **libsndfile** (``soundfile``)
+decodes only what it decodes faster (:data:`SOUNDFILE_CODECS`: PCM WAV/RF64/AIFF;
+``docs/speed.md``); never MP3 (it stops early on VBR files without a frame count and its
+mpg123 writes to stderr) nor Ogg (it reads only the first part of a chained file, and refused
+valid files as truncated). Both decoders' frame counts are judged by the same rule, below.
 
 What FFmpeg may open is restricted, because the files come from users:
 
@@ -56,6 +57,7 @@ import mutagen.ogg
 import mutagen.wave
 import numpy as np
 import numpy.typing as npt
+import soundfile as sf
 import soxr
 
 from analysis_service.errors import (
@@ -84,7 +86,19 @@ DEMUXERS: Final = (
     "mov", "matroska", "avi", "flv", "mpegts", "mpeg",
 )  # fmt: skip
 #: FFmpeg options for every open: the allow-lists above, and only local files.
-OPEN_OPTIONS: Final = {"format_whitelist": ",".join(DEMUXERS), "protocol_whitelist": "file"}
+#: ``probesize`` (bytes ``avformat_find_stream_info`` may read, 5 MB by default) at 1 MB: enough
+#: for the audio stream's parameters (about 6 s of CD audio, many seconds of interleaved video),
+#: and it stops FFmpeg reading 5 MB of a WAV file for nothing (38 ms -> 8 ms).
+OPEN_OPTIONS: Final = {
+    "format_whitelist": ",".join(DEMUXERS),
+    "protocol_whitelist": "file",
+    "probesize": str(1 << 20),
+}
+#: (demuxer, codec prefix) pairs that libsndfile decodes faster than PyAV (``docs/speed.md``):
+#: PCM in WAV/RF64/AIFF, where both read exactly the declared data. Not FLAC: libsndfile stops at
+#: the count in STREAMINFO, so a header claiming less than the file holds would hide frames from
+#: the ``max_duration_s`` count (and it cannot end a stream of unknown length cleanly).
+SOUNDFILE_CODECS: Final = (("wav", "pcm_"), ("aiff", "pcm_"))
 #: Mono source frames gathered before each ``soxr`` call (fewer Python round trips).
 CHUNK_FRAMES: Final = 1 << 16
 #: Seconds of audio :func:`probe` decodes to check that the content really is audio.
@@ -137,7 +151,8 @@ class AudioInfo:
         Duration in seconds according to the header (an estimate for some MP3 and AAC files;
         0.0 when the container does not say).
     decoder : str
-        Which decoder :func:`iter_mono_blocks` uses (``"pyav"``).
+        Which decoder :func:`iter_mono_blocks` uses: ``"pyav"``, or ``"soundfile"`` (libsndfile)
+        for the formats of :data:`SOUNDFILE_CODECS`.
     codec : str
         FFmpeg's codec name: ``"mp3"``, ``"aac"``, ``"alac"``, ``"opus"``, ``"vorbis"``, ``"flac"``,
         ``"pcm_s16le"``, ``"wmav2"``...
@@ -221,6 +236,9 @@ def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInf
         _check_size(info, size=size)
         _check_limits(info, settings=settings)
         _check_decodes(container, stream, info)
+        demuxer = container.format.name
+    if any(demuxer == d and info.codec.startswith(c) for d, c in SOUNDFILE_CODECS):
+        info = replace(info, decoder="soundfile")
     return info
 
 
@@ -265,7 +283,8 @@ def iter_mono_blocks(info: AudioInfo, *, target_rate: int, block_s: float = 10.0
     if target_rate <= 0 or not block_s > 0:
         raise ValueError(f"target_rate and block_s must be positive, got {target_rate} and {block_s}")
     size = max(1, round(block_s * target_rate))
-    return _rebuffer(_resampled(_decoded(info), out_rate=target_rate), size=size)
+    source = _soundfile_decoded(info) if info.decoder == "soundfile" else _decoded(info)
+    return _rebuffer(_resampled(source, out_rate=target_rate), size=size)
 
 
 def content_hash(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
@@ -606,11 +625,7 @@ def _decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
                     filled += n
                     decoded += n
                     if info.max_frames and decoded > info.max_frames:
-                        raise TooLong(
-                            f"more than {info.max_frames / info.sample_rate / 60:.1f} min of audio decode "
-                            "(the limit), whatever the header says",
-                            path=info.path,
-                        )
+                        raise _too_long(info)
         except av.error.FFmpegError as exc:
             if decoded == 0:
                 raise NotAudio(f"nothing in it decodes ({exc})", path=info.path) from exc
@@ -618,6 +633,54 @@ def _decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
     if filled:
         yield rate, buffer[:filled].copy()
     _check_complete(info, decoded=decoded, good=good, bad=bad)
+
+
+def _soundfile_decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
+    """``(source rate, mono chunk)`` pairs of :data:`CHUNK_FRAMES` frames, decoded with libsndfile.
+
+    Same checks as :func:`_decoded`: the frame limit as it goes, the header's count at the end.
+    A file libsndfile reads differently from FFmpeg (another rate or channel count) is decoded
+    with PyAV instead.
+    """
+    _check_file(info.path)  # gone or unreadable since probe()?
+    try:
+        f = sf.SoundFile(info.path)
+    except (sf.LibsndfileError, RuntimeError):
+        yield from _decoded(info)
+        return
+    with f:
+        if (f.samplerate, f.channels) != (info.sample_rate, info.channels):
+            f.close()
+            yield from _decoded(info)
+            return
+        buffer = np.empty((CHUNK_FRAMES, info.channels), dtype=np.float32)
+        decoded = bad = 0
+        while True:
+            try:
+                n = int(f.buffer_read_into(buffer, dtype="float32"))
+            except (sf.LibsndfileError, RuntimeError):
+                bad = 1  # a read error part way: judged below like a cut file
+                break
+            if n == 0:
+                break
+            decoded += n
+            if info.max_frames and decoded > info.max_frames:
+                raise _too_long(info)
+            mono = buffer[:n, 0].copy()
+            for channel in range(1, info.channels):
+                mono += buffer[:n, channel]
+            if info.channels > 1:
+                mono *= np.float32(1.0 / info.channels)
+            yield info.sample_rate, mono
+    _check_complete(info, decoded=decoded, good=max(1, decoded // CHUNK_FRAMES), bad=bad)
+
+
+def _too_long(info: AudioInfo) -> TooLong:
+    return TooLong(
+        f"more than {info.max_frames / info.sample_rate / 60:.1f} min of audio decode (the limit), "
+        "whatever the header says",
+        path=info.path,
+    )
 
 
 def _check_complete(info: AudioInfo, *, decoded: int, good: int, bad: int) -> None:
