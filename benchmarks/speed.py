@@ -343,10 +343,12 @@ def fresh_process(path: Path) -> dict[str, Any]:
 #: share the name), or (file part, function, caller) for its calls from that caller only.
 _HOTSPOTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("analyze_file (total)", ("engine.py", "analyze_file")),
-    ("  probe (header, MP3 check)", ("decode.py", "probe")),
+    ("  probe (header, tags' counts, 1.5 s decode check)", ("decode.py", "probe")),
     ("  decode (all, rebuffered 10 s blocks)", ("decode.py", "_rebuffer")),
     ("    resample 44.1 -> 22.05 kHz + below", ("decode.py", "_resampled")),
-    ("      libsndfile decode + downmix", ("decode.py", "_soundfile_blocks")),
+    ("      PyAV decode + downmix", ("decode.py", "_decoded")),
+    ("      libsndfile decode + downmix (PCM)", ("decode.py", "_soundfile_decoded")),
+    ("  tags (mutagen)", ("tags.py", "read_tags")),
     ("  features (FeatureExtractor.push)", ("features.py", "push")),
     ("    framing + window (_Framer.push)", ("features.py", "push", "push")),
     ("    rhythm STFT 1024/256 (_rhythm_frames)", ("features.py", "_rhythm_frames")),
