@@ -52,9 +52,19 @@ from typing import Any, Final
 import av
 import av.logging
 import mutagen
+import mutagen.aiff
+import mutagen.asf
+import mutagen.flac
+import mutagen.monkeysaudio
 import mutagen.mp3
+import mutagen.mp4
 import mutagen.ogg
+import mutagen.oggflac
+import mutagen.oggopus
+import mutagen.oggvorbis
+import mutagen.trueaudio
 import mutagen.wave
+import mutagen.wavpack
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
@@ -118,6 +128,19 @@ _OGG_MAX_PAGE = 27 + 255 + 255 * 255
 _HEADER_SLACK_BYTES = 4096
 #: A WAV data size of 0xFFFFFFFF is the "unknown: written to a pipe" marker.
 _WAV_STREAMING_BYTES = 0xFFFFFFFF - 8
+#: FFmpeg demuxer (first name) -> the mutagen file types whose length is an exact count for it.
+_EXACT_LENGTHS: dict[str, tuple[type[Any], ...]] = {
+    "flac": (mutagen.flac.FLAC,),
+    "wav": (mutagen.wave.WAVE,),
+    "aiff": (mutagen.aiff.AIFF,),
+    "mov": (mutagen.mp4.MP4,),
+    "asf": (mutagen.asf.ASF,),
+    "ogg": (mutagen.oggvorbis.OggVorbis, mutagen.oggopus.OggOpus, mutagen.oggflac.OggFLAC),
+    "mp3": (mutagen.mp3.MP3,),
+    "wv": (mutagen.wavpack.WavPack,),
+    "ape": (mutagen.monkeysaudio.MonkeysAudio,),
+    "tta": (mutagen.trueaudio.TrueAudio,),
+}
 #: Demuxer (first name) -> format name reported when the extension does not say better.
 _FORMAT_NAMES = {"mov": "mp4", "matroska": "mkv", "asf": "wma"}
 #: Extensions that name the demuxer's format more precisely than its first name.
@@ -226,7 +249,9 @@ def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInf
         if container.format.name.startswith("matroska"):
             declared = _matroska_seconds(container, stream)
         else:  # PCM: FFmpeg's count comes from the data size (clamped to the file's at worst)
-            declared = _declared_seconds(name) or (info.duration_s if _pcm_bits(info.codec) else 0.0)
+            declared = _declared_seconds(name, demuxer=container.format.name) or (
+                info.duration_s if _pcm_bits(info.codec) else 0.0
+            )
         info = replace(
             info,
             expected_frames=round(declared * info.sample_rate),
@@ -516,22 +541,27 @@ def _check_decodes(container: Any, stream: Any, info: AudioInfo) -> None:
 # Declared length (mutagen)
 
 
-def _declared_seconds(path: str) -> float:
+def _declared_seconds(path: str, *, demuxer: str) -> float:
     """Seconds of audio the header promises exactly (0.0: it gives no exact count).
 
     mutagen reads the exact counts: FLAC STREAMINFO, the WAV/AIFF data chunk's declared size
-    (FFmpeg clamps it to the file's size), the MP4 media header, the ASF file properties, the
-    last Ogg granule (after checking that the last page is complete) and an MP3's Xing/Info/VBRI
-    frame count (MP3 files without one only have an estimate). (Matroska's segment duration comes
-    from PyAV.) A file mutagen cannot parse has no exact count.
+    (FFmpeg clamps it to the file's size), the MP4 audio track's media header, the ASF file
+    properties, the last Ogg granule (after checking that the last page is complete), an MP3's
+    Xing/Info/VBRI frame count, the WavPack/APE/TTA headers. Only when mutagen read the file as
+    the format FFmpeg's ``demuxer`` found (:data:`_EXACT_LENGTHS`): other lengths from mutagen
+    are estimates (ADTS AAC, AC-3, an MP3 without a VBR header). (Matroska's comes from PyAV.)
+    A file mutagen cannot parse has no exact count.
     """
+    exact = _EXACT_LENGTHS.get(demuxer.split(",")[0])
+    if exact is None:
+        return 0.0
     try:
         parsed = mutagen.File(path)
     except (mutagen.MutagenError, ValueError, IndexError, KeyError, EOFError, OverflowError) as exc:
         if isinstance(exc, mutagen.ogg.error) and "full data" in str(exc):
             raise TruncatedAudio("the last Ogg page is incomplete: the file is truncated", path=path) from exc
         return 0.0
-    if parsed is None or parsed.info is None:
+    if not isinstance(parsed, exact) or parsed.info is None:
         return 0.0
     if isinstance(parsed, mutagen.ogg.OggFileType):
         _check_last_ogg_page(path)

@@ -1,7 +1,7 @@
 """Write audio files with PyAV's bundled encoders (for the demo, tests and benchmarks).
 
-One function, :func:`write_audio`, covers every format the decoder is tested on: MP3, AAC and
-ALAC in MP4/M4A, Opus and Vorbis in Ogg, FLAC, WAV, RF64, AIFF, WMA, and an audio track beside a
+One function, :func:`write_audio`, covers every format the decoder is tested on: MP3, AAC (ADTS,
+and with ALAC in MP4/M4A), Opus and Vorbis in Ogg, FLAC, WAV, RF64, AIFF, WMA, and an audio track beside a
 (small, black) video track in MP4 or Matroska. Nothing here needs a system ffmpeg.
 """
 
@@ -35,6 +35,7 @@ class Recipe:
 RECIPES: Final[Mapping[str, Recipe]] = {
     "mp3": Recipe("mp3", "libmp3lame", bit_rate=192_000),
     "m4a": Recipe("ipod", "aac", bit_rate=128_000),
+    "aac": Recipe("adts", "aac", bit_rate=128_000),
     "m4a-faststart": Recipe("ipod", "aac", bit_rate=128_000, container_options={"movflags": "+faststart"}),
     "alac": Recipe("ipod", "alac"),
     "opus": Recipe("ogg", "libopus", bit_rate=96_000),
