@@ -246,22 +246,25 @@ def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInf
     with _open(name) as container:
         stream = _audio_stream(container, path=name)
         info = _header_info(container, stream, path=name)
-        if container.format.name.startswith("matroska"):
+        demuxer = container.format.name
+        if demuxer.startswith("matroska"):
             declared = _matroska_seconds(container, stream)
         else:  # PCM: FFmpeg's count comes from the data size (clamped to the file's at worst)
-            declared = _declared_seconds(name, demuxer=container.format.name) or (
+            declared = _declared_seconds(name, demuxer=demuxer) or (
                 info.duration_s if _pcm_bits(info.codec) else 0.0
             )
+        # Where the container states lengths exactly, no exact length means "unknown" (0.0), not
+        # FFmpeg's guess from the bit rate; MP3 and ADTS files have only guesses, kept as such.
+        states_length = demuxer.split(",")[0] in _EXACT_LENGTHS and demuxer != "mp3"
         info = replace(
             info,
             expected_frames=round(declared * info.sample_rate),
-            duration_s=declared or info.duration_s,
+            duration_s=declared or (0.0 if states_length else info.duration_s),
             max_frames=int(settings.max_duration_s * info.sample_rate) + 1,
         )
         _check_size(info, size=size)
         _check_limits(info, settings=settings)
         _check_decodes(container, stream, info)
-        demuxer = container.format.name
     if any(demuxer == d and info.codec.startswith(c) for d, c in SOUNDFILE_CODECS):
         info = replace(info, decoder="soundfile")
     return info
