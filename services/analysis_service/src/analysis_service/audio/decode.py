@@ -2,9 +2,9 @@
 
 Decoding is in process. **PyAV** (``av``, the FFmpeg libraries bundled in its wheel) probes every
 file and decodes MP3, AAC/M4A, ALAC, Opus, Vorbis, FLAC, WMA, W64 and the audio track of MP4,
-Matroska/WebM, AVI, MPEG-TS and FLV files, with no subprocess and no system package. **libsndfile** (``soundfile``)
-decodes only what it decodes faster (:data:`SOUNDFILE_CODECS`: PCM WAV/RF64/AIFF;
-``docs/speed.md``); never MP3 (it stops early on VBR files without a frame count and its
+Matroska/WebM, AVI, MPEG-TS and FLV files, with no subprocess and no system package.
+**libsndfile** (``soundfile``) decodes only what it decodes faster (:data:`SOUNDFILE_CODECS`: PCM
+WAV/RF64/AIFF; ``docs/speed.md``); never MP3 (it stops early on VBR files without a frame count and its
 mpg123 writes to stderr) nor Ogg (it reads only the first part of a chained file, and refused
 valid files as truncated). Both decoders' frame counts are judged by the same rule, below.
 
