@@ -4,7 +4,8 @@
 Generates its inputs once into the work folder (reused when present):
 
 * ``song-3min.mp3``: :func:`analysis_service.audio.synth.demo_song`, 3 minutes at 44.1 kHz, stereo,
-  encoded by ffmpeg (libmp3lame, 192 kbit/s);
+  encoded with PyAV's bundled LAME (192 kbit/s); the same song as FLAC, 16-bit WAV and AAC M4A
+  (128 kbit/s) for the decoding figures;
 * ``mix-2h.flac``: a 2-hour 44.1 kHz stereo "DJ mix" of twelve 10-minute demo songs at different
   tempi and keys, written in chunks with soundfile (never more than about a minute of audio in memory).
 
@@ -14,13 +15,16 @@ Then measures, with all three analyzers (bpm, key, mood), decoding included:
    a fresh single-process spawn pool (the path of ``analyze`` and the worker);
 2. CPU seconds for the 2-hour file, with its segment timeline (in a fresh process);
 3. peak RSS (``VmHWM``) of a fresh process analysing the 3-minute file vs the 2-hour file;
-4. cold start: fresh ``create_pool(1)`` to the first result, and ``warm_up`` alone.
+4. cold start: fresh ``create_pool(1)`` to the first result, and ``warm_up`` alone;
+5. decoding alone (``probe`` + ``iter_mono_blocks`` to 22.05 kHz mono) of the 3-minute song as
+   MP3, FLAC, WAV and M4A: CPU seconds, median of ``--repeat``, the CPU of any child process
+   included (``--decode-only`` runs just this).
 
     uv run python benchmarks/speed.py [--work .bench/speed] [--skip-long] [--repeat 5]
-                                      [--profile] [--profile-long] [--profile-top 25]
+                                      [--profile] [--profile-long] [--profile-top 25] [--decode-only]
 
 Numeric libraries run single-threaded (as in the pool), so CPU seconds are one core's seconds.
-Needs ``ffmpeg`` (with libmp3lame) on ``PATH``.
+Nothing but the project's Python packages is needed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import resource
 import statistics
 import subprocess
 import sys
@@ -128,15 +132,6 @@ class Figure:
 # Inputs
 
 
-def require_ffmpeg() -> str:
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        sys.exit(
-            "speed.py: ffmpeg is not on PATH; it encodes the MP3 input (install it: apt-get install ffmpeg)"
-        )
-    return ffmpeg
-
-
 def _stereo(y: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """A stereo pair from a mono signal (the right channel slightly quieter, so the channels differ)."""
     import numpy as np
@@ -144,32 +139,27 @@ def _stereo(y: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.stack([y, np.float32(0.9) * y], axis=1)
 
 
-def _encode_mp3(ffmpeg: str, source: Path, target: Path) -> None:
-    partial = target.with_suffix(".part.mp3")
-    cmd = [ffmpeg, "-nostdin", "-y", "-loglevel", "error", "-i", str(source)]
-    cmd += ["-c:a", "libmp3lame", "-b:a", "192k", str(partial)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"speed.py: ffmpeg could not encode {source} to MP3:\n{proc.stderr.strip()[-2000:]}")
-    partial.replace(target)
+#: The 3-minute song in each format of the decoding figures: file name and encoder recipe
+#: (:data:`analysis_service.audio.encode.RECIPES`).
+SHORT_FORMATS = {"mp3": ("song-3min.mp3", "mp3"), "flac": ("song-3min.flac", "flac"),
+                 "wav": ("song-3min.wav", "wav"), "m4a": ("song-3min.m4a", "m4a")}  # fmt: skip
 
 
-def ensure_short_mp3(work: Path, ffmpeg: str) -> Path:
-    """The 3-minute 44.1 kHz stereo 192 kbit/s MP3 (made once)."""
-    mp3 = work / "song-3min.mp3"
-    if mp3.exists():
-        return mp3
-    import soundfile as sf
-
+def ensure_short(work: Path, fmt: str = "mp3") -> Path:
+    """The 3-minute 44.1 kHz stereo song as ``fmt`` (made once)."""
+    from analysis_service.audio.encode import write_audio
     from analysis_service.audio.synth import demo_song
 
-    print(f"generating {mp3} ...", file=sys.stderr, flush=True)
+    name, recipe = SHORT_FORMATS[fmt]
+    target = work / name
+    if target.exists():
+        return target
+    print(f"generating {target} ...", file=sys.stderr, flush=True)
     y = demo_song(bpm=124.0, tonic=9, mode="minor", seconds=SHORT_S, sample_rate=SOURCE_RATE)
-    wav = work / "song-3min.wav"
-    sf.write(wav, _stereo(y), SOURCE_RATE, subtype="PCM_16")
-    _encode_mp3(ffmpeg, wav, mp3)
-    wav.unlink()
-    return mp3
+    partial = target.with_name(f"part-{name}")
+    write_audio(partial, _stereo(y), SOURCE_RATE, recipe)
+    partial.replace(target)
+    return target
 
 
 def _loop_seconds(bpm: float) -> float:
@@ -218,6 +208,28 @@ def ensure_long_flac(work: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # Measurements
+
+
+def _cpu_with_children() -> float:
+    """CPU seconds of this process and of its reaped children (an ffmpeg subprocess, say)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def decode_cpu(path: Path, *, settings: EngineSettings, repeat: int) -> tuple[float, str]:
+    """Median CPU seconds of ``probe`` + ``iter_mono_blocks`` over all of ``path``; the decoder used."""
+    from analysis_service.audio.decode import iter_mono_blocks, probe
+
+    def once() -> float:
+        c0 = _cpu_with_children()
+        info = probe(path, settings=settings)
+        for _block in iter_mono_blocks(info, target_rate=settings.sample_rate):
+            pass
+        return _cpu_with_children() - c0
+
+    once()
+    runs = [once() for _ in range(repeat)]
+    return statistics.median(runs), probe(path, settings=settings).decoder
 
 
 def _median_runs(run: Callable[[], tuple[float, float]], repeat: int) -> tuple[float, float]:
@@ -331,10 +343,12 @@ def fresh_process(path: Path) -> dict[str, Any]:
 #: share the name), or (file part, function, caller) for its calls from that caller only.
 _HOTSPOTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("analyze_file (total)", ("engine.py", "analyze_file")),
-    ("  probe (header, MP3 check)", ("decode.py", "probe")),
+    ("  probe (header, tags' counts, 1.5 s decode check)", ("decode.py", "probe")),
     ("  decode (all, rebuffered 10 s blocks)", ("decode.py", "_rebuffer")),
     ("    resample 44.1 -> 22.05 kHz + below", ("decode.py", "_resampled")),
-    ("      libsndfile decode + downmix", ("decode.py", "_soundfile_blocks")),
+    ("      PyAV decode + downmix", ("decode.py", "_decoded")),
+    ("      libsndfile decode + downmix (PCM)", ("decode.py", "_soundfile_decoded")),
+    ("  tags (mutagen)", ("tags.py", "read_tags")),
     ("  features (FeatureExtractor.push)", ("features.py", "push")),
     ("    framing + window (_Framer.push)", ("features.py", "push", "push")),
     ("    rhythm STFT 1024/256 (_rhythm_frames)", ("features.py", "_rhythm_frames")),
@@ -417,6 +431,18 @@ def _rss_line(label: str, run: dict[str, Any]) -> str:
     )
 
 
+def decoding(work: Path, *, settings: EngineSettings, repeat: int) -> list[Figure]:
+    """Section 5: CPU seconds to decode the 3-minute song in each format."""
+    print(f"\n== 5. decoding alone: probe + iter_mono_blocks to {settings.sample_rate} Hz mono "
+          f"(median of {repeat}) ==")  # fmt: skip
+    figures = []
+    for fmt in SHORT_FORMATS:
+        cpu, decoder = decode_cpu(ensure_short(work, fmt), settings=settings, repeat=repeat)
+        print(f"{fmt:<5} {cpu:.3f} s CPU ({decoder}), {SHORT_S / cpu:.0f}x real time")
+        figures.append(Figure(f"decode 3-min {fmt.upper()}: CPU", cpu, f"CPU s ({decoder})"))
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / ".bench" / "speed", help="inputs are kept here")
@@ -425,15 +451,18 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also cProfile one 3-minute analysis")
     ap.add_argument("--profile-long", action="store_true", help="also cProfile the 2-hour analysis")
     ap.add_argument("--profile-top", type=int, default=25, help="functions listed by --profile")
+    ap.add_argument("--decode-only", action="store_true", help="only the decoding figures (section 5)")
     args = ap.parse_args()
 
     os.environ.update(SINGLE_THREADED_ENV)  # before numpy loads its BLAS: CPU seconds of one core
-    ffmpeg = require_ffmpeg()
     args.work.mkdir(parents=True, exist_ok=True)
     from analysis_service.settings import EngineSettings
 
     settings = EngineSettings()
-    short = ensure_short_mp3(args.work, ffmpeg)
+    if args.decode_only:
+        print_summary(decoding(args.work, settings=settings, repeat=args.repeat))
+        return
+    short = ensure_short(args.work)
     long = None if args.skip_long else ensure_long_flac(args.work)
     nproc = os.cpu_count() or 1
     print(f"machine: {nproc} CPUs; inputs in {args.work}")
@@ -509,6 +538,7 @@ def main() -> None:
         Figure("cold start: create_pool -> warmed", cold.warmed_pool_s, "s"),
     ]
 
+    figures += decoding(args.work, settings=settings, repeat=args.repeat)
     if args.profile:
         profile(short, warm_path=short, settings=settings, timeline=False, top=args.profile_top)
     if args.profile_long and long is not None:

@@ -99,7 +99,7 @@ def test_timings_cover_every_stage(make: Make) -> None:
     out = analyze_file(make("song.wav", _song(6.0)), settings=SETTINGS)
 
     t = out.timings_s
-    assert set(t) == {"decode", "features", "bpm", "key", "mood", "total"}
+    assert set(t) == {"decode", "features", "bpm", "key", "mood", "tags", "total"}
     assert all(v >= 0.0 for v in t.values())
     assert t["features"] > 0.0
     assert t["total"] > 0.0
@@ -143,7 +143,7 @@ def test_only_the_analyses_asked_for(make: Make) -> None:
     assert bpm_only.tempo is not None
     assert (bpm_only.key, bpm_only.mood) == (None, None)
     assert bpm_only.analyzer_versions == {"bpm": "1.1.0"}
-    assert set(bpm_only.timings_s) == {"decode", "features", "bpm", "total"}
+    assert set(bpm_only.timings_s) == {"decode", "features", "bpm", "tags", "total"}
     assert mood_only.mood is not None
     assert (mood_only.tempo, mood_only.key) == (None, None)
     assert mood_only.analyzer_versions == VERSIONS  # its dependencies ran

@@ -119,6 +119,53 @@ class Segment(BaseModel):
     key: str | None = None
 
 
+class TrackTags(BaseModel):
+    """Metadata embedded in the file (ID3, MP4 atoms, Vorbis comments, ASF, APEv2), as found.
+
+    Untrusted text: control characters are removed and each value is cut at 500 characters. A
+    field the file does not carry, or carries in a form that makes no sense, is null.
+    """
+
+    title: str | None = None
+    artist: str | None = None
+    album: str | None = None
+    track_number: int | None = Field(
+        default=None, description="Track number on its release (ID3 TRCK, MP4 trkn)."
+    )
+    year: int | None = Field(default=None, description="Year of the recording or release date tag.")
+    genre: str | None = None
+    isrc: str | None = Field(
+        default=None, description="International Standard Recording Code, e.g. USRC17607839."
+    )
+    bpm: float | None = Field(
+        default=None, description="Tempo tag (ID3 TBPM, MP4 tmpo, Vorbis/APE BPM, WM/BeatsPerMinute), 20-999."
+    )
+    key: str | None = Field(
+        default=None,
+        description='Key tag as written (ID3 TKEY, INITIALKEY, KEY, WM/InitialKey), e.g. "Am", "8A", "1m".',
+    )
+    codec: str | None = Field(default=None, description='Codec the decoder found, e.g. "mp3", "aac", "flac".')
+    bitrate_kbps: int | None = Field(default=None, description="Bit rate in kbit/s.")
+
+
+class TagCheck(BaseModel):
+    """How the file's BPM and key tags relate to the measured tempo and key (null: nothing to compare)."""
+
+    bpm: Literal["match", "double", "half", "other"] | None = Field(
+        default=None,
+        description="match: within 4 %; double: the measured tempo is twice the tag's; half: half of it.",
+    )
+    bpm_tagged: float | None = None
+    bpm_measured: float | None = None
+    key: Literal["match", "relative", "parallel", "fifth", "other"] | None = Field(
+        default=None,
+        description="relative: same notes, other mode (8A/8B); parallel: same tonic, other mode; "
+        "fifth: same mode a fifth apart (a Camelot neighbour).",
+    )
+    key_tagged: str | None = Field(default=None, description='The tag parsed, e.g. "A minor".')
+    key_measured: str | None = None
+
+
 class EngineOutput(BaseModel):
     """What the analysis engine found in one file."""
 
@@ -135,6 +182,10 @@ class EngineOutput(BaseModel):
     )
     analyzer_versions: dict[str, str]
     timings_s: dict[str, float] = Field(description="Seconds spent per stage (decode, features, ...).")
+    tags: TrackTags | None = Field(default=None, description="Metadata embedded in the file.")
+    tag_check: TagCheck | None = Field(
+        default=None, description="Where the file's BPM or key tag agrees or disagrees with the measurement."
+    )
 
 
 class ErrorInfo(BaseModel):

@@ -125,6 +125,12 @@ class TruncatedAudio(AudioInputError):
     code = "truncated_audio"
 
 
+class CorruptAudio(AudioInputError):
+    """Many packets of the file fail to decode (damaged data, not just a cut end)."""
+
+    code = "corrupt_audio"
+
+
 class SilentAudio(AudioInputError):
     code = "silent_audio"
 
@@ -144,7 +150,7 @@ class UnsupportedAudio(AudioInputError):
 
 
 class DecoderUnavailable(AudioInputError):
-    """No installed decoder handles this format (e.g. m4a without ffmpeg)."""
+    """No decoder handles this audio format (a codec FFmpeg does not decode)."""
 
     code = "decoder_unavailable"
 

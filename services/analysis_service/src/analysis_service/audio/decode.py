@@ -1,55 +1,77 @@
-"""Audio decoding: validate a file's header, then stream it as mono float32 blocks at the analysis rate.
+"""Audio decoding: validate a file, then stream it as mono float32 blocks at the analysis rate.
 
-Two decoders are used, in this order:
+Decoding is in process. **PyAV** (``av``, the FFmpeg libraries bundled in its wheel) probes every
+file and decodes MP3, AAC/M4A, ALAC, Opus, Vorbis, FLAC, WMA, W64 and the audio track of MP4,
+Matroska/WebM, AVI, MPEG-TS and FLV files, with no subprocess and no system package.
+**libsndfile** (``soundfile``) decodes only what it decodes faster (:data:`SOUNDFILE_CODECS`: PCM
+WAV/RF64/AIFF; ``docs/speed.md``); never MP3 (it stops early on VBR files without a frame count and its
+mpg123 writes to stderr) nor Ogg (it reads only the first part of a chained file, and refused
+valid files as truncated). Both decoders' frame counts are judged by the same rule, below.
 
-* **libsndfile** (through :mod:`soundfile`) reads WAV, FLAC, Ogg (Vorbis, Opus), MP3 (libsndfile 1.1
-  or later), AIFF, CAF and a few rarer formats, in process and fast;
-* **ffmpeg** (a subprocess, probed with ``ffprobe``) reads everything else (M4A/AAC/ALAC, WMA, WebM,
-  Matroska, APE...). It pipes raw interleaved 32-bit float samples, already at the target rate.
+What FFmpeg may open is restricted, because the files come from users:
 
-Nothing here holds a whole file in memory: :func:`iter_mono_blocks` reads a bounded number of frames
-at a time, averages the channels, resamples with a streaming ``soxr`` resampler (libsndfile path)
-and hands the samples on in blocks of a fixed size. Memory is flat in the file's duration.
+* only the demuxers of :data:`DEMUXERS` (audio formats and the common video containers) may
+  read a file; anything else FFmpeg would recognise — HLS and DASH playlists, ``concat``
+  scripts, SDP/RTP descriptions, image sequences, subtitles, text — is refused as ``not_audio``
+  before its demuxer runs (``format_whitelist``), so a playlist naming other files never opens
+  them;
+* only the ``file`` protocol is allowed (``protocol_whitelist``): no network, pipes or devices.
 
-Every failure is reported as one of the :mod:`analysis_service.errors` types, naming what is wrong
-(missing, unreadable, empty, not audio, truncated, unsupported, too long, no decoder).
+FFmpeg's log is silenced at import (``av.logging``): no decoder writes to the process's stderr.
 
-Quirks of libsndfile handled here:
+Completeness is judged the same way for every format: the frames decoded are compared with the
+count the header promises *exactly* (:attr:`AudioInfo.expected_frames`, read by mutagen: FLAC
+STREAMINFO, the WAV/AIFF data size, the MP4 media header, the ASF file properties, the last Ogg
+granule, an MP3 Xing/Info/VBRI frame count; or Matroska's per-track duration). Falling short by
+more than :data:`SHORT_SLACK_S` (plus 0.5 %) is ``truncated_audio``; decoding more is fine (a
+chained Ogg file's header names only its last part). A cut Ogg file gives itself away by an
+incomplete last page (mutagen cannot read it in full). Single corrupt packets are skipped, as
+players do; more than :data:`MAX_BAD_PACKET_SHARE` of them is ``corrupt_audio``.
 
-* its MPEG decoder accepts some non-audio files (ELF executables: their PLT stubs look like MPEG
-  layer I headers) and reports a frame count estimated from the file size; :func:`probe` decodes
-  the first second or so and refuses files that do not deliver it;
-* for an MP3 without a Xing/Info/VBRI header the frame count is estimated from the first frame's
-  bit rate and decoding *stops* there, which silently cuts variable-bit-rate files short; such
-  files are decoded with ffmpeg when it is installed;
-* a WAV file cut short is opened without complaint, its frame count clamped to the data present;
-  the RIFF header is parsed here to notice the difference;
-* a truncated Ogg file reports the frame count of its last page, so only the missing
-  end-of-stream flag reveals the truncation;
-* a FLAC file without a total sample count (written to a pipe) reports ``2**63 - 1`` frames:
-  its duration is taken as unknown (0.0).
+Length limits do not trust the header: :func:`iter_mono_blocks` counts decoded frames and stops
+with ``too_long`` as soon as they pass ``max_duration_s``, and :func:`probe` refuses a file whose
+header promises far more audio than its size can hold (``truncated_audio``, at once).
+
+Nothing here holds a whole file in memory: decoded frames are averaged to mono, gathered into
+chunks of :data:`CHUNK_FRAMES`, resampled with a streaming ``soxr`` resampler and handed on in
+blocks of a fixed size. Memory is flat in the file's duration.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
-import shutil
+import re
 import stat
-import subprocess
-import tempfile
-from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import Any, Final
 
+import av
+import av.logging
+import mutagen
+import mutagen.aiff
+import mutagen.asf
+import mutagen.flac
+import mutagen.monkeysaudio
+import mutagen.mp3
+import mutagen.mp4
+import mutagen.ogg
+import mutagen.oggflac
+import mutagen.oggopus
+import mutagen.oggvorbis
+import mutagen.trueaudio
+import mutagen.wave
+import mutagen.wavpack
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 import soxr
 
 from analysis_service.errors import (
+    CorruptAudio,
     DecoderUnavailable,
     EmptyFile,
     FileMissing,
@@ -63,65 +85,73 @@ from analysis_service.settings import EngineSettings
 
 FloatArray = npt.NDArray[np.float32]
 
-#: Source frames read from libsndfile per call (bounded memory, few Python round trips).
-READ_FRAMES: Final = 1 << 16
-#: Frames (at the target rate) read from the ffmpeg pipe per call.
-PIPE_FRAMES: Final = 1 << 16
-#: Frames :func:`probe` decodes from an MP3 to check that it really is one (about 1.5 s).
-MP3_CHECK_FRAMES: Final = 1 << 16
-#: ffprobe's lowest confidence in a format guess that is taken seriously (AVPROBE_SCORE_RETRY);
-#: random bytes named ``.mp3`` come back as MP3 with a score of 1.
-MIN_PROBE_SCORE: Final = 25
-#: Seconds ``ffprobe`` may take to read a header.
-FFPROBE_TIMEOUT_S: Final = 30.0
+av.logging.set_level(None)  # FFmpeg's log off: nothing reaches stderr, nor Python's logging
 
-_HEAD_BYTES = 4096
-_MAX_ID3_TAGS = 4
-_MAX_RIFF_CHUNKS = 64
-#: A WAV data chunk may fall short of its declared size by this much before it counts as truncated.
-_WAV_SLACK_BYTES = 4096
-#: Largest possible Ogg page (27 + 255 + 255 * 255 bytes), rounded up.
-_OGG_TAIL_BYTES = 1 << 16
-#: Decoded frames may fall short of an Ogg granule position or an MP3 Xing count by this much.
-_FRAME_SLACK = {"ogg": 4096, "opus": 4096, "mp3": 4 * 1152}
-_STREAMING_SIZES = (0, 0xFFFFFFFF)
-#: libsndfile frame counts from here up (``SF_COUNT_MAX`` is 2**63 - 1) mean "unknown".
-_UNKNOWN_FRAMES = 1 << 62
-_SF_FORMAT_NAMES = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "W64": "w64", "MP3": "mp3", "OGG": "ogg"}
-_SF_HAS_MP3: Final = "MP3" in sf.available_formats()
-_RAW_READ: Final = hasattr(sf, "_ffi") and hasattr(sf, "_snd")
-#: ffmpeg containers whose header duration is exact, so that a short decode means truncation.
-_FFMPEG_EXACT_DURATION = frozenset(
-    {"m4a", "mp4", "m4b", "mov", "3gp", "3g2", "mj2", "matroska", "mka", "webm", "asf", "wma"}
-)
-#: The only ffmpeg demuxers (audio containers) and protocol (local files) ffprobe and ffmpeg may use:
-#: no playlist (hls), concat, image or device demuxer, nor a network protocol, can make them read
-#: files outside the media root or anything remote.
-_FFMPEG_DEMUXERS: Final = (
-    "mov,mp4,m4a,3gp,3g2,mj2,asf,matroska,webm,amr,amrnb,amrwb,ape,wv,tta,mpc,mpc8,aac,ac3,eac3,"
-    "dsf,iff,rm,caf,mp3,ogg,flac,wav,w64,aiff,au,dts,truehd,mlp,xwma,voc,shn,tak,loas"
-)
-_FFMPEG_INPUT_OPTIONS: Final = ("-protocol_whitelist", "file", "-format_whitelist", _FFMPEG_DEMUXERS)
-#: File extensions whose ffmpeg demuxer has another name.
-_FFMPEG_ALIASES = {"wma": "asf", "mka": "matroska", "opus": "ogg", "oga": "ogg"}
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"fLaC", "flac"),
-    (b"OggS", "ogg"),
-    (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "wma"),
-    (b"\x1a\x45\xdf\xa3", "matroska"),
-    (b"#!AMR", "amr"),
-    (b"MAC ", "ape"),
-    (b"wvpk", "wv"),
-    (b"TTA1", "tta"),
-    (b"MPCK", "mpc"),
-    (b"MP+", "mpc"),
-    (b"ADIF", "aac"),
-    (b"\x0b\x77", "ac3"),
-    (b"DSD ", "dsf"),
-    (b"FRM8", "dff"),
-    (b".RMF", "rm"),
-    (b"caff", "caf"),
-)
+#: FFmpeg demuxers allowed to read a file (``format_whitelist``). Audio formats, then the video
+#: containers whose audio track is analysed. Playlists, ``concat``, network and image demuxers
+#: are deliberately absent.
+DEMUXERS: Final = (
+    "aac", "ac3", "aiff", "amr", "ape", "asf", "au", "caf", "dsf", "dts", "eac3", "flac", "mp3",
+    "mpc", "mpc8", "ogg", "tta", "w64", "wav", "wv",
+    "mov", "matroska", "avi", "flv", "mpegts", "mpeg",
+)  # fmt: skip
+#: FFmpeg options for every open: the allow-lists above, and only local files.
+#: ``probesize`` (bytes ``avformat_find_stream_info`` may read, 5 MB by default) at 1 MB: enough
+#: for the audio stream's parameters (about 6 s of CD audio, many seconds of interleaved video),
+#: and it stops FFmpeg reading 5 MB of a WAV file for nothing (38 ms -> 8 ms).
+OPEN_OPTIONS: Final = {
+    "format_whitelist": ",".join(DEMUXERS),
+    "protocol_whitelist": "file",
+    "probesize": str(1 << 20),
+}
+#: (demuxer, codec prefix) pairs that libsndfile decodes faster than PyAV (``docs/speed.md``):
+#: PCM in WAV/RF64/AIFF, where both read exactly the declared data. Not FLAC: libsndfile stops at
+#: the count in STREAMINFO, so a header claiming less than the file holds would hide frames from
+#: the ``max_duration_s`` count (and it cannot end a stream of unknown length cleanly).
+SOUNDFILE_CODECS: Final = (("wav", "pcm_"), ("aiff", "pcm_"))
+#: Mono source frames gathered before each ``soxr`` call (fewer Python round trips).
+CHUNK_FRAMES: Final = 1 << 16
+#: Seconds of audio :func:`probe` decodes to check that the content really is audio.
+CHECK_S: Final = 1.5
+#: Decoding may fall short of the header's exact count by this much (plus 0.5 %): encoder delay
+#: and padding, Opus pre-skip, AAC priming.
+SHORT_SLACK_S: Final = 0.25
+SHORT_SLACK_SHARE: Final = 0.005
+#: Share of packets that may fail to decode (skipped, as players do) before a file is corrupt.
+MAX_BAD_PACKET_SHARE: Final = 0.01
+MIN_BAD_PACKETS: Final = 4
+#: Fewer bytes per second of promised audio than this is impossible for any codec
+#: (Opus, the thriftiest, needs at least ~30 B/s even when silent): the header lies.
+MIN_BYTES_PER_S: Final = 2.0
+_OGG_MAX_PAGE = 27 + 255 + 255 * 255
+#: Bytes a PCM file may lack against its declared data size (headers, a last partial block).
+_HEADER_SLACK_BYTES = 4096
+#: A WAV data size of 0xFFFFFFFF is the "unknown: written to a pipe" marker.
+_WAV_STREAMING_BYTES = 0xFFFFFFFF - 8
+#: FFmpeg demuxer (first name) -> the mutagen file types whose length is an exact count for it.
+_EXACT_LENGTHS: dict[str, tuple[type[Any], ...]] = {
+    "flac": (mutagen.flac.FLAC,),
+    "wav": (mutagen.wave.WAVE,),
+    "aiff": (mutagen.aiff.AIFF,),
+    "mov": (mutagen.mp4.MP4,),
+    "asf": (mutagen.asf.ASF,),
+    "ogg": (mutagen.oggvorbis.OggVorbis, mutagen.oggopus.OggOpus, mutagen.oggflac.OggFLAC),
+    "mp3": (mutagen.mp3.MP3,),
+    "wv": (mutagen.wavpack.WavPack,),
+    "ape": (mutagen.monkeysaudio.MonkeysAudio,),
+    "tta": (mutagen.trueaudio.TrueAudio,),
+}
+#: Demuxer (first name) -> format name reported when the extension does not say better.
+_FORMAT_NAMES = {"mov": "mp4", "matroska": "mkv", "asf": "wma"}
+#: Extensions that name the demuxer's format more precisely than its first name.
+_EXTENSIONS = {
+    "mov": ("m4a", "m4b", "mp4", "mov", "3gp", "3g2"),
+    "matroska": ("mka", "mkv", "webm"),
+    "asf": ("wma", "wmv", "asf"),
+    "ogg": ("ogg", "oga", "opus", "ogv"),
+    "wav": ("wav", "rf64", "bwf"),
+    "aiff": ("aif", "aiff", "aifc"),
+}
 
 
 @dataclass(frozen=True)
@@ -133,7 +163,9 @@ class AudioInfo:
     path : str
         The file.
     format : str
-        Lower-case container or codec name: ``"wav"``, ``"flac"``, ``"ogg"``, ``"mp3"``, ``"m4a"``...
+        Lower-case format name: ``"mp3"``, ``"m4a"``, ``"ogg"``, ``"opus"``, ``"flac"``, ``"wav"``,
+        ``"aiff"``, ``"wma"``, ``"mp4"``, ``"mkv"``... (the extension when it names the container,
+        otherwise the demuxer's name).
     sample_rate : int
         Source sample rate in Hz.
     channels : int
@@ -142,7 +174,19 @@ class AudioInfo:
         Duration in seconds according to the header (an estimate for some MP3 and AAC files;
         0.0 when the container does not say).
     decoder : str
-        ``"soundfile"`` or ``"ffmpeg"``: which decoder :func:`iter_mono_blocks` will use.
+        Which decoder :func:`iter_mono_blocks` uses: ``"pyav"``, or ``"soundfile"`` (libsndfile)
+        for the formats of :data:`SOUNDFILE_CODECS`.
+    codec : str
+        FFmpeg's codec name: ``"mp3"``, ``"aac"``, ``"alac"``, ``"opus"``, ``"vorbis"``, ``"flac"``,
+        ``"pcm_s16le"``, ``"wmav2"``...
+    bit_rate : int
+        Bit rate in bit/s (0: unknown).
+    expected_frames : int
+        Source frames the header promises exactly (0: the header gives no exact count).
+    max_frames : int
+        Source frames after which decoding stops with ``too_long`` (0: no limit).
+    stream_index : int
+        Index of the decoded audio stream in the container.
     """
 
     path: str
@@ -150,7 +194,12 @@ class AudioInfo:
     sample_rate: int
     channels: int
     duration_s: float
-    decoder: str
+    decoder: str = "pyav"
+    codec: str = ""
+    bit_rate: int = 0
+    expected_frames: int = 0
+    max_frames: int = 0
+    stream_index: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,7 +207,7 @@ class AudioInfo:
 
 
 def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInfo:
-    """Read and validate a file's header, without decoding the audio (beyond a first check for MP3).
+    """Read and validate a file's header, and decode its first :data:`CHECK_S` seconds.
 
     Parameters
     ----------
@@ -170,7 +219,7 @@ def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInf
     Returns
     -------
     AudioInfo
-        Format, source rate (Hz), channels, header duration (s) and the decoder to use.
+        Format, codec, source rate (Hz), channels, header duration (s), exact frame count.
 
     Raises
     ------
@@ -181,23 +230,43 @@ def probe(path: str | os.PathLike[str], *, settings: EngineSettings) -> AudioInf
     EmptyFile
         The file has zero bytes.
     NotAudio
-        No decoder recognises the content as audio.
-    TruncatedAudio
-        The header itself shows the file is cut short (an MP4 without its index).
+        No allowed demuxer recognises the content as audio, or its first second does not decode.
     DecoderUnavailable
-        The file looks like audio that only ffmpeg decodes, and ffmpeg is not installed.
+        The container is known but its audio codec is not (no decoder in the bundled FFmpeg).
+    TruncatedAudio
+        The header shows the file is cut short (an MP4 without its index, an incomplete last Ogg
+        page), or promises far more audio than the file's size can hold.
     UnsupportedAudio
         The sample rate or channel count is outside ``settings``.
     TooLong
         The header duration exceeds ``settings.max_duration_s``.
     """
     name = os.fspath(path)
-    _check_file(name)
-    head = _audio_head(name)
-    info = _probe_soundfile(name, head=head)
-    if info is None:
-        info = _probe_ffmpeg(name, head=head)
-    _check_limits(info, settings=settings)
+    size = _check_file(name)
+    with _open(name) as container:
+        stream = _audio_stream(container, path=name)
+        info = _header_info(container, stream, path=name)
+        demuxer = container.format.name
+        if demuxer.startswith("matroska"):
+            declared = _matroska_seconds(container, stream)
+        else:  # PCM: FFmpeg's count comes from the data size (clamped to the file's at worst)
+            declared = _declared_seconds(name, demuxer=demuxer) or (
+                info.duration_s if _pcm_bits(info.codec) else 0.0
+            )
+        # Where the container states lengths exactly, no exact length means "unknown" (0.0), not
+        # FFmpeg's guess from the bit rate; MP3 and ADTS files have only guesses, kept as such.
+        states_length = demuxer.split(",")[0] in _EXACT_LENGTHS and demuxer != "mp3"
+        info = replace(
+            info,
+            expected_frames=round(declared * info.sample_rate),
+            duration_s=declared or (0.0 if states_length else info.duration_s),
+            max_frames=int(settings.max_duration_s * info.sample_rate) + 1,
+        )
+        _check_size(info, size=size)
+        _check_limits(info, settings=settings)
+        _check_decodes(container, stream, info)
+    if any(demuxer == d and info.codec.startswith(c) for d, c in SOUNDFILE_CODECS):
+        info = replace(info, decoder="soundfile")
     return info
 
 
@@ -205,9 +274,8 @@ def iter_mono_blocks(info: AudioInfo, *, target_rate: int, block_s: float = 10.0
     """Decode a probed file incrementally into mono float32 blocks at ``target_rate``.
 
     Channels are averaged; the result is resampled with a streaming ``soxr`` resampler (``"HQ"``,
-    skipped when the rates match), or by ffmpeg itself for files ffmpeg decodes. At most
-    ``READ_FRAMES`` source frames (or ``PIPE_FRAMES`` output frames) and one output block are in
-    memory at any time, whatever the file's duration.
+    skipped when the rates match). At most :data:`CHUNK_FRAMES` source frames and one output block
+    are in memory at any time, whatever the file's duration.
 
     Parameters
     ----------
@@ -228,24 +296,23 @@ def iter_mono_blocks(info: AudioInfo, *, target_rate: int, block_s: float = 10.0
     Raises
     ------
     TruncatedAudio
-        The file holds fewer frames than its header promises, or decoding fails part way.
+        The file holds fewer frames than its header promises.
+    CorruptAudio
+        Too many packets fail to decode.
+    TooLong
+        More than ``info.max_frames`` frames decode (whatever the header said).
     NotAudio
-        The decoder cannot read the file at all.
+        Nothing decodes.
     FileMissing, FileUnreadable
         The file disappeared or became unreadable since :func:`probe`.
-    DecoderUnavailable
-        ffmpeg was needed and is no longer installed.
     ValueError
         ``target_rate`` or ``block_s`` is not positive.
     """
     if target_rate <= 0 or not block_s > 0:
         raise ValueError(f"target_rate and block_s must be positive, got {target_rate} and {block_s}")
     size = max(1, round(block_s * target_rate))
-    if info.decoder == "ffmpeg":
-        source = _ffmpeg_blocks(info, target_rate=target_rate)
-    else:
-        source = _resampled(_soundfile_blocks(info), in_rate=info.sample_rate, out_rate=target_rate)
-    return _rebuffer(source, size=size)
+    source = _soundfile_decoded(info) if info.decoder == "soundfile" else _decoded(info)
+    return _rebuffer(_resampled(source, out_rate=target_rate), size=size)
 
 
 def content_hash(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
@@ -283,11 +350,11 @@ def content_hash(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# File checks and header sniffing
+# File checks
 
 
-def _check_file(path: str) -> None:
-    """Raise unless ``path`` is a non-empty regular file."""
+def _check_file(path: str) -> int:
+    """Raise unless ``path`` is a non-empty regular file; its size in bytes."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -298,6 +365,7 @@ def _check_file(path: str) -> None:
         raise FileUnreadable("is not a regular file", path=path)
     if st.st_size == 0:
         raise EmptyFile("file is empty (0 bytes)", path=path)
+    return st.st_size
 
 
 def _os_error(path: str, exc: OSError) -> FileMissing | FileUnreadable:
@@ -309,68 +377,6 @@ def _os_error(path: str, exc: OSError) -> FileMissing | FileUnreadable:
     if isinstance(exc, PermissionError):
         return FileUnreadable("permission denied", path=path)
     return FileUnreadable(f"cannot read the file: {exc.strerror or exc}", path=path)
-
-
-def _audio_head(path: str) -> bytes:
-    """First bytes of the file after any ID3v2 tags (where an MP3's first frame starts)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(_HEAD_BYTES)
-            offset = 0
-            for _ in range(_MAX_ID3_TAGS):
-                tag = _id3v2_size(head)
-                if not tag:
-                    break
-                offset += tag
-                fh.seek(offset)
-                head = fh.read(_HEAD_BYTES)
-    except OSError as exc:
-        raise _os_error(path, exc) from exc
-    return head
-
-
-def _id3v2_size(head: bytes) -> int:
-    """Size in bytes of the ID3v2 tag ``head`` starts with (0: none)."""
-    if len(head) < 10 or head[:3] != b"ID3" or any(b >= 0x80 for b in head[6:10]):
-        return 0
-    size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
-    footer = 10 if head[5] & 0x10 else 0
-    return 10 + size + footer
-
-
-def _mpeg_sync(head: bytes) -> int:
-    """Offset of the first plausible MPEG audio frame header in ``head`` (-1: none)."""
-    i = head.find(b"\xff")
-    while 0 <= i < len(head) - 2:
-        b1, b2 = head[i + 1], head[i + 2]
-        # sync bits; MPEG version not "reserved"; layer not "reserved"; bit rate and sample rate valid
-        if b1 & 0xE0 == 0xE0 and b1 & 0x18 != 0x08 and b1 & 0x06 and b2 >> 4 != 0xF and b2 & 0x0C != 0x0C:
-            return i
-        i = head.find(b"\xff", i + 1)
-    return -1
-
-
-def _has_vbr_tag(head: bytes) -> bool:
-    """Whether the first MPEG frame carries a Xing, Info or VBRI header (an exact frame count)."""
-    start = _mpeg_sync(head)
-    window = head[start + 4 : start + 4 + 48] if start >= 0 else b""
-    return any(tag in window for tag in (b"Xing", b"Info", b"VBRI"))
-
-
-def _sniff(head: bytes) -> str | None:
-    """Name the audio container ``head`` starts with, from its magic bytes (None: not recognised)."""
-    if head[4:8] == b"ftyp":
-        return "m4a"
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return name
-    if head[:4] in (b"RIFF", b"RIFX") and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-        return "aiff"
-    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0:
-        return "aac"  # ADTS
-    return "mp3" if _mpeg_sync(head[:4]) == 0 else None
 
 
 def _check_limits(info: AudioInfo, *, settings: EngineSettings) -> None:
@@ -392,224 +398,407 @@ def _check_limits(info: AudioInfo, *, settings: EngineSettings) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------------
-# libsndfile
+def _check_size(info: AudioInfo, *, size: int) -> None:
+    """Raise ``TruncatedAudio`` when the header promises more audio than ``size`` bytes can hold.
 
-
-def _probe_soundfile(path: str, *, head: bytes) -> AudioInfo | None:
-    """Probe with libsndfile; None when it does not recognise the file."""
-    try:
-        f = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError):
-        return None  # not a format libsndfile reads: ffmpeg's turn
-    with f:
-        if f.format == "MP3":
-            _check_mp3_decodes(f, path=path)
-        rate, channels, frames = int(f.samplerate), int(f.channels), _known_frames(f)
-        fmt = _sf_format_name(f.format, f.subtype)
-    info = AudioInfo(path, fmt, rate, channels, frames / rate if rate > 0 else 0.0, "soundfile")
-    if fmt == "mp3" and not _has_vbr_tag(head) and _ffmpeg_tools() is not None:
-        # No exact frame count: libsndfile would stop decoding at its estimate from the first frame.
-        try:
-            return _probe_ffmpeg(path, head=head)
-        except NotAudio:
-            return info
-    return info
-
-
-def _known_frames(f: Any) -> int:
-    """libsndfile's frame count, or 0 when it does not know it.
-
-    A FLAC file written to a pipe has no total in its STREAMINFO; libsndfile then reports
-    ``SF_COUNT_MAX`` frames.
+    For PCM the bytes per second are exact (a WAV or RF64 data size larger than the file); for
+    other codecs the floor is :data:`MIN_BYTES_PER_S`. This is what stops a 4 KB file that claims
+    150 GB of samples before anything reads it.
     """
-    frames = int(f.frames)
-    return frames if 0 < frames < _UNKNOWN_FRAMES else 0
-
-
-def _sf_format_name(major: str, subtype: str) -> str:
-    if major == "OGG" and subtype == "OPUS":
-        return "opus"
-    return _SF_FORMAT_NAMES.get(major, major.lower())
-
-
-def _check_mp3_decodes(f: Any, *, path: str) -> None:
-    """Raise ``NotAudio`` unless the first second or so of what libsndfile calls MP3 decodes."""
-    frames, channels = int(f.frames), int(f.channels)
-    if frames <= 0 or channels <= 0:
-        raise NotAudio("no MPEG audio frames found", path=path)
-    want = min(frames, MP3_CHECK_FRAMES)
-    buffer = np.empty((want, channels), dtype=np.float32)
-    try:
-        got = _read_into(f, buffer)
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        raise NotAudio(f"not decodable as MPEG audio ({exc})", path=path) from exc
-    if got < want // 2:
-        raise NotAudio(
-            f"not MPEG audio: only {got} of the first {want} frames decode (stray bytes?)", path=path
-        )
-
-
-def _open_soundfile(path: str) -> Any:
-    try:
-        return sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        _check_file(path)  # gone or unreadable since probe()?
-        raise NotAudio(f"libsndfile cannot open it ({exc})", path=path) from exc
-
-
-def _soundfile_blocks(info: AudioInfo) -> Iterator[FloatArray]:
-    """Mono float32 blocks at the source rate, read ``READ_FRAMES`` at a time with libsndfile."""
-    with _open_soundfile(info.path) as f:
-        fmt = _sf_format_name(f.format, f.subtype)
-        rate, channels = int(f.samplerate), int(f.channels)
-        _check_container_complete(info.path, fmt=fmt)
-        expected = _exact_frames(info.path, fmt=fmt, frames=_known_frames(f))
-        buffer = np.empty((READ_FRAMES, channels), dtype=np.float32)
-        decoded = 0
-        while True:
-            try:
-                n = _read_into(f, buffer)
-            except (sf.LibsndfileError, RuntimeError) as exc:
-                raise TruncatedAudio(
-                    f"decoding failed {decoded / rate:.2f} s into the audio ({exc}): truncated or corrupt",
-                    path=info.path,
-                ) from exc
-            if n == 0:
-                break
-            decoded += n
-            yield _downmix(buffer[:n])
-    if expected is not None and decoded + _FRAME_SLACK.get(fmt, 0) < expected:
+    if not info.expected_frames:
+        return
+    seconds = info.expected_frames / info.sample_rate
+    bits = _pcm_bits(info.codec)
+    needed = seconds * (info.sample_rate * info.channels * bits / 8 if bits else MIN_BYTES_PER_S)
+    if size + _HEADER_SLACK_BYTES < needed:
         raise TruncatedAudio(
-            f"the header promises {expected / rate:.2f} s of audio but only {decoded / rate:.2f} s decode: "
-            "the file is truncated",
+            f"the header promises {seconds / 60:.1f} min of audio, which needs at least {needed:,.0f} "
+            f"bytes, but the file has {size:,} bytes: it is truncated or its header is wrong",
             path=info.path,
         )
 
 
-def _read_into(f: Any, buffer: FloatArray) -> int:
-    """Decode up to ``len(buffer)`` frames into ``buffer`` (shape ``(n, channels)``); the count read.
-
-    python-soundfile's read methods seek to the position they expect after every read. At the end
-    of a FLAC stream of unknown length that seek fails ("Internal psf_fseek() failed") although
-    every sample was read, so libsndfile's ``sf_readf_float`` is called directly when soundfile
-    exposes it (its cffi handles are private, hence the fallback to the public method).
-    """
-    if not _RAW_READ:
-        return int(f.buffer_read_into(buffer, dtype="float32"))
-    pointer = sf._ffi.cast("float *", sf._ffi.from_buffer(buffer))
-    read = int(sf._snd.sf_readf_float(f._file, pointer, len(buffer)))
-    code = int(sf._snd.sf_error(f._file))
-    if code:
-        raise sf.LibsndfileError(code)
-    return read
+def _pcm_bits(codec: str) -> int:
+    """Bits per sample of a PCM codec (``pcm_s24le`` -> 24); 0 for other codecs."""
+    if not codec.startswith("pcm_"):
+        return 0
+    digits = "".join(c for c in codec.removeprefix("pcm_") if c.isdigit())
+    return int(digits) if digits else 0
 
 
-def _downmix(frames: FloatArray) -> FloatArray:
-    """Average ``frames`` (shape ``(n, channels)``) over channels into a new 1-D array.
-
-    Column sums beat ``frames.mean(axis=1)`` by about 30x, and unlike a matrix product they never
-    start BLAS threads (which would oversubscribe a process pool).
-    """
-    mono: FloatArray = frames[:, 0].copy()
-    for channel in range(1, frames.shape[1]):
-        mono += frames[:, channel]
-    if frames.shape[1] > 1:
-        mono *= np.float32(1.0 / frames.shape[1])
-    return mono
+# --------------------------------------------------------------------------------------------------
+# PyAV
 
 
-def _exact_frames(path: str, *, fmt: str, frames: int) -> int | None:
-    """Frames the header promises when that count is exact (None: unknown or an estimate)."""
-    if frames <= 0:
-        return None
-    if fmt in ("wav", "flac", "ogg", "opus"):
-        return frames
-    if fmt == "mp3" and _has_vbr_tag(_audio_head(path)):
-        return frames
-    return None
-
-
-def _check_container_complete(path: str, *, fmt: str) -> None:
-    """Raise ``TruncatedAudio`` when a WAV or Ogg container shows it was cut short."""
+def _open(path: str) -> Any:
+    """Open ``path`` with PyAV under the allow-lists; translate failures into the service's errors."""
     try:
-        with open(path, "rb") as fh:
-            if fmt == "wav":
-                _check_riff_data(fh, path=path)
-            elif fmt in ("ogg", "opus"):
-                _check_ogg_end(fh, path=path)
+        return av.open("file:" + os.path.abspath(path), options=dict(OPEN_OPTIONS))
+    except av.error.FileNotFoundError as exc:
+        raise FileMissing("no such file", path=path) from exc
+    except (av.error.PermissionError, av.error.IsADirectoryError) as exc:
+        _check_file(path)
+        raise FileUnreadable("permission denied", path=path) from exc
+    except av.error.FFmpegError as exc:
+        _check_file(path)  # gone or unreadable since the last check?
+        if _starts_mp4(path):
+            raise TruncatedAudio(
+                "an MP4/M4A file whose index ('moov' box) is missing or unreadable: the file is truncated",
+                path=path,
+            ) from exc
+        raise NotAudio(
+            "not a recognised audio format (or a playlist, script or other file type that is not read)",
+            path=path,
+        ) from exc
     except OSError as exc:
         raise _os_error(path, exc) from exc
 
 
-def _check_riff_data(fh: IO[bytes], *, path: str) -> None:
-    """Compare a RIFF/WAVE ``data`` chunk's declared size with the bytes present."""
-    located = _riff_data_chunk(fh)
-    if located is None:
-        return
-    offset, declared = located
-    available = fh.seek(0, os.SEEK_END) - offset
-    if declared not in _STREAMING_SIZES and declared - available > _WAV_SLACK_BYTES:
-        raise TruncatedAudio(
-            f"the WAV header promises {declared} bytes of samples but the file holds {available}: "
-            "the file is truncated",
+def _starts_mp4(path: str) -> bool:
+    """Whether the file begins with an ISO-BMFF ``ftyp`` box (an MP4/M4A/MOV file)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8)[4:8] == b"ftyp"
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+
+
+def _audio_stream(container: Any, *, path: str) -> Any:
+    """The container's best audio stream; ``NotAudio`` when it has none."""
+    if not container.streams.audio:
+        raise NotAudio(f"the {container.format.name} file has no audio stream", path=path)
+    best = container.streams.best("audio")
+    return best if best is not None else container.streams.audio[0]
+
+
+def _header_info(container: Any, stream: Any, *, path: str) -> AudioInfo:
+    """An :class:`AudioInfo` from what PyAV read of the header."""
+    ctx = stream.codec_context
+    if ctx is None:  # FFmpeg knows no decoder for the stream's codec
+        tag = stream.codec_tag if hasattr(stream, "codec_tag") else "?"
+        raise DecoderUnavailable(
+            f"the {container.format.name} file's audio codec ({tag!s}) has no decoder in the bundled FFmpeg",
             path=path,
         )
+    rate, channels = int(ctx.sample_rate or 0), int(ctx.channels or 0)
+    if rate <= 0 or channels <= 0:
+        raise NotAudio(f"no playable audio stream ({ctx.name}, {rate} Hz, {channels} channels)", path=path)
+    duration = 0.0
+    if stream.duration and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / av.time_base
+    return AudioInfo(
+        path=path,
+        format=_format_name(container.format.name, path, codec=ctx.name),
+        sample_rate=rate,
+        channels=channels,
+        duration_s=max(0.0, duration),
+        codec=ctx.name.removesuffix("float").removesuffix("_fixed"),
+        bit_rate=int(ctx.bit_rate or container.bit_rate or 0),
+        stream_index=int(stream.index),
+    )
 
 
-def _riff_data_chunk(fh: IO[bytes]) -> tuple[int, int] | None:
-    """Offset and declared size of the ``data`` chunk of a RIFF/WAVE file (None: not found).
+def _format_name(demuxer: str, path: str, *, codec: str) -> str:
+    """A short format name: the extension when it names the demuxer's format, else the demuxer's."""
+    first = demuxer.split(",")[0]
+    extension = Path(path).suffix.lower().lstrip(".")
+    if extension in _EXTENSIONS.get(first, ()) or extension in demuxer.split(","):
+        return "wav" if extension in ("rf64", "bwf") else extension
+    if first == "ogg" and codec == "opus":
+        return "opus"
+    return _FORMAT_NAMES.get(first, first)
 
-    RF64 and BW64 files give the size of a large ``data`` chunk in their ``ds64`` chunk.
+
+def _check_decodes(container: Any, stream: Any, info: AudioInfo) -> None:
+    """Raise ``NotAudio`` unless the first :data:`CHECK_S` seconds (or the whole, if shorter) decode.
+
+    FFmpeg's MP3 demuxer takes random bytes or an executable's code for MPEG frames when it finds a
+    few frame headers in a row; the decoder then fails on most packets, or delivers far less audio
+    than the header's estimate. Real audio decodes.
     """
-    header = fh.read(12)
-    if len(header) < 12 or header[:4] not in (b"RIFF", b"RIFX", b"RF64", b"BW64") or header[8:12] != b"WAVE":
-        return None
-    order: Literal["little", "big"] = "big" if header[:4] == b"RIFX" else "little"
-    position = 12
-    ds64_data_size: int | None = None
-    for _ in range(_MAX_RIFF_CHUNKS):
-        fh.seek(position)
-        chunk = fh.read(8)
-        if len(chunk) < 8:
-            return None
-        size = int.from_bytes(chunk[4:], order)
-        if chunk[:4] == b"ds64":
-            sizes = fh.read(16)  # riffSize, dataSize (64-bit each)
-            if len(sizes) == 16:
-                ds64_data_size = int.from_bytes(sizes[8:], "little")
-        if chunk[:4] == b"data":
-            if size == 0xFFFFFFFF and ds64_data_size is not None:
-                size = ds64_data_size
-            return position + 8, size
-        position += 8 + size + (size & 1)
-    return None
-
-
-def _check_ogg_end(fh: IO[bytes], *, path: str) -> None:
-    """Raise unless the last Ogg page carries the end-of-stream flag."""
-    end = fh.seek(0, os.SEEK_END)
-    fh.seek(max(0, end - _OGG_TAIL_BYTES))
-    tail = fh.read()
-    last = tail.rfind(b"OggS")
-    if last < 0 or last + 6 > len(tail) or tail[last + 4] != 0:
-        return  # no page header in the tail: nothing to judge by
-    if not tail[last + 5] & 0x04:
-        raise TruncatedAudio(
-            "the last Ogg page lacks the end-of-stream flag: the file is truncated", path=path
+    want = CHECK_S if not info.duration_s else min(CHECK_S, info.duration_s)
+    good = bad = frames = 0
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames += sum(frame.samples for frame in packet.decode())
+                good += 1
+            except av.error.FFmpegError:
+                bad += 1
+            if frames >= want * info.sample_rate or bad > 2 * good + 8:
+                break
+    except av.error.FFmpegError as exc:
+        if frames == 0:
+            raise NotAudio(f"nothing in it decodes as {info.codec} audio ({exc})", path=info.path) from exc
+    if bad > good or frames < 0.5 * want * info.sample_rate:
+        raise NotAudio(
+            f"not {info.codec} audio: {bad} of the first {good + bad} packets fail to decode and "
+            f"{frames / info.sample_rate:.2f} s of the first {want:.2f} s decode",
+            path=info.path,
         )
 
 
-def _resampled(blocks: Iterable[FloatArray], *, in_rate: int, out_rate: int) -> Iterator[FloatArray]:
-    """Resample a stream of mono blocks from ``in_rate`` to ``out_rate`` Hz with ``soxr`` (HQ)."""
-    if in_rate == out_rate:
-        yield from blocks
+# --------------------------------------------------------------------------------------------------
+# Declared length (mutagen)
+
+
+def _declared_seconds(path: str, *, demuxer: str) -> float:
+    """Seconds of audio the header promises exactly (0.0: it gives no exact count).
+
+    mutagen reads the exact counts: FLAC STREAMINFO, the WAV/AIFF data chunk's declared size
+    (FFmpeg clamps it to the file's size), the MP4 audio track's media header, the ASF file
+    properties, the last Ogg granule (after checking that the last page is complete), an MP3's
+    Xing/Info/VBRI frame count, the WavPack/APE/TTA headers. Only when mutagen read the file as
+    the format FFmpeg's ``demuxer`` found (:data:`_EXACT_LENGTHS`): other lengths from mutagen
+    are estimates (ADTS AAC, AC-3, an MP3 without a VBR header). (Matroska's comes from PyAV.)
+    A file mutagen cannot parse has no exact count.
+    """
+    exact = _EXACT_LENGTHS.get(demuxer.split(",")[0])
+    if exact is None:
+        return 0.0
+    try:
+        parsed = mutagen.File(path)
+    except (mutagen.MutagenError, ValueError, IndexError, KeyError, EOFError, OverflowError) as exc:
+        if isinstance(exc, mutagen.ogg.error) and "full data" in str(exc):
+            raise TruncatedAudio("the last Ogg page is incomplete: the file is truncated", path=path) from exc
+        return 0.0
+    if not isinstance(parsed, exact) or parsed.info is None:
+        return 0.0
+    if isinstance(parsed, mutagen.ogg.OggFileType):
+        _check_last_ogg_page(path)
+    if (
+        isinstance(parsed.info, mutagen.mp3.MPEGInfo)
+        and parsed.info.bitrate_mode is mutagen.mp3.BitrateMode.UNKNOWN
+    ):
+        return 0.0  # no Xing/Info/VBRI header: the length is an estimate from the bit rate
+    length = float(getattr(parsed.info, "length", 0.0) or 0.0)
+    if isinstance(parsed, mutagen.wave.WAVE) and length * parsed.info.bitrate / 8 >= _WAV_STREAMING_BYTES:
+        return 0.0  # sizes left at 0xFFFFFFFF by a writer that could not seek back
+    return length
+
+
+def _matroska_seconds(container: Any, stream: Any) -> float:
+    """The audio track's duration in a Matroska/WebM file (0.0: unknown).
+
+    The track's own ``DURATION`` tag (written by FFmpeg and mkvmerge) when it has one; else the
+    segment's duration, but only when there is no video track (the segment lasts as long as its
+    longest track, and a video may outlast its sound).
+    """
+    tagged = _hms_seconds(str(stream.metadata.get("DURATION", "")))
+    if tagged:
+        return tagged
+    if container.streams.video or not container.duration:
+        return 0.0
+    return float(container.duration / av.time_base)
+
+
+def _hms_seconds(text: str) -> float:
+    """``"00:03:25.120000000"`` in seconds (0.0: not that form)."""
+    match = re.fullmatch(r"(\d+):([0-5]\d):([0-5]\d(?:\.\d+)?)", text.strip())
+    if match is None:
+        return 0.0
+    return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + float(match.group(3))
+
+
+def _check_last_ogg_page(path: str) -> None:
+    """Raise ``TruncatedAudio`` when the file's last Ogg page is cut short (mutagen cannot read it).
+
+    The last page starts within the last :data:`_OGG_MAX_PAGE` bytes (an Ogg page's largest size).
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - _OGG_MAX_PAGE))
+            tail = fh.read()
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+    start = tail.rfind(b"OggS")
+    if start < 0:
         return
-    stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
-    for block in blocks:
-        out: FloatArray = stream.resample_chunk(block)
+    try:
+        mutagen.ogg.OggPage(io.BytesIO(tail[start:]))  # type: ignore[no-untyped-call]
+    except (mutagen.ogg.error, EOFError) as exc:
+        raise TruncatedAudio("the last Ogg page is incomplete: the file is truncated", path=path) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
+    """``(source rate, mono chunk)`` pairs of about :data:`CHUNK_FRAMES` frames, decoded with PyAV.
+
+    Checks, as it goes, the frame limit, and at the end the frame count against the header's.
+    """
+    _check_file(info.path)  # gone or unreadable since probe()?
+    decoded = good = bad = filled = 0
+    buffer = np.empty(CHUNK_FRAMES, dtype=np.float32)  # reused: no allocation per decoded frame
+    rate = info.sample_rate
+    with _open(info.path) as container:
+        stream = container.streams[info.stream_index]
+        stream.codec_context.thread_count = 1  # one core per analysis, as in the process pool
+        try:
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    bad += 1
+                    continue
+                good += 1
+                for frame in frames:
+                    n = frame.samples
+                    if filled and (frame.sample_rate != rate or filled + n > len(buffer)):
+                        yield rate, buffer[:filled].copy()
+                        filled = 0
+                    if n > len(buffer):
+                        buffer = np.empty(n, dtype=np.float32)
+                    rate = frame.sample_rate
+                    _downmix_into(frame, buffer[filled : filled + n])
+                    filled += n
+                    decoded += n
+                    if info.max_frames and decoded > info.max_frames:
+                        raise _too_long(info)
+        except av.error.FFmpegError as exc:
+            if decoded == 0:
+                raise NotAudio(f"nothing in it decodes ({exc})", path=info.path) from exc
+            bad += 1  # the demuxer met an error part way: judged below like a cut file
+    if filled:
+        yield rate, buffer[:filled].copy()
+    _check_complete(info, decoded=decoded, good=good, bad=bad)
+
+
+def _soundfile_decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
+    """``(source rate, mono chunk)`` pairs of :data:`CHUNK_FRAMES` frames, decoded with libsndfile.
+
+    Same checks as :func:`_decoded`: the frame limit as it goes, the header's count at the end.
+    A file libsndfile reads differently from FFmpeg (another rate or channel count) is decoded
+    with PyAV instead.
+    """
+    _check_file(info.path)  # gone or unreadable since probe()?
+    try:
+        f = sf.SoundFile(info.path)
+    except (sf.LibsndfileError, RuntimeError):
+        yield from _decoded(info)
+        return
+    with f:
+        if (f.samplerate, f.channels) != (info.sample_rate, info.channels):
+            f.close()
+            yield from _decoded(info)
+            return
+        buffer = np.empty((CHUNK_FRAMES, info.channels), dtype=np.float32)
+        decoded = bad = 0
+        while True:
+            try:
+                n = int(f.buffer_read_into(buffer, dtype="float32"))
+            except (sf.LibsndfileError, RuntimeError):
+                bad = 1  # a read error part way: judged below like a cut file
+                break
+            if n == 0:
+                break
+            decoded += n
+            if info.max_frames and decoded > info.max_frames:
+                raise _too_long(info)
+            mono = buffer[:n, 0].copy()
+            for channel in range(1, info.channels):
+                mono += buffer[:n, channel]
+            if info.channels > 1:
+                mono *= np.float32(1.0 / info.channels)
+            yield info.sample_rate, mono
+    _check_complete(info, decoded=decoded, good=max(1, decoded // CHUNK_FRAMES), bad=bad)
+
+
+def _too_long(info: AudioInfo) -> TooLong:
+    return TooLong(
+        f"more than {info.max_frames / info.sample_rate / 60:.1f} min of audio decode (the limit), "
+        "whatever the header says",
+        path=info.path,
+    )
+
+
+def _check_complete(info: AudioInfo, *, decoded: int, good: int, bad: int) -> None:
+    """Raise if nothing decoded, too many packets were corrupt, or the header promised more."""
+    if decoded == 0:
+        raise NotAudio(f"no {info.codec} audio decodes ({bad} packets failed)", path=info.path)
+    if bad > max(MIN_BAD_PACKETS, MAX_BAD_PACKET_SHARE * (good + bad)):
+        raise CorruptAudio(
+            f"{bad} of {good + bad} packets failed to decode: the file is corrupt", path=info.path
+        )
+    expected = info.expected_frames
+    slack = SHORT_SLACK_S * info.sample_rate + SHORT_SLACK_SHARE * expected
+    if expected and decoded + slack < expected:
+        raise TruncatedAudio(
+            f"the header promises {expected / info.sample_rate:.2f} s of audio but only "
+            f"{decoded / info.sample_rate:.2f} s decode: the file is truncated",
+            path=info.path,
+        )
+
+
+#: numpy dtype and scale to [-1, 1) of each FFmpeg sample format (planar or not).
+_SAMPLES: dict[str, tuple[type[np.generic], float]] = {
+    "u8": (np.uint8, 1 / 128),
+    "s16": (np.int16, 1 / 32768),
+    "s32": (np.int32, 1 / 2147483648),
+    "s64": (np.int64, 1 / 9223372036854775808),
+    "flt": (np.float32, 1.0),
+    "dbl": (np.float64, 1.0),
+}
+
+
+def _downmix_into(frame: Any, out: FloatArray) -> None:
+    """Average a decoded PyAV frame over its channels into ``out`` (float32, ``frame.samples`` long).
+
+    The planes are read in place (``np.frombuffer``; ``AudioFrame.to_ndarray`` stacks them first,
+    which costs more than decoding MP3's small frames) and summed into ``out`` without
+    temporaries; unlike a matrix product this never starts BLAS threads.
+    """
+    fmt = frame.format
+    n, channels = frame.samples, frame.layout.nb_channels
+    dtype, scale = _SAMPLES[fmt.name.removesuffix("p")]
+    planes = frame.planes
+    if fmt.is_planar:
+        columns = [np.frombuffer(plane, dtype, n) for plane in planes[:channels]]
+    else:
+        packed = np.frombuffer(planes[0], dtype, n * channels).reshape(n, channels)
+        columns = [packed[:, c] for c in range(channels)]
+    np.copyto(out, columns[0], casting="unsafe")
+    for column in columns[1:]:
+        np.add(out, column, out=out, casting="unsafe")
+    if dtype is np.uint8:
+        out -= np.float32(128 * channels)
+    factor = scale / channels
+    if factor != 1.0:
+        out *= np.float32(factor)
+
+
+def _resampled(chunks: Iterable[tuple[int, FloatArray]], *, out_rate: int) -> Iterator[FloatArray]:
+    """Resample a stream of ``(rate, mono chunk)`` pairs to ``out_rate`` Hz with ``soxr`` (HQ).
+
+    A change of source rate part way (concatenated MP3 files) starts a new resampler.
+    """
+    stream: Any = None
+    in_rate = 0
+    for rate, chunk in chunks:
+        if rate != in_rate:
+            if stream is not None:
+                yield from _flush(stream)
+            in_rate = rate
+            stream = (
+                None
+                if rate == out_rate
+                else soxr.ResampleStream(rate, out_rate, 1, dtype="float32", quality="HQ")
+            )
+        if stream is None:
+            yield chunk
+            continue
+        out: FloatArray = stream.resample_chunk(chunk)
         if out.size:
             yield out
+    if stream is not None:
+        yield from _flush(stream)
+
+
+def _flush(stream: Any) -> Iterator[FloatArray]:
     tail: FloatArray = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
     if tail.size:
         yield tail
@@ -632,181 +821,3 @@ def _rebuffer(pieces: Iterable[FloatArray], *, size: int) -> Iterator[FloatArray
                 filled = 0
     if filled:
         yield out[:filled]
-
-
-# --------------------------------------------------------------------------------------------------
-# ffmpeg
-
-
-def _ffmpeg_tools() -> tuple[str, str] | None:
-    """Paths of ``ffmpeg`` and ``ffprobe`` on ``PATH`` (None unless both are installed)."""
-    ffmpeg, ffprobe = shutil.which("ffmpeg"), shutil.which("ffprobe")
-    return (ffmpeg, ffprobe) if ffmpeg and ffprobe else None
-
-
-def _ffmpeg_input(path: str) -> str:
-    """``path`` as an ffmpeg input URL (immune to leading dashes and colons in names)."""
-    return "file:" + os.path.abspath(path)
-
-
-def _no_decoder(path: str, *, head: bytes) -> NotAudio | DecoderUnavailable:
-    """The error for a file libsndfile cannot read when ffmpeg is not installed."""
-    kind = _sniff(head)
-    if kind is None or (kind == "mp3" and _SF_HAS_MP3):
-        return NotAudio("not a recognised audio format", path=path)
-    return DecoderUnavailable(
-        f"{kind} audio needs ffmpeg, which is not installed: install ffmpeg (e.g. `apt-get install ffmpeg`) "
-        f"to analyse {kind} files",
-        path=path,
-    )
-
-
-def _probe_ffmpeg(path: str, *, head: bytes) -> AudioInfo:
-    """Probe with ``ffprobe``: the first audio stream's rate, channels and duration."""
-    tools = _ffmpeg_tools()
-    if tools is None:
-        raise _no_decoder(path, head=head)
-    data = _run_ffprobe(tools[1], path, head=head)
-    streams = data.get("streams") or []
-    container = data.get("format") or {}
-    if not streams:
-        raise NotAudio("the file has no audio stream", path=path)
-    stream = streams[0]
-    rate = int(_as_float(stream.get("sample_rate")))
-    if rate <= 0 or _as_float(container.get("probe_score")) < MIN_PROBE_SCORE:
-        raise NotAudio("not a recognised audio format (ffprobe only guesses at it)", path=path)
-    return AudioInfo(
-        path=path,
-        format=_ffmpeg_format_name(str(container.get("format_name") or ""), path),
-        sample_rate=rate,
-        channels=int(stream.get("channels") or 0),
-        duration_s=_as_float(stream.get("duration")) or _as_float(container.get("duration")),
-        decoder="ffmpeg",
-    )
-
-
-def _run_ffprobe(ffprobe: str, path: str, *, head: bytes) -> dict[str, Any]:
-    """Run ``ffprobe`` on ``path``; its JSON, or the error explaining why it failed."""
-    command = [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
-    command += ["-select_streams", "a:0", *_FFMPEG_INPUT_OPTIONS, _ffmpeg_input(path)]
-    try:
-        done = subprocess.run(
-            command, stdin=subprocess.DEVNULL, capture_output=True, timeout=FFPROBE_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise NotAudio(f"ffprobe did not read the header in {FFPROBE_TIMEOUT_S:.0f} s", path=path) from exc
-    except OSError as exc:
-        raise DecoderUnavailable(f"cannot run ffprobe: {exc}", path=path) from exc
-    message = _last_line(done.stderr).replace(f"{_ffmpeg_input(path)}: ", "")
-    if done.returncode != 0:
-        if _sniff(head) == "m4a" and b"moov atom not found" in done.stderr:
-            raise TruncatedAudio("the MP4 index ('moov' atom) is missing: the file is truncated", path=path)
-        raise NotAudio(f"not a recognised audio format (ffprobe: {message or done.returncode})", path=path)
-    try:
-        data = json.loads(done.stdout)
-    except ValueError as exc:
-        raise NotAudio(f"ffprobe gave unreadable output ({exc})", path=path) from exc
-    return data if isinstance(data, dict) else {}
-
-
-def _as_float(value: object) -> float:
-    """``value`` (an ffprobe string such as ``"180.000"`` or ``"N/A"``) as a float; 0.0 if it is none."""
-    if not isinstance(value, str | int | float):
-        return 0.0
-    try:
-        return float(value)
-    except ValueError:
-        return 0.0
-
-
-def _last_line(stderr: bytes) -> str:
-    lines = stderr.decode("utf-8", "replace").strip().splitlines()
-    return lines[-1] if lines else ""
-
-
-def _ffmpeg_format_name(format_name: str, path: str) -> str:
-    """A short format name from ffprobe's demuxer list (``"mov,mp4,m4a,..."``) and the file's extension."""
-    names = [name for name in format_name.split(",") if name]
-    extension = Path(path).suffix.lower().lstrip(".")
-    if extension and (extension in names or _FFMPEG_ALIASES.get(extension) in names):
-        return extension
-    return names[0] if names else (extension or "unknown")
-
-
-def _ffmpeg_command(ffmpeg: str, path: str, *, channels: int, target_rate: int) -> list[str]:
-    """Decode the first audio stream to raw interleaved float32 at ``target_rate`` Hz on stdout.
-
-    The channels are kept (``-ac 1`` would mix stereo to mono at -3 dB per channel, not as their
-    mean like the libsndfile path) and averaged by the caller.
-    """
-    return [
-        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *_FFMPEG_INPUT_OPTIONS,
-        "-i", _ffmpeg_input(path),
-        "-map", "0:a:0", "-ac", str(channels), "-ar", str(target_rate), "-f", "f32le", "-",
-    ]  # fmt: skip
-
-
-def _ffmpeg_blocks(info: AudioInfo, *, target_rate: int) -> Iterator[FloatArray]:
-    """Mono float32 blocks at ``target_rate``, streamed from an ``ffmpeg`` subprocess."""
-    tools = _ffmpeg_tools()
-    if tools is None:
-        raise DecoderUnavailable(
-            f"{info.format} audio needs ffmpeg, which is not installed: install ffmpeg", path=info.path
-        )
-    _check_file(info.path)  # gone or unreadable since probe()?
-    channels = max(1, info.channels)
-    with tempfile.TemporaryFile() as errors:
-        try:
-            process = subprocess.Popen(
-                _ffmpeg_command(tools[0], info.path, channels=channels, target_rate=target_rate),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-            )
-        except OSError as exc:
-            raise DecoderUnavailable(f"cannot run ffmpeg: {exc}", path=info.path) from exc
-        decoded = yield from _read_pipe(process, channels=channels)
-        errors.seek(0)
-        message = _last_line(errors.read())
-    _check_ffmpeg_result(info, process.returncode, message, decoded / target_rate)
-
-
-def _read_pipe(process: subprocess.Popen[bytes], *, channels: int) -> Generator[FloatArray, None, int]:
-    """Yield ``process``'s interleaved float32 output, downmixed to mono, until EOF; return the frame count.
-
-    The process is always reaped, and killed first if the consumer stops early.
-    """
-    stdout = process.stdout
-    assert stdout is not None
-    frame_bytes = 4 * channels
-    decoded = 0
-    try:
-        while chunk := stdout.read(PIPE_FRAMES * frame_bytes):
-            frames = np.frombuffer(chunk, dtype="<f4", count=len(chunk) // frame_bytes * channels)
-            decoded += len(frames) // channels
-            yield _downmix(frames.reshape(-1, channels))
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        stdout.close()
-    return decoded
-
-
-def _check_ffmpeg_result(info: AudioInfo, returncode: int, message: str, decoded_s: float) -> None:
-    """Raise if ffmpeg failed, or stopped well short of a duration its container states exactly."""
-    if returncode != 0 and decoded_s == 0:
-        raise NotAudio(f"ffmpeg cannot decode it: {message or f'exit status {returncode}'}", path=info.path)
-    if returncode != 0:
-        raise TruncatedAudio(
-            f"ffmpeg failed {decoded_s:.2f} s into the audio ({message or returncode}): truncated or corrupt",
-            path=info.path,
-        )
-    expected = info.duration_s if info.format in _FFMPEG_EXACT_DURATION else 0.0
-    if decoded_s < expected * 0.99 - 0.25:
-        raise TruncatedAudio(
-            f"the header promises {expected:.2f} s of audio but only {decoded_s:.2f} s decode"
-            f"{f' ({message})' if message else ''}: the file is truncated",
-            path=info.path,
-        )

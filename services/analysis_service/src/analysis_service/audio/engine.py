@@ -15,14 +15,15 @@ import numpy as np
 
 from analysis_service.audio.decode import iter_mono_blocks, probe
 from analysis_service.audio.features import FeatureExtractor, Features
-from analysis_service.audio.key import KeyEstimate
+from analysis_service.audio.key import NOTE_NAMES, KeyEstimate
 from analysis_service.audio.mood import MoodEstimate
 from analysis_service.audio.registry import Analyzer, build_registry, resolve
+from analysis_service.audio.tags import MusicalKey, check_tags, read_tags
 from analysis_service.audio.tempo import TempoEstimate
 from analysis_service.audio.timeline import estimate_timeline
 from analysis_service.errors import SilentAudio, TooLong, TooShort
 from analysis_service.settings import EngineSettings
-from service_shared.messages import EngineOutput, KeyResult, MoodResult, Segment, TempoResult
+from service_shared.messages import EngineOutput, KeyResult, MoodResult, Segment, TempoResult, TrackTags
 
 #: ``progress(fraction, stage)``: fraction of the work done in [0, 1] and the current stage name.
 ProgressCallback = Callable[[float, str], None]
@@ -90,6 +91,9 @@ def analyze_file(
     timings["decode"] = round(time.perf_counter() - t0 - features_s, 4)  # probe + decode + resample
     timings["features"] = round(features_s, 4)
     _check_signal(features, path=str(path))
+    t = time.perf_counter()
+    tags = read_tags(path, codec=info.codec, bit_rate=info.bit_rate)
+    timings["tags"] = round(time.perf_counter() - t, 4)
 
     results: dict[str, Any] = {}
     for i, analyzer in enumerate(plan):
@@ -109,7 +113,7 @@ def analyze_file(
         timings["timeline"] = round(time.perf_counter() - t, 4)
     timings["total"] = round(time.perf_counter() - t0, 4)
     report(1.0, "done")
-    return _output(info, features, results, wanted, plan, segments, timings)
+    return _output(info, features, results, wanted, plan, segments, timings, tags)
 
 
 def _extract(
@@ -167,11 +171,17 @@ def _output(
     plan: list[Analyzer],
     segments: list[Segment] | None,
     timings: dict[str, float],
+    tags: TrackTags,
 ) -> EngineOutput:
     tempo = results.get("bpm") if "bpm" in wanted else None
     key = results.get("key") if "key" in wanted else None
     mood = results.get("mood") if "mood" in wanted else None
     builtin = {"bpm", "key", "mood"}
+    measured_key = (
+        MusicalKey(NOTE_NAMES.index(key.tonic), "minor" if key.mode == "minor" else "major")
+        if isinstance(key, KeyEstimate) and key.tonic in NOTE_NAMES
+        else None
+    )
     return EngineOutput(
         duration_s=round(features.duration_s, 3),
         source_sample_rate=info.sample_rate,
@@ -184,6 +194,10 @@ def _output(
         extra={name: results[name] for name in results if name in wanted and name not in builtin},
         analyzer_versions={a.name: a.version for a in plan},
         timings_s=timings,
+        tags=tags,
+        tag_check=check_tags(
+            tags, bpm=tempo.bpm if isinstance(tempo, TempoEstimate) else None, key=measured_key
+        ),
     )
 
 
