@@ -145,7 +145,11 @@ def inspect_file(path: str, settings: EngineSettings) -> FileFacts:
 
 
 def warm_up() -> None:
-    """Run the whole analysis once on a short synthetic song (imports, FFT plans, caches)."""
+    """Run the whole analysis once on a short synthetic song (imports, FFT plans, caches), and import
+    the decoders and the tag reader (PyAV, mutagen: about a second of imports a first request
+    should not pay, nor have counted against its time limit)."""
+    import analysis_service.audio.decode
+    import analysis_service.audio.tags  # noqa: F401
     from analysis_service.audio.features import compute_features
     from analysis_service.audio.registry import build_registry, resolve
     from analysis_service.audio.synth import demo_song

@@ -435,13 +435,18 @@ class GraphSink:
         if driver is not None:
             await driver.close()
 
-    async def _create_schema(self, action: str, work: _Work[None]) -> None:
-        """Run a schema statement; losing a creation race with another replica is success."""
-        try:
-            await self._execute(action, work)
-        except (SinkRejected, SinkUnavailable) as exc:
-            if not any(marker in str(exc) for marker in _ALREADY_EXISTS):
-                raise
+    async def _create_schema(self, action: str, work: _Work[None], *, attempts: int = 3) -> None:
+        """Run a schema statement; a replica creating the same index at the same moment makes it
+        fail (FalkorDB answers with an unknown error), so it is tried again: statements that list
+        what exists first (FalkorDB) or say ``IF NOT EXISTS`` (Neo4j) then find it there."""
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._execute(action, work)
+                return
+            except (SinkRejected, SinkUnavailable) as exc:
+                if attempt == attempts and not any(marker in str(exc) for marker in _ALREADY_EXISTS):
+                    raise
+                await asyncio.sleep(0.2 * attempt)
 
     async def _detect_dialect(self) -> Dialect:
         try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -406,7 +407,7 @@ class Pipeline:
                             inspect_file,
                             path,
                             s.engine,
-                            time_limit_s=s.worker.time_limit_base_s,
+                            time_limit_s=inspect_limit_s(path, s.worker.time_limit_base_s),
                             path=path,
                         ),
                     )
@@ -551,6 +552,20 @@ class Pipeline:
         if self.prepare is not None:
             await self.prepare(name)
         return await fn(*args, **kwargs)
+
+
+#: Bytes per second a slot surely reads while it hashes a file (a slow disk), for its time limit.
+_MIN_READ_BYTES_PER_S = 20e6
+
+
+def inspect_limit_s(path: str, base_s: float) -> float:
+    """Time limit of reading a file's header and hashing it: the base limit plus its size at a slow
+    disk's speed (the size is the one thing the main process learns of the file: a ``stat``)."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = 0  # the slot reports why it cannot read it
+    return base_s + size / _MIN_READ_BYTES_PER_S
 
 
 def run_analysis_in_slot(
