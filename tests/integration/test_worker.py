@@ -238,3 +238,46 @@ async def test_request_that_keeps_killing_workers_is_failed(settings: Settings) 
     assert result.error is not None
     assert result.error.code == "worker_crashed"
     assert len(dead) == 1
+
+
+async def test_tags_are_stored_with_how_they_compare_to_the_measurement(settings: Settings) -> None:
+    import mutagen.flac
+    import soundfile as sf
+
+    from analysis_service.audio.synth import demo_song
+
+    path = settings.worker.media_root / "tagged.flac"
+    sf.write(path, demo_song(bpm=120.0, tonic=9, mode="minor", seconds=12.0, sample_rate=22050), 22050)
+    tags = mutagen.flac.FLAC(path)
+    tags.update({"TITLE": "It's a Test", "ARTIST": "Tester", "BPM": "60", "INITIALKEY": "Am"})
+    tags.save()
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish(request("tagged", "tagged.flac"))
+        [result] = await broker.results(1)
+        [node] = await graph_rows(
+            settings.neo4j,
+            "MATCH (r:Recording) RETURN r.title AS title, r.tag_bpm AS bpm, r.tag_bpm_check AS bpm_check, "
+            "r.tag_key_check AS key_check",
+        )
+    assert result.output is not None
+    assert result.output.tags is not None
+    assert result.output.tag_check is not None
+    check = result.output.tag_check
+    recording = (await pg_rows(settings.postgres.dsn, "SELECT * FROM recordings"))[0]
+    assert (recording["title"], recording["artist"], recording["tag_bpm"]) == ("It's a Test", "Tester", 60.0)
+    assert recording["tag_key"] == "Am"
+    row = (await pg_rows(settings.postgres.dsn, "SELECT tag_bpm_check, tag_key_check FROM analysis_results"))[
+        0
+    ]
+    assert (row["tag_bpm_check"], row["tag_key_check"]) == (check.bpm, check.key)
+    assert check.bpm == "double"  # the song is at 120 BPM, twice what the tag says
+    assert node == {"title": "It's a Test", "bpm": 60.0, "bpm_check": check.bpm, "key_check": check.key}
+
+
+async def graph_rows(graph: Neo4jSettings, cypher: str) -> list[dict[str, Any]]:
+    driver = neo4j.AsyncGraphDatabase.driver(graph.uri, auth=(graph.user, graph.password))
+    try:
+        async with driver.session() as session:
+            return [record.data() async for record in await session.run(cypher)]
+    finally:
+        await driver.close()

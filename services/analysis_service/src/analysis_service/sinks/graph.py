@@ -4,7 +4,9 @@ Graph model::
 
     (:Analysis {request_id, status, correlation_id, file, content_hash, bpm, key, camelot, mood,
                 error_code, error_message, cached, finished_at})
-        -[:OF]-> (:Recording {content_hash, path, duration_s, format, bpm, key, camelot, mood})
+        -[:OF]-> (:Recording {content_hash, path, duration_s, format, bpm, key, camelot, mood,
+                              title, artist, album, year, genre, isrc, tag_bpm, tag_key,
+                              tag_bpm_check, tag_key_check})
     (:Recording) -[:IN_KEY]->         (:Key {camelot: "8A", name: "A minor", tonic: "A", mode: "minor"})
     (:Recording) -[:HAS_MOOD]->       (:Mood {label})
     (:Recording) -[:IN_TEMPO_RANGE]-> (:TempoRange {name: "120-129", min_bpm: 120, max_bpm: 130})
@@ -366,6 +368,20 @@ class GraphSink:
             "camelot": analysis["camelot"],
             "mood": analysis["mood"],
         }
+        tags = out.tags if out else None
+        if tags is not None:  # what the file's tags say, and how they compare with the measurement
+            recording |= {
+                "title": tags.title,
+                "artist": tags.artist,
+                "album": tags.album,
+                "year": tags.year,
+                "genre": tags.genre,
+                "isrc": tags.isrc,
+                "tag_bpm": tags.bpm,
+                "tag_key": tags.key,
+            }
+        if out is not None and out.tag_check is not None:
+            recording |= {"tag_bpm_check": out.tag_check.bpm, "tag_key_check": out.tag_check.key}
         # Keep what earlier analyses found for facets this one did not compute.
         recording = {name: value for name, value in recording.items() if value is not None}
         rid, content_hash = result.request_id, result.content_hash

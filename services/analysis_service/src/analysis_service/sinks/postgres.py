@@ -8,7 +8,9 @@ Schema (``migrations/``)::
                        published_at, updated_at)
     analysis_results  (request_id PK -> requests, the terminal outcome in typed columns, the full
                        EngineOutput as ``output`` and the announced result message as ``result``)
-    recordings        (content_hash PK, path, duration_s, format, sample_rate, channels, ...)
+    recordings        (content_hash PK, path, duration_s, format, sample_rate, channels, the file's
+                       tags: title, artist, album, track_number, year, genre, isrc, codec,
+                       bitrate_kbps, tag_bpm, tag_key)
     timeline_segments (request_id -> analysis_results, idx, start_s, end_s, bpm, key)
     schema_migrations (version PK, name, applied_at)
 
@@ -116,17 +118,37 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )
 """
 
-_UPSERT_RECORDING = """
-INSERT INTO recordings (content_hash, path, duration_s, format, sample_rate, channels)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (content_hash) DO UPDATE SET
-    path        = COALESCE(EXCLUDED.path, recordings.path),
-    duration_s  = COALESCE(EXCLUDED.duration_s, recordings.duration_s),
-    format      = COALESCE(EXCLUDED.format, recordings.format),
-    sample_rate = COALESCE(EXCLUDED.sample_rate, recordings.sample_rate),
-    channels    = COALESCE(EXCLUDED.channels, recordings.channels),
-    updated_at  = now()
-"""
+_RECORDING_COLUMNS = (
+    "content_hash",
+    "path",
+    "duration_s",
+    "format",
+    "sample_rate",
+    "channels",
+    "title",
+    "artist",
+    "album",
+    "track_number",
+    "year",
+    "genre",
+    "isrc",
+    "codec",
+    "bitrate_kbps",
+    "tag_bpm",
+    "tag_key",
+)
+
+#: Recording columns named like the ``TrackTags`` fields they hold.
+_TAG_COLUMNS = ("title", "artist", "album", "track_number", "year", "genre", "isrc", "codec", "bitrate_kbps")
+
+#: A recording's facts; a later analysis that does not know one keeps the earlier value.
+_UPSERT_RECORDING = (
+    f"INSERT INTO recordings ({', '.join(_RECORDING_COLUMNS)})\n"
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_RECORDING_COLUMNS) + 1))})\n"
+    "ON CONFLICT (content_hash) DO UPDATE SET "
+    + ", ".join(f"{c} = COALESCE(EXCLUDED.{c}, recordings.{c})" for c in _RECORDING_COLUMNS[1:])
+    + ", updated_at = now()"
+)
 
 _RESULT_COLUMNS = (
     "request_id",
@@ -154,6 +176,8 @@ _RESULT_COLUMNS = (
     "cached",
     "finished_at",
     "result",
+    "tag_bpm_check",
+    "tag_key_check",
 )
 _JSONB_COLUMNS = frozenset({"analyzer_versions", "timings", "output", "result"})
 
@@ -284,20 +308,39 @@ def _result_row(result: AnalysisResultMessage) -> tuple[Any, ...]:
         "cached": result.cached,
         "finished_at": result.finished_at,
         "result": result.model_dump_json(),
+        "tag_bpm_check": out.tag_check.bpm if out and out.tag_check else None,
+        "tag_key_check": out.tag_check.key if out and out.tag_check else None,
     }
     return tuple(values[column] for column in _RESULT_COLUMNS)
 
 
 def _recording_row(result: AnalysisResultMessage, content_hash: str) -> tuple[Any, ...]:
+    """The ``recordings`` values of ``result``, in ``_RECORDING_COLUMNS`` order."""
     out: EngineOutput | None = result.output
-    return (
-        content_hash,
-        result.file,
-        out.duration_s if out else None,
-        out.format if out else None,
-        out.source_sample_rate if out else None,
-        out.source_channels if out else None,
-    )
+    tags = out.tags if out else None
+    values: dict[str, Any] = {
+        "content_hash": content_hash,
+        "path": result.file,
+        "duration_s": out.duration_s if out else None,
+        "format": out.format if out else None,
+        "sample_rate": out.source_sample_rate if out else None,
+        "channels": out.source_channels if out else None,
+        "tag_bpm": tags.bpm if tags else None,
+        "tag_key": tags.key if tags else None,
+    }
+    for name in (
+        "title",
+        "artist",
+        "album",
+        "track_number",
+        "year",
+        "genre",
+        "isrc",
+        "codec",
+        "bitrate_kbps",
+    ):
+        values[name] = getattr(tags, name) if tags else None
+    return tuple(values[column] for column in _RECORDING_COLUMNS)
 
 
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
