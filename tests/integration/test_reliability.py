@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -394,3 +395,35 @@ async def test_two_replicas_starting_together_on_empty_stores_both_start(setting
     assert statuses == [EXIT_OK, EXIT_OK]
     assert both
     assert all(w._started == {"postgres", "neo4j"} for w in workers)
+
+
+# ------------------------------------------------------------------------------ results publisher
+async def test_a_late_publisher_confirm_is_not_published_again(settings: Settings) -> None:
+    """The broker confirms the result after publish_timeout_s: the worker waits for that confirm
+    instead of publishing a second copy."""
+    settings = with_rabbit(settings, publish_timeout_s=0.5)
+    write_song(settings.worker.media_root / "a.wav", seconds=6.0)
+    async with Broker(settings) as broker, running_worker(settings) as worker:
+        publisher = worker._publisher
+        assert publisher is not None
+        exchange = publisher._exchange
+        real_publish = exchange.publish
+        calls = 0
+
+        async def late_confirm(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            confirmation = await real_publish(*args, **kwargs)
+            if calls == 1:
+                await asyncio.sleep(1.0)  # the confirm of the first publish arrives late
+            return confirmation
+
+        exchange.publish = late_confirm  # type: ignore[method-assign]
+        await broker.publish({"request_id": "late", "file": "a.wav"})
+        [result] = await broker.results(1)
+        await until("settled", lambda: worker.counters["completed"] == 1 and not worker._tasks)
+        await asyncio.sleep(1.0)
+        extra = await broker.drain_now(settings.rabbitmq.results_queue)
+    assert result.status is ResultStatus.COMPLETED, result.error
+    assert extra == []
+    assert calls == 1
