@@ -427,3 +427,64 @@ async def test_a_late_publisher_confirm_is_not_published_again(settings: Setting
     assert result.status is ResultStatus.COMPLETED, result.error
     assert extra == []
     assert calls == 1
+
+
+# ------------------------------------------------------------------------------ progress
+@asynccontextmanager
+async def private_redis(port: int, workdir: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A throw-away ``redis-server`` on ``port`` (the test stops and restarts it)."""
+    process = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(workdir),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await until("redis up", lambda: _accepts(port), timeout_s=10)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), timeout=10)
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+async def test_progress_missed_while_redis_was_down_is_repaired_when_it_returns(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from redis.asyncio import Redis
+
+    from tests.integration.conftest import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"url": url, "socket_timeout_s": 0.5})}
+    )
+    write_song(settings.worker.media_root / "a.wav", seconds=6.0)
+    async with private_redis(port, tmp_path) as first, Broker(settings) as broker, running_worker(settings):
+        first.terminate()  # Redis goes down while the request is analysed and stored
+        await first.wait()
+        await broker.publish({"request_id": "no-redis", "file": "a.wav"})
+        [result] = await broker.results(1)
+        assert result.status is ResultStatus.COMPLETED, result.error
+        async with private_redis(port, tmp_path):
+            client = Redis.from_url(url, decode_responses=True)
+            key = f"{settings.redis.key_prefix}:progress:no-redis"
+            try:
+                await until("progress repaired", lambda: _status_is(client, key, "completed"), timeout_s=15)
+            finally:
+                await client.aclose()
+
+
+async def _status_is(client: Any, key: str, status: str) -> bool:
+    return bool(await client.hget(key, "status") == status)
