@@ -488,3 +488,33 @@ async def test_progress_missed_while_redis_was_down_is_repaired_when_it_returns(
 
 async def _status_is(client: Any, key: str, status: str) -> bool:
     return bool(await client.hget(key, "status") == status)
+
+
+async def test_copies_of_one_id_in_flight_leave_the_stores_agreeing(settings: Settings) -> None:
+    """A valid request, an invalid body with its id and a reuse of its id for another file, all in
+    flight together: the id's outcome is the valid request's, in PostgreSQL and in the graph."""
+    settings = with_worker(settings, concurrency=2)
+    write_song(settings.worker.media_root / "a.wav", seconds=30.0)
+    write_song(settings.worker.media_root / "b.wav", seconds=6.0)
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish({"request_id": "shared", "file": "a.wav"})
+        await broker.publish({"request_id": "shared", "file": "a.wav", "priority": 99})
+        await broker.publish({"request_id": "shared", "file": "b.wav"})
+        results = await broker.results(3, timeout_s=60)
+        [completed, failed] = await graph_counts(
+            settings.neo4j,
+            "MATCH (a:Analysis {request_id: 'shared', status: 'completed'}) RETURN count(a)",
+            "MATCH (a:Analysis {status: 'failed'}) RETURN count(a)",
+        )
+    by_id = {r.request_id: r for r in results}
+    assert by_id["shared"].status is ResultStatus.COMPLETED, by_id["shared"].error
+    others = [r for r in results if r.request_id != "shared"]
+    assert len(others) == 2
+    assert all(r.request_id.startswith("rejected-") and r.claimed_request_id == "shared" for r in others)
+    assert sorted(r.error.code for r in others if r.error) == ["invalid_priority", "request_id_conflict"]
+    assert (completed, failed) == (1, 2)
+    assert await ledger_status(settings.postgres.dsn, "shared") == "completed"
+    rows = await pg_rows(
+        settings.postgres.dsn, "SELECT status FROM analysis_results WHERE request_id = 'shared'"
+    )
+    assert [r["status"] for r in rows] == ["completed"]
