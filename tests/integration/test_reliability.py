@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -394,3 +395,126 @@ async def test_two_replicas_starting_together_on_empty_stores_both_start(setting
     assert statuses == [EXIT_OK, EXIT_OK]
     assert both
     assert all(w._started == {"postgres", "neo4j"} for w in workers)
+
+
+# ------------------------------------------------------------------------------ results publisher
+async def test_a_late_publisher_confirm_is_not_published_again(settings: Settings) -> None:
+    """The broker confirms the result after publish_timeout_s: the worker waits for that confirm
+    instead of publishing a second copy."""
+    settings = with_rabbit(settings, publish_timeout_s=0.5)
+    write_song(settings.worker.media_root / "a.wav", seconds=6.0)
+    async with Broker(settings) as broker, running_worker(settings) as worker:
+        publisher = worker._publisher
+        assert publisher is not None
+        exchange = publisher._exchange
+        real_publish = exchange.publish
+        calls = 0
+
+        async def late_confirm(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            confirmation = await real_publish(*args, **kwargs)
+            if calls == 1:
+                await asyncio.sleep(1.0)  # the confirm of the first publish arrives late
+            return confirmation
+
+        exchange.publish = late_confirm  # type: ignore[method-assign]
+        await broker.publish({"request_id": "late", "file": "a.wav"})
+        [result] = await broker.results(1)
+        await until("settled", lambda: worker.counters["completed"] == 1 and not worker._tasks)
+        await asyncio.sleep(1.0)
+        extra = await broker.drain_now(settings.rabbitmq.results_queue)
+    assert result.status is ResultStatus.COMPLETED, result.error
+    assert extra == []
+    assert calls == 1
+
+
+# ------------------------------------------------------------------------------ progress
+@asynccontextmanager
+async def private_redis(port: int, workdir: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A throw-away ``redis-server`` on ``port`` (the test stops and restarts it)."""
+    process = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(workdir),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await until("redis up", lambda: _accepts(port), timeout_s=10)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), timeout=10)
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+async def test_progress_missed_while_redis_was_down_is_repaired_when_it_returns(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from redis.asyncio import Redis
+
+    from tests.integration.conftest import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"url": url, "socket_timeout_s": 0.5})}
+    )
+    write_song(settings.worker.media_root / "a.wav", seconds=6.0)
+    async with private_redis(port, tmp_path) as first, Broker(settings) as broker, running_worker(settings):
+        first.terminate()  # Redis goes down while the request is analysed and stored
+        await first.wait()
+        await broker.publish({"request_id": "no-redis", "file": "a.wav"})
+        [result] = await broker.results(1)
+        assert result.status is ResultStatus.COMPLETED, result.error
+        async with private_redis(port, tmp_path):
+            client = Redis.from_url(url, decode_responses=True)
+            key = f"{settings.redis.key_prefix}:progress:no-redis"
+            try:
+                await until("progress repaired", lambda: _status_is(client, key, "completed"), timeout_s=15)
+            finally:
+                await client.aclose()
+
+
+async def _status_is(client: Any, key: str, status: str) -> bool:
+    return bool(await client.hget(key, "status") == status)
+
+
+async def test_copies_of_one_id_in_flight_leave_the_stores_agreeing(settings: Settings) -> None:
+    """A valid request, an invalid body with its id and a reuse of its id for another file, all in
+    flight together: the id's outcome is the valid request's, in PostgreSQL and in the graph."""
+    settings = with_worker(settings, concurrency=2)
+    write_song(settings.worker.media_root / "a.wav", seconds=30.0)
+    write_song(settings.worker.media_root / "b.wav", seconds=6.0)
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish({"request_id": "shared", "file": "a.wav"})
+        await broker.publish({"request_id": "shared", "file": "a.wav", "priority": 99})
+        await broker.publish({"request_id": "shared", "file": "b.wav"})
+        results = await broker.results(3, timeout_s=60)
+        [completed, failed] = await graph_counts(
+            settings.neo4j,
+            "MATCH (a:Analysis {request_id: 'shared', status: 'completed'}) RETURN count(a)",
+            "MATCH (a:Analysis {status: 'failed'}) RETURN count(a)",
+        )
+    by_id = {r.request_id: r for r in results}
+    assert by_id["shared"].status is ResultStatus.COMPLETED, by_id["shared"].error
+    others = [r for r in results if r.request_id != "shared"]
+    assert len(others) == 2
+    assert all(r.request_id.startswith("rejected-") and r.claimed_request_id == "shared" for r in others)
+    assert sorted(r.error.code for r in others if r.error) == ["invalid_priority", "request_id_conflict"]
+    assert (completed, failed) == (1, 2)
+    assert await ledger_status(settings.postgres.dsn, "shared") == "completed"
+    rows = await pg_rows(
+        settings.postgres.dsn, "SELECT status FROM analysis_results WHERE request_id = 'shared'"
+    )
+    assert [r["status"] for r in rows] == ["completed"]
