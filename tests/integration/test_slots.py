@@ -268,3 +268,20 @@ async def test_slot_whose_idle_process_died_recovers(short_song: Path) -> None:
         output = await analyze(pool, short_song)
         assert output.duration_s == pytest.approx(6.0, abs=0.1)
         assert pool.healthy
+
+
+async def test_process_dying_while_warming_up_after_a_recycle_is_a_worker_crash(
+    short_song: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in benchmarks/faults.py: a slot recycled at max_tasks_per_child lost its fresh process
+    # during warm-up, and the raw BrokenProcessPool failed a valid request as internal_error
+    # instead of being retried like any other crash of an analysis process.
+    async with started_pool(1, max_tasks_per_child=1) as pool:
+        await analyze(pool, short_song)  # the slot is due for recycling
+        monkeypatch.setattr(slots, "warm_up", functools.partial(os._exit, 1))
+        with pytest.raises(WorkerCrashed):
+            await analyze(pool, short_song)
+        monkeypatch.undo()
+        output = await analyze(pool, short_song)  # the slot heals
+        assert output.duration_s == pytest.approx(6.0, abs=0.1)
+        assert pool.healthy

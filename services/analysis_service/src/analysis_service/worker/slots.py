@@ -76,7 +76,10 @@ class SlotPool:
 
     async def _warm(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(slot.executor, warm_up)
+        try:
+            await loop.run_in_executor(slot.executor, warm_up)
+        except BrokenProcessPool as exc:  # a crash like any other: the next lease replaces the slot
+            raise WorkerCrashed(f"the analysis process died while starting: {exc}") from exc
         slot.warm = True
 
     @property
