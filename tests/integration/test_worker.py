@@ -248,8 +248,8 @@ async def test_tags_are_stored_with_how_they_compare_to_the_measurement(settings
 
     path = settings.worker.media_root / "tagged.flac"
     sf.write(path, demo_song(bpm=120.0, tonic=9, mode="minor", seconds=12.0, sample_rate=22050), 22050)
-    tags = mutagen.flac.FLAC(path)
-    tags.update({"TITLE": "It's a Test", "ARTIST": "Tester", "BPM": "60", "INITIALKEY": "Am"})
+    tags = mutagen.flac.FLAC(path)  # type: ignore[no-untyped-call]
+    tags.update({"TITLE": "It's a Test", "ARTIST": "Tester", "BPM": "60", "INITIALKEY": "Am"})  # type: ignore[no-untyped-call]
     tags.save()
     async with Broker(settings) as broker, running_worker(settings):
         await broker.publish(request("tagged", "tagged.flac"))
