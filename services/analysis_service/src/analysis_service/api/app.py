@@ -537,6 +537,8 @@ def create_app(settings: Settings, *, resources: Resources | None = None) -> Fas
         lifespan=lifespan,
     )
     app.state.api_keys = keys
+    if resources is not None:
+        app.state.resources = resources
     app.add_middleware(BodyLimitAndMetrics, max_bytes=settings.api.max_body_bytes, metrics=metrics)
 
     # -------------------------------------------------------------- error handlers
