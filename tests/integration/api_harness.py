@@ -236,7 +236,13 @@ async def api_stack(
 async def served(app: FastAPI) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on a free local port; yields ``host:port``."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="off", ws="websockets"
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        ws="websockets-sansio",
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=None))

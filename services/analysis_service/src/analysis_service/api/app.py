@@ -1129,7 +1129,7 @@ async def serve(settings: Settings) -> int:
             log_config=None,
             access_log=False,
             lifespan="on",
-            ws="websockets",
+            ws="websockets-sansio",
         )
         server = uvicorn.Server(config)
         log.info("api listening", host=settings.api.host, port=settings.api.port)
