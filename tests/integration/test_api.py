@@ -397,6 +397,9 @@ async def test_list_pages_with_a_cursor_and_filters(stack: Stack) -> None:
         422,
         "invalid_query",
     )
+    misspelt = await stack.client.get("/v1/jobs", params={"stauts": "running"}, headers=AUTH)
+    assert error_of(misspelt) == (422, "invalid_query")
+    assert "stauts" in misspelt.json()["error"]["message"]
     assert error_of(await stack.client.get("/v1/jobs", params={"limit": 0}, headers=AUTH)) == (
         422,
         "invalid_query",

@@ -18,7 +18,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,9 +27,11 @@ from typing import Annotated, Any, Final
 
 import structlog
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
@@ -427,6 +429,24 @@ async def _no_receive() -> Message:  # pragma: no cover - a JSONResponse never r
 # ------------------------------------------------------------------------------------ the app
 
 
+#: One Server-Sent Event (as OpenAPI 3.2 describes an event stream's items): ``event`` names the
+#: type, ``data`` is a ``StreamEvent`` as JSON.
+SSE_EVENT_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["state", "progress", "batch", "job"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/StreamEvent"},
+        },
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
 def _error_doc(description: str) -> dict[str, Any]:
     """An error response in the OpenAPI document (always JSON, whatever the route's response class)."""
     return {
@@ -479,6 +499,14 @@ def check_key(authorization: str | None, keys: list[str]) -> None:
         raise ApiKeyRejected("the API key is not valid")
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    """Every query parameter an operation (and its dependencies) takes."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 def res_of(request: Request) -> Resources:
     resolved: Resources = request.app.state.resources
     return resolved
@@ -487,8 +515,15 @@ def res_of(request: Request) -> Resources:
 async def authenticated(
     request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Resources:
-    """The dependency of every ``/v1`` operation: a valid key, or 401/403 (see :func:`check_key`)."""
+    """The dependency of every ``/v1`` operation: a valid key, or 401/403 (see :func:`check_key`);
+    then no query parameter the operation does not take (a misspelt filter must not list everything)."""
     check_key(request.headers.get("authorization"), request.app.state.api_keys)
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute):
+        known = _query_names(route.dependant)
+        unknown = sorted(set(request.query_params) - known)
+        if unknown:
+            raise InvalidQuery(f"unknown query parameter(s) {unknown}; this operation takes {sorted(known)}")
     return res_of(request)
 
 
@@ -851,9 +886,9 @@ def create_app(settings: Settings, *, resources: Resources | None = None) -> Fas
     # -------------------------------------------------------------- live streams
     _SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
         200: {
-            "description": "Server-Sent Events until the outcome: `event:` is the event type, `data:` a "
-            "`StreamEvent` (JSON), `: keepalive` comments while idle.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-Sent Events until the outcome: `event:` is the type of the event, "
+            "`data:` a `StreamEvent` (JSON); `: keepalive` comments while idle.",
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         },
     }
 
@@ -943,6 +978,10 @@ def create_app(settings: Settings, *, resources: Resources | None = None) -> Fas
             error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(error_schema.pop("$defs", {}))
             schemas["ErrorBody"] = error_schema
+            event_schema = StreamEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in event_schema.pop("$defs", {}).items():
+                schemas.setdefault(name, definition)
+            schemas["StreamEvent"] = event_schema
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -1105,12 +1144,26 @@ async def _ws_pump(websocket: WebSocket, stream: Stream, res: Resources) -> None
 # ------------------------------------------------------------------------------------ serving
 
 
+#: Seconds open requests and streams get to finish after SIGTERM before they are cancelled (stream
+#: clients reconnect and get the current state first).
+SHUTDOWN_GRACE_S: Final = 10
+
+
 async def serve(settings: Settings) -> int:
     """Run the API under uvicorn until SIGTERM/SIGINT; the process exit status.
 
     A dependency that cannot be reached at start-up is one log line naming it, and exit status 1.
+    SIGTERM or SIGINT stop accepting connections, give open ones ``SHUTDOWN_GRACE_S`` seconds, close
+    the connections to the services and exit 0.
     """
+    import signal
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the handlers below stop the server; uvicorn's would re-raise the signal at exit
 
     if not settings.api.key_list():
         log.error("api cannot start", reason="no API key configured: set ANALYSIS_API__KEYS")
@@ -1130,8 +1183,18 @@ async def serve(settings: Settings) -> int:
             access_log=False,
             lifespan="on",
             ws="websockets-sansio",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )
-        server = uvicorn.Server(config)
+        server = Server(config)
+
+        def stop(signum: int) -> None:
+            log.info("api stopping", signal=signal.Signals(signum).name)
+            server.force_exit = server.should_exit  # a second signal: do not wait for connections
+            server.should_exit = True
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop, signum)
         log.info("api listening", host=settings.api.host, port=settings.api.port)
         await server.serve()
         return 0 if server.started else 1
