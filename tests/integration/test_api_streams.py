@@ -109,8 +109,11 @@ async def test_sse_job_stream_ends_from_the_ledger_even_without_a_redis_message(
         assert (kind, first["job"]["status"]) == ("state", "queued")
         await stack.start(job["id"])
         await stack.report(job["id"], "running", 10.0, "decode")
+        kind, update = await anext(events)  # a new status: a state event, with the progress
+        assert (kind, update["job"]["status"], update["job"]["stage"]) == ("state", "running", "decode")
+        await stack.report(job["id"], "running", 20.0, "features")
         kind, update = await anext(events)
-        assert (kind, update["job"]["stage"]) == ("progress", "decode")
+        assert (kind, update["job"]["percent"], update["job"]["stage"]) == ("progress", 20.0, "features")
         await stack.finish(job["id"], "failed", code="not_audio", message="not audio")  # no Redis update
         kind, last = await anext(events)
         assert (kind, last["job"]["status"], last["job"]["error"]["code"]) == ("state", "failed", "not_audio")

@@ -1014,15 +1014,25 @@ class Stream:
 async def _job_events(
     res: Resources, sub: Subscription, row: Any, first: JobStatus, poll_s: float
 ) -> AsyncIterator[StreamEvent | None]:
+    """A job's events: its state, then one per progress update, ended by its terminal state.
+
+    The ledger row decides the status: it is re-read when an update names another status than the
+    row's (the row's status is then shown, Redis only adds percent and stage), and every ``poll_s``
+    seconds without an update, so an outcome whose progress message never came still ends the
+    stream.
+    """
     yield StreamEvent(type="state", job=first)
     current = first
+    progress: dict[str, Any] | None = None
     while current.status not in TERMINAL_STATES:
         update = await sub.next(poll_s)
-        if update is not None and update.get("status") not in TERMINAL_STATES:
-            current = job_status(row, update)
-            yield StreamEvent(type="progress", job=current, dropped=sub.take_dropped())
-            continue
-        # Idle, or the worker announced an end: the ledger decides.
+        if update is not None:
+            progress = update
+            if update.get("status") == current.status.value:
+                current = job_status(row, progress)
+                yield StreamEvent(type="progress", job=current, dropped=sub.take_dropped())
+                continue
+        # Idle, or the worker announced another status: the ledger decides.
         try:
             fresh = await res.ledger.job(current.id)
         except ApiError:
@@ -1031,10 +1041,13 @@ async def _job_events(
         if fresh is None:  # deleted by an operator
             return
         row = fresh
-        new = job_status(row, update)
+        new = job_status(row, progress)
         if (new.status, new.cancel_requested) != (current.status, current.cancel_requested):
             current = new
             yield StreamEvent(type="state", job=current, dropped=sub.take_dropped())
+        elif update is not None:
+            current = new
+            yield StreamEvent(type="progress", job=current, dropped=sub.take_dropped())
         else:
             yield None
 
