@@ -225,11 +225,13 @@ async def api_stack(
                 await pg.close()
                 await resources.close()
         finally:
-            cleanup = await connection.channel()
-            if queue is not None:
-                await cleanup.queue_delete(rabbit.request_queue)
-            if declare:
-                await cleanup.exchange_delete(rabbit.request_exchange)
+            # A fresh connection: the broker may have closed the first one meanwhile.
+            async with await aio_pika.connect(rabbit.url) as cleanup_connection:
+                cleanup = await cleanup_connection.channel()
+                if queue is not None:
+                    await cleanup.queue_delete(rabbit.request_queue)
+                if declare:
+                    await cleanup.exchange_delete(rabbit.request_exchange)
 
 
 @contextlib.asynccontextmanager

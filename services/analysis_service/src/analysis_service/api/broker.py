@@ -31,6 +31,10 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: Errors opening a channel: also aiormq's ``RuntimeError("<Connection ...> closed")`` while the robust
+#: connection is being re-established.
+CHANNEL_OPEN_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, RuntimeError)
+
 
 @dataclass
 class PublishReport:
@@ -105,7 +109,7 @@ class RequestPublisher:
                 connection.channel(publisher_confirms=True, on_return_raises=True),
                 settings.publish_timeout_s,
             )
-        except BROKER_ERRORS as exc:
+        except CHANNEL_OPEN_ERRORS as exc:
             report.failure = f"cannot open a channel: {_describe(exc)}"
             return report
         try:
