@@ -137,15 +137,13 @@ class Stack:
         result = AnalysisResultMessage(
             request_id=request_id,
             correlation_id=row["correlation_id"],
-            status=ResultStatus.COMPLETED if status == "completed" else ResultStatus.FAILED,
+            status=ResultStatus(status),
             file=row["file"],
             output=output,
             error=error,
             finished_at=datetime.now(UTC),
         )
         body = result.model_dump_json()
-        if status == "cancelled":  # the shared contract of this branch has no CANCELLED yet
-            body = body.replace('"status":"failed"', '"status":"cancelled"')
         async with self.pg.transaction():
             changed = await self.pg.execute(
                 "UPDATE requests SET status = $2, error_code = $3, finished_at = now(), updated_at = now() "

@@ -12,8 +12,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from analysis_service.api.ledger import fingerprint
 from analysis_service.settings import RabbitSettings, RedisSettings
+from analysis_service.sinks.postgres import fingerprint
 from service_shared.messages import AnalysisRequest
 from tests.integration.api_harness import (
     AUTH,

@@ -45,7 +45,6 @@ from analysis_service.api.events import ProgressHub, Subscription
 from analysis_service.api.ledger import BatchRow, Cursor, JobLedger
 from analysis_service.api.metrics import ApiMetrics
 from analysis_service.api.models import (
-    ID_PATTERN,
     TERMINAL_STATES,
     BatchStatus,
     CancelAccepted,
@@ -91,10 +90,10 @@ from analysis_service.errors import (
     TransientError,
     UnknownAnalyzer,
 )
+from analysis_service.media import resolve_media_path
 from analysis_service.settings import Settings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client
-from analysis_service.worker.worker import resolve_media_path
-from service_shared.messages import AnalysisRequest, AnalysisResultMessage
+from service_shared.messages import ID_PATTERN, AnalysisRequest, AnalysisResultMessage
 
 log = structlog.get_logger(__name__)
 

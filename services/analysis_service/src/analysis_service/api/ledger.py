@@ -14,7 +14,6 @@ Every terminal transition is the worker's; the API never writes ``status`` after
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ import asyncpg
 
 from analysis_service.errors import InvalidCursor, LedgerUnavailable
 from analysis_service.settings import PostgresSettings
-from analysis_service.sinks.postgres import apply_migrations, load_migrations
+from analysis_service.sinks.postgres import apply_migrations, fingerprint, load_migrations
 from service_shared.messages import AnalysisRequest
 
 #: Columns of a job as the API shows it.
@@ -104,20 +103,6 @@ GROUP BY 1 ORDER BY 1
 _BATCH_RUNNING = "SELECT request_id FROM requests WHERE batch_id = $1 AND status = 'running'"
 
 _BATCH_IDS = "SELECT request_id FROM requests WHERE batch_id = $1"
-
-
-def fingerprint(request: AnalysisRequest) -> str:
-    """The ledger's digest of what a request asks for (file, analyses, options).
-
-    The same canonical form as the worker's ``analysis_service.sinks.postgres.fingerprint``: a
-    delivery whose fingerprint differs from its row's is treated as another request reusing the id.
-    """
-    canonical = json.dumps(
-        {"file": request.file, "analyses": sorted(request.analyses), "options": request.options.model_dump()},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

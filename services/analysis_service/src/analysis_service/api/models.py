@@ -8,18 +8,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service_shared.messages import AnalysisKind, RequestOptions
-
-#: Longest accepted ``file`` (characters), as in the request contract.
-MAX_FILE_CHARS = 4096
-#: Most analyzers one submission may name.
-MAX_ANALYSES = 32
-#: A ``file``: no control characters (C0, DEL, C1).
-FILE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
-#: Job, batch and correlation ids: printable ASCII without spaces, quotes or backslashes.
-ID_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
-#: Analyzer names (built-in and plugins).
-ANALYZER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+from service_shared.messages import (
+    ANALYZER_NAME_PATTERN,
+    FILE_PATTERN,
+    ID_PATTERN,
+    MAX_ANALYSES,
+    MAX_FILE_CHARS,
+    AnalysisKind,
+    RequestOptions,
+)
 
 
 class JobState(StrEnum):
