@@ -783,3 +783,15 @@ def test_api_service_runs_the_api_command_against_healthy_backends(
     assert f"http://127.0.0.1:{port}/health" in " ".join(api["healthcheck"]["test"])
     # The keys (and any other ANALYSIS_API__* setting) come from infrastructure/.env.
     assert api["env_file"] == worker["env_file"]
+
+
+def test_prometheus_scrapes_every_api_replica(services: dict[str, dict[str, Any]]) -> None:
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    port = int(environment_of(services["api"])["ANALYSIS_API__PORT"])
+    targets = [
+        {k: sd.get(k) for k in ("names", "type", "port")}
+        for job in config["scrape_configs"]
+        if job.get("metrics_path", "/metrics") == "/metrics"
+        for sd in job.get("dns_sd_configs", [])
+    ]
+    assert {"names": ["api"], "type": "A", "port": port} in targets
