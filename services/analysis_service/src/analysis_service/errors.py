@@ -217,12 +217,12 @@ class TopologyMissing(SubmitError):
 
 
 # ------------------------------------------------------------------------------------- job API
-# Refusals of the job API (``analysis_service.api``): answered to the HTTP client, never stored as
-# a request's outcome. ``status`` is the HTTP status answered with the error's ``code``.
+# Answers of the job API (``analysis_service.api``) to HTTP clients, never stored as a request's
+# outcome: refusals (``ApiError``, ``status`` is the HTTP status) and unavailable stores (503).
 
 
-class ApiError(AnalysisServiceError):
-    """The job API refused an HTTP request."""
+class ApiError(PermanentError):
+    """The job API refused an HTTP request (repeating it unchanged cannot succeed)."""
 
     status: ClassVar[int] = 400
     code = "bad_request"
@@ -304,15 +304,13 @@ class BatchFinished(ApiError):
     code = "batch_finished"
 
 
-class BrokerUnavailable(ApiError):
-    """RabbitMQ did not take (confirm) a submission's requests: nothing was accepted."""
+class BrokerUnavailable(TransientError):
+    """The job API: RabbitMQ did not take (confirm) a submission's requests; nothing was accepted (503)."""
 
-    status = 503
     code = "broker_unavailable"
 
 
-class LedgerUnavailable(ApiError):
-    """PostgreSQL (the outcome ledger) could not be read or written."""
+class LedgerUnavailable(TransientError):
+    """The job API: PostgreSQL (the outcome ledger) could not be read or written (503)."""
 
-    status = 503
     code = "ledger_unavailable"

@@ -82,6 +82,7 @@ from analysis_service.errors import (
     JobFinished,
     JobNotFinished,
     JobNotFound,
+    LedgerUnavailable,
     MalformedJson,
     PathOutsideMediaRoot,
     PermanentError,
@@ -1034,7 +1035,7 @@ async def _job_events(
         # Idle, or the worker announced another status: the ledger decides.
         try:
             fresh = await res.ledger.job(current.id)
-        except ApiError:
+        except LedgerUnavailable:
             yield None  # PostgreSQL is unavailable: keep the client, try again at the next poll
             continue
         if fresh is None:  # deleted by an operator
@@ -1074,7 +1075,7 @@ async def _batch_events(
                 continue
         try:
             fresh = await read_batch(res, batch_id)
-        except ApiError:
+        except LedgerUnavailable:
             yield None
             continue
         last_summary = time.monotonic()
