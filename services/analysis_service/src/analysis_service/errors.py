@@ -228,11 +228,6 @@ class ApiError(PermanentError):
     code = "bad_request"
 
 
-class InvalidCorrelationId(ApiError):
-    status = 422
-    code = "invalid_correlation_id"
-
-
 class InvalidOptions(ApiError):
     status = 422
     code = "invalid_options"
