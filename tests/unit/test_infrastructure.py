@@ -301,7 +301,7 @@ def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) ->
 
 
 def test_expected_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {*BACKEND_IMAGES, "prometheus", "grafana", "worker"}
+    assert set(services) == {*BACKEND_IMAGES, "prometheus", "grafana", "worker", "api"}
 
 
 @pytest.mark.parametrize(("name", "image"), sorted(BACKEND_IMAGES.items()))
@@ -756,3 +756,42 @@ def test_ci_service_containers_match_compose_versions() -> None:
     assert images == {name: BACKEND_IMAGES[name] for name in ("postgres", "redis", "rabbitmq")}
     assert job["services"]["postgres"]["env"]["POSTGRES_HOST_AUTH_METHOD"] == "trust"
     assert any(step.get("run", "").strip() == "bash .ci/run" for step in job["steps"])
+
+
+# -------------------------------------------------------------------------------------- job API
+
+
+def test_api_service_runs_the_api_command_against_healthy_backends(
+    services: dict[str, dict[str, Any]], worker: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = services["api"]
+    assert api["command"] == ["api"]
+    assert api["image"] == worker["image"]
+    for name in ("rabbitmq", "redis", "postgres"):
+        assert api["depends_on"][name]["condition"] == "service_healthy", name
+    env = environment_of(api)
+    settings = settings_from(env, monkeypatch)
+    worker_settings = settings_from(environment_of(worker), monkeypatch)
+    # The API publishes where the workers consume and reads what they write.
+    assert settings.rabbitmq.url == worker_settings.rabbitmq.url
+    assert settings.postgres.dsn == worker_settings.postgres.dsn
+    assert settings.redis.url == worker_settings.redis.url
+    assert settings.worker.media_root == worker_settings.worker.media_root
+    assert ["/media", "ro"] in [interpolate(v).split(":")[1:] for v in api["volumes"] if isinstance(v, str)]
+    port = settings.api.port
+    assert [interpolate(p).rsplit(":", 1)[1] for p in api["ports"]] == [str(port)]
+    assert f"http://127.0.0.1:{port}/health" in " ".join(api["healthcheck"]["test"])
+    # The keys (and any other ANALYSIS_API__* setting) come from infrastructure/.env.
+    assert api["env_file"] == worker["env_file"]
+
+
+def test_prometheus_scrapes_every_api_replica(services: dict[str, dict[str, Any]]) -> None:
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    port = int(environment_of(services["api"])["ANALYSIS_API__PORT"])
+    targets = [
+        {k: sd.get(k) for k in ("names", "type", "port")}
+        for job in config["scrape_configs"]
+        if job.get("metrics_path", "/metrics") == "/metrics"
+        for sd in job.get("dns_sd_configs", [])
+    ]
+    assert {"names": ["api"], "type": "A", "port": port} in targets

@@ -214,3 +214,98 @@ class TopologyMissing(SubmitError):
     """``submit``: the request exchange, or a queue bound to it, does not exist (yet)."""
 
     code = "topology_missing"
+
+
+# ------------------------------------------------------------------------------------- job API
+# Answers of the job API (``analysis_service.api``) to HTTP clients, never stored as a request's
+# outcome: refusals (``ApiError``, ``status`` is the HTTP status) and unavailable stores (503).
+
+
+class ApiError(PermanentError):
+    """The job API refused an HTTP request (repeating it unchanged cannot succeed)."""
+
+    status: ClassVar[int] = 400
+    code = "bad_request"
+
+
+class InvalidOptions(ApiError):
+    status = 422
+    code = "invalid_options"
+
+
+class TooManyFiles(ApiError):
+    """``files`` is empty or longer than ``api.max_files``."""
+
+    status = 422
+    code = "too_many_files"
+
+
+class InvalidQuery(ApiError):
+    """A query or path parameter is out of range (``status``, ``limit``, ...)."""
+
+    status = 422
+    code = "invalid_query"
+
+
+class InvalidCursor(ApiError):
+    """The ``cursor`` of ``GET /v1/jobs`` was not one the API handed out."""
+
+    status = 400
+    code = "invalid_cursor"
+
+
+class ApiKeyMissing(ApiError):
+    """No ``Authorization: Bearer <key>`` header, or a malformed one."""
+
+    status = 401
+    code = "missing_api_key"
+
+
+class ApiKeyRejected(ApiError):
+    """The bearer key is not one of ``api.keys``."""
+
+    status = 403
+    code = "invalid_api_key"
+
+
+class JobNotFound(ApiError):
+    status = 404
+    code = "job_not_found"
+
+
+class BatchNotFound(ApiError):
+    status = 404
+    code = "batch_not_found"
+
+
+class JobNotFinished(ApiError):
+    """The job has no outcome yet (its result was asked for)."""
+
+    status = 409
+    code = "job_not_finished"
+
+
+class JobFinished(ApiError):
+    """The job already has its terminal outcome (it was asked to be cancelled)."""
+
+    status = 409
+    code = "job_finished"
+
+
+class BatchFinished(ApiError):
+    """Every job of the batch already has its terminal outcome (it was asked to be cancelled)."""
+
+    status = 409
+    code = "batch_finished"
+
+
+class BrokerUnavailable(TransientError):
+    """The job API: RabbitMQ did not take (confirm) a submission's requests; nothing was accepted (503)."""
+
+    code = "broker_unavailable"
+
+
+class LedgerUnavailable(TransientError):
+    """The job API: PostgreSQL (the outcome ledger) could not be read or written (503)."""
+
+    code = "ledger_unavailable"

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from service_shared.settings import ServiceSettings
@@ -150,6 +150,34 @@ class HttpSettings(BaseModel):
     port: int = 8080
 
 
+class ApiSettings(BaseModel):
+    """The job API (``analysis-service api``): an HTTP front end to the request exchange and the ledger."""
+
+    keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated API keys clients send as `Authorization: Bearer <key>`; the API "
+        "refuses to start without one.",
+    )
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535, description="Listen port (0: a free one).")
+    max_files: int = Field(default=10_000, ge=1, description="Most files one submission (batch) may list.")
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Larger request bodies are refused unread (413)."
+    )
+    stream_queue_size: int = Field(
+        default=256, ge=1, description="Events buffered per stream client; beyond it the oldest is dropped."
+    )
+    stream_poll_s: float = Field(
+        default=5.0, gt=0, description="Streams re-read the ledger this often (seconds) between events."
+    )
+
+    def key_list(self) -> list[str]:
+        """The configured keys (blank entries dropped)."""
+        if self.keys is None:
+            return []
+        return [key.strip() for key in self.keys.get_secret_value().split(",") if key.strip()]
+
+
 class Settings(ServiceSettings):
     """All settings of the analysis service."""
 
@@ -167,6 +195,7 @@ class Settings(ServiceSettings):
     neo4j: Neo4jSettings = Field(default_factory=Neo4jSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> Settings:

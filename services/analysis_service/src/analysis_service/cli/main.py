@@ -145,3 +145,18 @@ def submit(
         timeout_s=timeout,
     )
     raise typer.Exit(status)
+
+
+@app.command()
+def api() -> None:
+    """Serve the job API (HTTP + WebSocket) until SIGTERM/SIGINT (configured by ANALYSIS_* env)."""
+    import asyncio
+
+    from analysis_service.api import serve
+    from service_shared.logging import configure_logging
+
+    settings = Settings()
+    configure_logging(
+        service=f"{settings.service_name}-api", level=settings.log_level, fmt=settings.log_format
+    )
+    raise typer.Exit(asyncio.run(serve(settings)))

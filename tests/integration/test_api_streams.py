@@ -1,0 +1,280 @@
+"""Live streams of the job API (WebSocket and Server-Sent Events) on a real uvicorn server, fed by the
+worker's real Redis pub/sub (``ProgressStore.update``) and ended by the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from analysis_service.settings import RabbitSettings, RedisSettings
+from tests.integration.api_harness import (
+    AUTH,
+    KEYS,
+    Stack,
+    api_stack,
+    make_media,
+    rabbit_settings_for,
+    served,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+FILES = ["a.wav", "b.wav", "c.wav"]
+
+
+@pytest.fixture
+def rabbit(rabbit_url: str) -> RabbitSettings:
+    return rabbit_settings_for(rabbit_url)
+
+
+@pytest.fixture
+async def stack(
+    pg_dsn: str, redis_settings: RedisSettings, rabbit: RabbitSettings, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    media = make_media(tmp_path / "media", FILES)
+    async with api_stack(
+        pg_dsn=pg_dsn, redis_settings=redis_settings, rabbit=rabbit, media_root=media, stream_poll_s=0.3
+    ) as s:
+        await asyncio.wait_for(s.resources.hub.connected.wait(), 5)
+        yield s
+
+
+async def next_event(ws: ClientConnection) -> dict[str, Any]:
+    message = await asyncio.wait_for(ws.recv(), 5)
+    event: dict[str, Any] = json.loads(message)
+    return event
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """``(event, data)`` of each SSE event (comments skipped)."""
+    kind, data = "message", ""
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data += line[len("data: ") :]
+        elif line == "" and data:
+            yield kind, json.loads(data)
+            kind, data = "message", ""
+
+
+async def test_websocket_job_stream_late_client_gets_state_then_progress_then_outcome(stack: Stack) -> None:
+    (job,) = (await stack.submit(["a.wav"]))["jobs"]
+    await stack.start(job["id"])
+    await stack.report(job["id"], "running", 30.0, "decode")  # before the client connects
+    async with (
+        served(stack.app) as address,
+        websockets.connect(f"ws://{address}/v1/jobs/{job['id']}/events", additional_headers=AUTH) as ws,
+    ):
+        first = await next_event(ws)
+        assert first["type"] == "state"
+        assert (first["job"]["status"], first["job"]["percent"], first["job"]["stage"]) == (
+            "running",
+            30.0,
+            "decode",
+        )
+        await stack.report(job["id"], "running", 60.0, "features")
+        update = await next_event(ws)
+        assert update["type"] == "progress"
+        assert (update["job"]["percent"], update["job"]["stage"]) == (60.0, "features")
+        await stack.finish(job["id"], "completed")
+        await stack.report(job["id"], "completed", 100.0, "done")
+        last = await next_event(ws)
+        assert last["type"] == "state"
+        assert (last["job"]["status"], last["job"]["percent"]) == ("completed", 100.0)
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1000
+
+
+async def test_sse_job_stream_ends_from_the_ledger_even_without_a_redis_message(stack: Stack) -> None:
+    (job,) = (await stack.submit(["a.wav"]))["jobs"]
+    async with (
+        served(stack.app) as address,
+        httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as client,
+        client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=AUTH) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+        kind, first = await anext(events)
+        assert (kind, first["job"]["status"]) == ("state", "queued")
+        await stack.start(job["id"])
+        await stack.report(job["id"], "running", 10.0, "decode")
+        kind, update = await anext(events)  # a new status: a state event, with the progress
+        assert (kind, update["job"]["status"], update["job"]["stage"]) == ("state", "running", "decode")
+        await stack.report(job["id"], "running", 20.0, "features")
+        kind, update = await anext(events)
+        assert (kind, update["job"]["percent"], update["job"]["stage"]) == ("progress", 20.0, "features")
+        await stack.finish(job["id"], "failed", code="not_audio", message="not audio")  # no Redis update
+        kind, last = await anext(events)
+        assert (kind, last["job"]["status"], last["job"]["error"]["code"]) == ("state", "failed", "not_audio")
+        with pytest.raises(StopAsyncIteration):
+            await anext(events)
+
+
+async def test_stream_of_a_finished_job_is_its_state_then_the_end(stack: Stack) -> None:
+    (job,) = (await stack.submit(["a.wav"]))["jobs"]
+    await stack.finish(job["id"], "completed")
+    async with served(stack.app) as address:
+        async with websockets.connect(
+            f"ws://{address}/v1/jobs/{job['id']}/events", additional_headers=AUTH
+        ) as ws:
+            only = await next_event(ws)
+            assert only["job"]["status"] == "completed"
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await asyncio.wait_for(ws.recv(), 5)
+        async with httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as client:
+            response = await client.get(f"/v1/jobs/{job['id']}/events", headers=AUTH)
+            assert response.text.count("event: state") == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "path", "status", "code"),
+    [
+        ({}, "/v1/jobs/{id}/events", 401, "missing_api_key"),
+        ({"Authorization": "Bearer wrong"}, "/v1/jobs/{id}/events", 403, "invalid_api_key"),
+        (AUTH, "/v1/jobs/nope/events", 404, "job_not_found"),
+        (AUTH, "/v1/batches/nope/events", 404, "batch_not_found"),
+    ],
+)
+async def test_websocket_handshake_refusals_are_http_errors(
+    stack: Stack, headers: dict[str, str], path: str, status: int, code: str
+) -> None:
+    (job,) = (await stack.submit(["a.wav"]))["jobs"]
+    async with served(stack.app) as address:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(
+                f"ws://{address}{path.format(id=job['id'])}", additional_headers=headers
+            ):
+                pass
+        response = refused.value.response
+        assert response.status_code == status
+        assert json.loads(response.body or b"{}")["error"]["code"] == code
+
+
+async def test_websocket_batch_stream_aggregates_and_ends_when_every_job_is_terminal(stack: Stack) -> None:
+    submitted = await stack.submit(FILES)
+    ids = [j["id"] for j in submitted["jobs"]]
+    await stack.finish(ids[0], "completed")
+    async with (
+        served(stack.app) as address,
+        websockets.connect(
+            f"ws://{address}/v1/batches/{submitted['batch_id']}/events",
+            additional_headers={"Authorization": f"Bearer {KEYS[1]}"},
+        ) as ws,
+    ):
+        first = await next_event(ws)
+        assert first["type"] == "batch"
+        assert first["batch"]["counts"]["completed"] == 1
+        assert first["batch"]["total"] == 3
+        await stack.start(ids[1])
+        await stack.report(ids[1], "running", 50.0, "features")
+        job_event = await next_event(ws)
+        assert job_event["type"] == "job"
+        assert (job_event["update"]["request_id"], job_event["update"]["percent"]) == (ids[1], 50.0)
+        await stack.finish(ids[1], "completed")
+        await stack.report(ids[1], "completed", 100.0, "done")
+        await stack.finish(ids[2], "cancelled", code="cancelled")
+        seen: list[dict[str, Any]] = []
+
+        async def read_to_the_end() -> None:
+            while True:
+                seen.append(await next_event(ws))
+
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await read_to_the_end()
+        batches = [e["batch"] for e in seen if e["type"] == "batch"]
+        assert batches, seen
+        assert batches[-1]["done"] is True
+        assert batches[-1]["counts"] == {
+            "queued": 0,
+            "running": 0,
+            "completed": 2,
+            "failed": 0,
+            "cancelled": 1,
+        }
+
+
+async def test_sse_batch_stream(stack: Stack) -> None:
+    submitted = await stack.submit(FILES[:2])
+    ids = [j["id"] for j in submitted["jobs"]]
+    async with (
+        served(stack.app) as address,
+        httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as client,
+        client.stream("GET", f"/v1/batches/{submitted['batch_id']}/events", headers=AUTH) as response,
+    ):
+        events = sse_events(response)
+        kind, first = await anext(events)
+        assert (kind, first["batch"]["counts"]["queued"]) == ("batch", 2)
+        for rid in ids:
+            await stack.finish(rid, "completed")
+        kinds = [kind async for kind, _ in events]
+        assert kinds[-1] == "batch"
+
+
+async def test_streams_unsubscribe_when_clients_leave(stack: Stack) -> None:
+    (job,) = (await stack.submit(["a.wav"]))["jobs"]
+    hub = stack.resources.hub
+    async with served(stack.app) as address:
+        async with websockets.connect(
+            f"ws://{address}/v1/jobs/{job['id']}/events", additional_headers=AUTH
+        ) as ws:
+            await next_event(ws)
+            assert hub.clients == 1
+        async with (
+            httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as client,
+            client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=AUTH) as response,
+        ):
+            await anext(sse_events(response))
+            assert hub.clients == 1
+        for _ in range(100):
+            if hub.clients == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert hub.clients == 0
+        metrics = (await stack.client.get("/metrics")).text
+        assert 'analysis_api_stream_clients{transport="websocket"} 0.0' in metrics
+        assert 'analysis_api_stream_clients{transport="sse"} 0.0' in metrics
+
+
+async def test_slow_websocket_client_memory_is_bounded(
+    pg_dsn: str, redis_settings: RedisSettings, rabbit: RabbitSettings, tmp_path: Path
+) -> None:
+    """A client that does not read: the hub keeps at most ``stream_queue_size`` updates for it and
+    reports how many it dropped; the newest update is the one kept."""
+    media = make_media(tmp_path / "media", ["a.wav"])
+    async with api_stack(
+        pg_dsn=pg_dsn,
+        redis_settings=redis_settings,
+        rabbit=rabbit,
+        media_root=media,
+        stream_queue_size=4,
+        stream_poll_s=30.0,
+    ) as s:
+        await asyncio.wait_for(s.resources.hub.connected.wait(), 5)
+        (job,) = (await s.submit(["a.wav"]))["jobs"]
+        await s.start(job["id"])
+        hub = s.resources.hub
+        # A subscriber that never reads, as a stuck client's queue is.
+        stuck = hub.subscribe([job["id"]])
+        for i in range(50):
+            await s.report(job["id"], "running", float(i), f"stage-{i}")
+        for _ in range(100):
+            if stuck.dropped >= 46:
+                break
+            await asyncio.sleep(0.05)
+        assert stuck.pending == 4
+        assert stuck.dropped == 46
+        kept = [await stuck.next(1) for _ in range(4)]
+        assert [u["stage"] for u in kept if u] == ["stage-46", "stage-47", "stage-48", "stage-49"]
+        assert "analysis_api_stream_events_dropped_total 46.0" in (await s.client.get("/metrics")).text
+        hub.unsubscribe(stuck)
