@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.exceptions
@@ -32,7 +31,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from analysis_service.cli.analyze import expand_paths
+from analysis_service.cli.discover import expand_paths
+from analysis_service.cli.settings_view import redact_url as redact_url
 from analysis_service.errors import SinkUnavailable, SubmitError, TopologyMissing
 from analysis_service.settings import RabbitSettings, Settings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client
@@ -161,17 +161,6 @@ def parse_analyses(names: list[str] | None) -> list[AnalysisKind] | None:
     if not kinds:
         raise ValueError("--analyses names no analysis")
     return kinds
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _message(request: AnalysisRequest) -> aio_pika.Message:
