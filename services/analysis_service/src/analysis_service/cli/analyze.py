@@ -386,6 +386,21 @@ def _summary(runner: Runner, stats: Stats, elapsed_s: float, cache: ResultCache 
     return text
 
 
+def _quiet_logs() -> None:
+    """Library logs (e.g. the slot pool's "process replaced") only from errors up, and on stderr.
+
+    stdout carries the results; what the logs would say (a timeout, a crash) is in the file's outcome.
+    """
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+    )
+
+
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's last flush does not fail on a closed pipe."""
     with contextlib.suppress(OSError, ValueError):
@@ -403,6 +418,7 @@ def run(paths: list[Path], options: Options, *, stdout: IO[str] | None = None) -
     """
     out = stdout or sys.stdout
     err = Console(stderr=True, highlight=False)
+    _quiet_logs()
     with Interrupts() as interrupts:
         selection = dataclasses.replace(options.selection or Selection(), stop=interrupts.event)
         try:

@@ -211,7 +211,7 @@ def table_rows(outcomes: list[FileOutcome]) -> list[tuple[list[str], bool]]:
 
 def rich_table(rows: list[tuple[list[str], bool]]) -> Table:
     """A table for a terminal (sized by rich to its width); cells are plain text, never markup."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for col in TABLE_COLUMNS:
         table.add_column(col, overflow="fold")
     for cells, failed in rows:
