@@ -60,6 +60,8 @@ EXIT_FAILURES: Final = 1
 EXIT_USAGE: Final = 2
 #: A closed stdout (the reader of a pipe went away), as for a process killed by SIGPIPE.
 EXIT_BROKEN_PIPE: Final = 141
+#: Longest a file's hash and header may take to read (a slow disk: 2 GB at 20 MB/s).
+SCAN_TIME_LIMIT_S: Final = 120.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,9 @@ class Runner:
         self._pool: Any = None
         self._pool_started: asyncio.Task[Any] | None = None
         self._progress_queue: Any = None
-        self._scanner = Scanner(options.engine, time_limit_s=options.worker.time_limit_base_s)
+        self._scanner = Scanner(
+            options.engine, time_limit_s=max(SCAN_TIME_LIMIT_S, options.worker.time_limit_base_s)
+        )
         self._work: asyncio.Task[None] | None = None
         self._slots = max(1, min(options.jobs, len(files)))
 

@@ -78,9 +78,16 @@ class Scanner:
         self._time_limit_s = time_limit_s
         self._executor: ProcessPoolExecutor | None = None
 
-    def _pool(self) -> ProcessPoolExecutor:
+    async def _pool(self) -> ProcessPoolExecutor:
+        """The scanner process, started (and its imports done) outside any file's time limit."""
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, _ready)
+            except BaseException:
+                kill_executor(executor)
+                raise
+            self._executor = executor
         return self._executor
 
     async def scan(self, path: str, *, hash_content: bool) -> ScanResult:
@@ -92,7 +99,11 @@ class Scanner:
             The process died or the scan ran past the time limit; the process was killed.
         """
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool(), _call, path, self._settings, hash_content)
+        try:
+            pool = await self._pool()
+        except BrokenProcessPool as exc:
+            raise ScanFailed(f"the process reading file headers did not start: {exc}") from exc
+        future = loop.run_in_executor(pool, _call, path, self._settings, hash_content)
         try:
             return await asyncio.wait_for(future, timeout=self._time_limit_s)
         except TimeoutError:
@@ -110,6 +121,10 @@ class Scanner:
         executor, self._executor = self._executor, None
         if executor is not None:
             kill_executor(executor)
+
+
+def _ready() -> None:
+    import analysis_service.audio.decode  # noqa: F401  (the import is the point: done before any limit)
 
 
 def _call(path: str, settings: EngineSettings, hash_content: bool) -> ScanResult:
