@@ -6,14 +6,15 @@ it works even while the loop is busy.
 
 A terminal's Ctrl-C goes to the whole foreground process group, so the analysis processes would get
 it too and die half-way with a traceback of their own. While :class:`Interrupts` is active, every
-process that :mod:`multiprocessing` starts from the main thread is therefore started with SIGINT and
-SIGTERM ignored (an ignored signal stays ignored across ``exec``); they stop only when the command
-kills them. A signal arriving during those few milliseconds of a process start is lost.
+process :mod:`multiprocessing` starts is therefore started through ``/bin/sh`` with SIGINT and
+SIGTERM ignored (``trap '' INT TERM; exec python ...``: an ignored signal stays ignored across
+``exec``, and Python keeps it ignored). They stop only when the command kills them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing.util
 import os
 import signal
@@ -45,6 +46,10 @@ def kill_children() -> None:
     psutil.wait_procs(children, timeout=2)
 
 
+#: Runs ``"$0" "$@"`` (the real command) with SIGINT and SIGTERM ignored.
+_IGNORING_SHELL: Final = 'trap \'\' INT TERM; exec "$0" "$@"'
+
+
 class Interrupts:
     """Receives SIGINT/SIGTERM while a command runs (see the module docstring).
 
@@ -59,12 +64,15 @@ class Interrupts:
         self.event = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_first: Callable[[], None] | None = None
+        self._tick: asyncio.TimerHandle | None = None
         self._old_handlers: dict[int, Any] = {}
         self._spawn: Callable[..., int] | None = None
 
     def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            self._old_handlers = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        self._old_handlers = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        if os.path.exists("/bin/sh"):
             self._spawn = multiprocessing.util.spawnv_passfds
             multiprocessing.util.spawnv_passfds = self._spawn_ignoring_signals
         return self
@@ -80,11 +88,20 @@ class Interrupts:
     def attach(self, loop: asyncio.AbstractEventLoop, on_first: Callable[[], None]) -> None:
         """Call ``on_first`` on ``loop`` at the first signal (soon, if one already came)."""
         self._loop, self._on_first = loop, on_first
+        self._ticking()
         if self.count:
             loop.call_soon(on_first)
 
+    def _ticking(self) -> None:
+        """Wake the loop a few times a second: a signal that another thread received is handled in
+        the main thread only once it runs Python code again."""
+        if self._loop is not None:
+            self._tick = self._loop.call_later(0.2, self._ticking)
+
     def detach(self) -> None:
-        self._loop, self._on_first = None, None
+        if self._tick is not None:
+            self._tick.cancel()
+        self._loop, self._on_first, self._tick = None, None, None
 
     @property
     def interrupted(self) -> bool:
@@ -97,20 +114,16 @@ class Interrupts:
         if self.count > 1:
             self._abort()
         loop, on_first = self._loop, self._on_first
-        if loop is not None and on_first is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(on_first)
+        if loop is not None and on_first is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the command is finishing anyway
+                loop.call_soon_threadsafe(on_first)
 
-    def _spawn_ignoring_signals(self, *args: Any, **kwargs: Any) -> int:
-        """``multiprocessing.util.spawnv_passfds`` with SIGINT and SIGTERM ignored in the new process."""
+    def _spawn_ignoring_signals(self, path: Any, args: Any, passfds: Any) -> int:
+        """``multiprocessing.util.spawnv_passfds`` through ``/bin/sh`` ignoring SIGINT and SIGTERM."""
         assert self._spawn is not None
-        if threading.current_thread() is not threading.main_thread():
-            return self._spawn(*args, **kwargs)
-        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
-        try:
-            return self._spawn(*args, **kwargs)
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+        shell = b"/bin/sh" if isinstance(path, bytes) else "/bin/sh"
+        command = ["/bin/sh", "-c", _IGNORING_SHELL, os.fsdecode(path), *list(args)[1:]]
+        return self._spawn(shell, command, passfds)
 
     def _abort(self) -> None:
         """Second signal: kill the children and exit now (no cleanup of this process is awaited)."""
