@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,7 +13,18 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from analysis_service.cli.submit import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, redact_url, request_file, run
+from analysis_service.cli.submit import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USAGE,
+    Submission,
+    build_requests,
+    check_path,
+    overall_line,
+    redact_url,
+    run,
+)
+from analysis_service.errors import FileMissing, FileUnreadable, PathOutsideMediaRoot
 from analysis_service.settings import RabbitSettings, RedisSettings, Settings, WorkerSettings
 from analysis_service.sinks.progress import ProgressStore
 from service_shared.messages import AnalysisKind, AnalysisRequest
@@ -107,10 +119,18 @@ async def submit(
     wait: bool = False,
     analyses: list[str] | None = None,
     timeout_s: float = 30.0,
+    as_json: bool = False,
 ) -> int:
     """``run`` in a thread (it starts its own event loop)."""
     return await asyncio.to_thread(
-        run, paths, settings=settings, priority=priority, wait=wait, analyses=analyses, timeout_s=timeout_s
+        run,
+        paths,
+        settings=settings,
+        priority=priority,
+        wait=wait,
+        analyses=analyses,
+        timeout_s=timeout_s,
+        as_json=as_json,
     )
 
 
@@ -142,14 +162,13 @@ async def test_submit_publishes_persistent_prioritised_requests(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    outside = tmp_path / "elsewhere.wav"
     settings = make_settings(broker.settings, redis_settings, media_root)
-    paths = [media_root / "album" / "one.flac", outside]
+    paths = [media_root / "album" / "one.flac", media_root / "album" / "two.mp3"]
     status = await submit(paths, settings, priority=8, analyses=["bpm", "key"])
     assert status == EXIT_OK
 
     ids = submitted_ids(capsys.readouterr().out)
-    assert sorted(ids.values()) == sorted(["album/one.flac", str(outside)])
+    assert sorted(ids.values()) == ["album/one.flac", "album/two.mp3"]
     assert broker.queue is not None
     messages = await receive(broker.queue, 2)
     correlation_ids = set()
@@ -286,7 +305,19 @@ async def fake_worker(queue: AbstractQueue, store: ProgressStore, *, fail: set[s
                 error="no such file",
             )
         else:
-            await store.update(request.request_id, status="completed", percent=100, stage="done")
+            await store.update(
+                request.request_id,
+                status="completed",
+                percent=100,
+                stage="done",
+                summary={
+                    "bpm": "124.0",
+                    "key": "A minor",
+                    "camelot": "8A",
+                    "mood": "energetic",
+                    "duration_s": "8.0",
+                },
+            )
 
 
 @pytest.mark.parametrize(("fail", "expected"), [(set(), EXIT_OK), ({"album/two.mp3"}, EXIT_FAILURES)])
@@ -310,6 +341,9 @@ async def test_wait_follows_progress_to_the_end(
     out = capsys.readouterr().out
     assert "completed" in out
     assert ("file_not_found" in out) == bool(fail)
+    [row] = [line for line in out.splitlines() if "one.flac" in line]
+    assert "8A" in row  # the Camelot code
+    assert "energetic" in row  # the mood
 
 
 async def test_wait_times_out(
@@ -333,13 +367,135 @@ async def test_wait_without_redis_times_out_with_a_warning(
     assert "cannot read progress" in " ".join(captured.err.split())
 
 
-def test_request_file_is_relative_to_the_media_root(tmp_path: Path, media_root: Path) -> None:
-    assert request_file(media_root / "album" / "one.flac", media_root) == "album/one.flac"
+def test_check_path_gives_the_path_relative_to_the_media_root(tmp_path: Path, media_root: Path) -> None:
+    assert check_path(media_root / "album" / "one.flac", media_root) == "album/one.flac"
     link = tmp_path / "link"
     link.symlink_to(media_root)
-    assert request_file(link / "album" / "one.flac", media_root) == "album/one.flac"
-    assert request_file(tmp_path / "x.wav", media_root) == str(tmp_path / "x.wav")
-    assert request_file(Path("relative/x.wav"), Path("/nonexistent/media")) == "relative/x.wav"
+    assert check_path(link / "album" / "one.flac", media_root) == "album/one.flac"
+
+
+def test_check_path_rejects_what_the_worker_could_not_take(tmp_path: Path, media_root: Path) -> None:
+    outside = tmp_path / "x.wav"
+    outside.write_bytes(b"audio")
+    with pytest.raises(PathOutsideMediaRoot):
+        check_path(outside, media_root)
+    escape = media_root / "album" / "escape.wav"  # inside by name, outside once resolved
+    escape.symlink_to(outside)
+    with pytest.raises(PathOutsideMediaRoot):
+        check_path(escape, media_root)
+    with pytest.raises(PathOutsideMediaRoot):
+        check_path(media_root / ".." / "x.wav", media_root)
+    with pytest.raises(FileMissing):
+        check_path(media_root / "album" / "missing.flac", media_root)
+    with pytest.raises(FileUnreadable):
+        check_path(media_root / "album", media_root)
+
+
+async def test_rejected_paths_are_reported_never_sent_and_fail_the_run(
+    broker: Broker,
+    redis_settings: RedisSettings,
+    media_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    outside = tmp_path / "elsewhere.wav"
+    outside.write_bytes(b"audio outside the root")
+    (media_root / "album" / "one.flac").rename(media_root / "album" / "[red] one.flac")
+    settings = make_settings(broker.settings, redis_settings, media_root)
+    paths = [media_root / "album" / "[red] one.flac", outside, media_root / "album" / "gone.wav"]
+
+    status = await submit(paths, settings)
+
+    assert status == EXIT_FAILURES
+    captured = capsys.readouterr()
+    assert list(submitted_ids(captured.out).values()) == ["album/[red] one.flac"]
+    err = " ".join(captured.err.split())
+    assert f"rejected: {outside}: path_outside_media_root" in err
+    assert "gone.wav: file_not_found" in err
+    assert "2 path(s) rejected" in err
+    assert broker.queue is not None
+    [message] = await receive(broker.queue, 1)
+    assert AnalysisRequest.model_validate_json(message.body).file == "album/[red] one.flac"
+    await asyncio.sleep(0.3)
+    assert await broker.queue.get(no_ack=True, fail=False) is None  # nothing else was sent
+
+
+async def test_only_rejected_paths_send_nothing(
+    broker: Broker,
+    redis_settings: RedisSettings,
+    media_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    outside = tmp_path / "elsewhere.wav"
+    outside.write_bytes(b"audio outside the root")
+    settings = make_settings(broker.settings, redis_settings, media_root)
+    assert await submit([outside], settings, as_json=True) == EXIT_FAILURES
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["status"] == "rejected"
+    assert record["error"]["code"] == "path_outside_media_root"
+    assert broker.queue is not None
+    await asyncio.sleep(0.3)
+    assert await broker.queue.get(no_ack=True, fail=False) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "amqp://guest:wrong-pw@127.0.0.1:5672/",
+            "refused the login of user 'guest': wrong user name or password",
+        ),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "refused to open virtual host 'no-such-vhost'"),
+    ],
+)
+async def test_wrong_credentials_or_vhost_get_a_clear_message(
+    rabbit_url: str,
+    redis_settings: RedisSettings,
+    media_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    expected: str,
+) -> None:
+    rabbit = RabbitSettings(url=url, publish_timeout_s=5.0)
+    settings = make_settings(rabbit, redis_settings, media_root)
+    assert await submit([media_root / "album" / "one.flac"], settings) == EXIT_FAILURES
+    err = " ".join(capsys.readouterr().err.split())
+    assert expected in err
+    assert "wrong-pw" not in err
+
+
+async def test_json_output_with_wait(
+    broker: Broker,
+    redis_settings: RedisSettings,
+    store: ProgressStore,
+    media_root: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert broker.queue is not None
+    settings = make_settings(broker.settings, redis_settings, media_root)
+    worker = asyncio.create_task(fake_worker(broker.queue, store, fail={"album/two.mp3"}))
+    status = await submit([media_root / "album"], settings, wait=True, timeout_s=20.0, as_json=True)
+    await worker
+    assert status == EXIT_FAILURES
+    records = {r["file"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert records["album/one.flac"]["status"] == "completed"
+    assert records["album/one.flac"]["result"] == {
+        "bpm": "124.0",
+        "key": "A minor",
+        "camelot": "8A",
+        "mood": "energetic",
+        "duration_s": "8.0",
+    }
+    assert records["album/two.mp3"]["status"] == "failed"
+    assert records["album/two.mp3"]["error"]["code"] == "file_not_found"
+
+
+def test_overall_line_counts_and_estimates() -> None:
+    requests = build_requests([f"f{i}.wav" for i in range(4)], priority=5, analyses=None, correlation_id="c")
+    subs = [Submission(r) for r in requests]
+    subs[0].status, subs[1].status, subs[2].status, subs[2].percent = "completed", "failed", "running", 50.0
+    assert overall_line(subs, elapsed_s=25.0) == "2/4 done (1 failed) · 1 running · 1 queued · ETA 15s"
 
 
 def test_redact_url() -> None:

@@ -156,11 +156,12 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Library:
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ANALYSIS_* setting of the calling shell leaks into the command."""
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No ANALYSIS_* setting of the calling shell leaks into the command; a fresh result cache."""
     for name in list(os.environ):
         if name.startswith("ANALYSIS_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def _invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -216,7 +217,8 @@ def test_good_and_bad_files_in_one_run(library: Library) -> None:
         assert records[name]["error"]["message"], name
     assert records["missing.flac"]["path"] == str(missing)
     assert status == EXIT_FAILURES == 1
-    assert f"{len(BAD)} of {len(records)} file(s) failed" in stderr
+    assert f"{len(records)} files: {len(records) - len(BAD)} analysed" in stderr
+    assert f"{len(BAD)} failed" in stderr
 
 
 def test_too_long_against_a_two_second_limit(library: Library) -> None:

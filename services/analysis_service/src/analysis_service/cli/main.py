@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
+from analysis_service.cli.output import OutputFormat
 from analysis_service.settings import Settings, available_cpus
 
 app = typer.Typer(
@@ -22,39 +25,167 @@ app = typer.Typer(
 EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        from analysis_service.cli.cache import package_version
+
+        typer.echo(f"analysis-service {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Audio analysis (BPM, key, mood): locally with `analyze`, or as a RabbitMQ `worker`."""
+
+
+def _analyzer_names() -> list[str]:
+    from analysis_service.audio.registry import build_registry
+
+    return sorted(build_registry())
+
+
+def _parse_analyses(value: str | None) -> str | None:
+    """Check ``--analyses`` against the installed analyzers (a usage error, before any work)."""
+    if value is None:
+        return None
+    names = [a.strip() for a in value.split(",") if a.strip()]
+    known = _analyzer_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown analyzer(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"
+        )
+    if not names:
+        raise typer.BadParameter(f"names no analyzer; choose from {', '.join(known)}")
+    return ",".join(names)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else value.split(",")
+
+
+class _AnalyzeCommand(TyperCommand):
+    """``analyze``, whose --help lists the installed analyzers (loaded only when help is shown)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            if param.name == "analyses" and isinstance(param, TyperOption):
+                param.help = f"Comma-separated analyzers: {', '.join(_analyzer_names())} (default: all)."
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_AnalyzeCommand)
 def analyze(
     paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file.")] = False,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format", "-f", help="stdout: a table at the end, or JSON lines, CSV or TSV as files finish."
+        ),
+    ] = OutputFormat.TABLE,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Same as --format json (one JSON object per file).")
+    ] = False,
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", min=1, help="Processes (default: CPUs).")
+        int | None, typer.Option("--jobs", "-j", min=1, help="Files analysed at once (default: CPUs).")
     ] = None,
     analyses: Annotated[
-        str | None, typer.Option("--analyses", help="Comma-separated analyzers (default: all).")
+        str | None,
+        typer.Option(
+            "--analyses", help="Comma-separated analyzers (default: all).", callback=_parse_analyses
+        ),
     ] = None,
     timeline: Annotated[
         bool | None,
         typer.Option("--timeline/--no-timeline", help="Force or suppress the segment timeline."),
     ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache",
+            envvar="ANALYSIS_CLI_CACHE",
+            help="Result cache file (SQLite). Default: results.sqlite3 in the user cache folder.",
+            show_default=False,
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither reuse nor store results: analyse every file.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress and no summary (unless something failed).")
+    ] = False,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include", metavar="GLOB", help="In folders, take only files matching this (repeatable)."
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", metavar="GLOB", help="Skip files and folders matching this (repeatable)."),
+    ] = None,
+    hidden: Annotated[
+        bool, typer.Option("--hidden", help="Also take dot-files and dot-folders found in folders.")
+    ] = False,
+    follow_symlinks: Annotated[
+        bool,
+        typer.Option(
+            "--follow-symlinks/--no-follow-symlinks", help="Follow symbolic links found in folders."
+        ),
+    ] = True,
 ) -> None:
-    """Analyse local audio files in a process pool; no broker or database needed."""
-    from analysis_service.cli.analyze import run
+    """Analyse local audio files in killable processes; no broker or database needed.
+
+    Results already in the local cache (same bytes, same analyzer versions and options) are reused.
+    Ctrl-C stops the run and prints what finished (exit 130); a second Ctrl-C exits at once. Each
+    file has a time limit scaled by its duration (ANALYSIS_WORKER__TIME_LIMIT_*).
+    """
+    from analysis_service.audio.registry import build_registry, resolve
+    from analysis_service.cli.analyze import Options, run
+    from analysis_service.cli.cache import default_cache_path
+    from analysis_service.cli.discover import Selection
 
     settings = Settings()
-    status = run(
-        paths,
-        settings=settings.engine,
+    names = _names(analyses)
+    options = Options(
+        engine=settings.engine,
+        worker=settings.worker,
         jobs=jobs or available_cpus(),
-        as_json=as_json,
-        analyses=[a.strip() for a in analyses.split(",") if a.strip()] if analyses else None,
+        analyses=names,
         timeline=timeline,
+        analyzer_versions={a.name: a.version for a in resolve(build_registry(), names)},
+        output_format=OutputFormat.JSON if as_json else output_format,
+        cache_path=None if no_cache else (cache or default_cache_path()),
+        quiet=quiet,
+        selection=Selection(
+            include=tuple(include or ()),
+            exclude=tuple(exclude or ()),
+            hidden=hidden,
+            follow_symlinks=follow_symlinks,
+        ),
     )
-    raise typer.Exit(status)
+    raise typer.Exit(run(paths, options))
 
 
-@app.command()
+def _worker_epilog() -> str:
+    """Every setting, as its environment variable and default (shown by ``worker --help``)."""
+    from analysis_service.cli.settings_view import describe_settings
+
+    head = (
+        "Configured by these environment variables (`analysis-service config` prints the effective values):"
+    )
+    return "\n\n".join([head, *describe_settings(Settings)])
+
+
+@app.command(epilog=_worker_epilog())
 def worker() -> None:
     """Consume analysis requests from RabbitMQ until SIGTERM/SIGINT (configured by ANALYSIS_* env)."""
     import asyncio
@@ -74,6 +205,23 @@ def worker() -> None:
         return await Worker(settings).run(stop)
 
     raise typer.Exit(asyncio.run(serve()))
+
+
+@app.command()
+def config(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")] = False,
+) -> None:
+    """Print the effective settings (environment and defaults); passwords and URL credentials redacted."""
+    from analysis_service.cli.cache import default_cache_path
+    from analysis_service.cli.settings_view import effective_settings
+
+    values = effective_settings(Settings())
+    values["ANALYSIS_CLI_CACHE"] = os.environ.get("ANALYSIS_CLI_CACHE") or str(default_cache_path())
+    if as_json:
+        typer.echo(json.dumps(values, indent=2, sort_keys=True))
+        return
+    for name in sorted(values):
+        typer.echo(f"{name}={values[name]}")
 
 
 @app.command()
@@ -131,8 +279,19 @@ def submit(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0, help="Seconds --wait waits before giving up.")
     ] = 3600.0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="stdout: one JSON object per request (published, or with --wait its final state).",
+        ),
+    ] = False,
 ) -> None:
-    """Queue analysis requests for the worker over RabbitMQ (and with --wait, follow them)."""
+    """Queue analysis requests for the worker over RabbitMQ (and with --wait, follow them).
+
+    Each path is checked first (inside the media root, exists, readable); a rejected path is
+    reported, never sent, and makes the exit status 1.
+    """
     from analysis_service.cli.submit import run
 
     settings = Settings()
@@ -143,6 +302,7 @@ def submit(
         wait=wait,
         analyses=[a.strip() for a in analyses.split(",") if a.strip()] if analyses else None,
         timeout_s=timeout,
+        as_json=as_json,
     )
     raise typer.Exit(status)
 

@@ -1,11 +1,16 @@
 """``analysis-service submit``: queue analysis requests for the worker, and optionally follow them.
 
-One :class:`~service_shared.messages.AnalysisRequest` per file goes to the request exchange with
+Each path is checked first: inside the worker's media root (symlinks resolved), an existing regular
+file, readable. A rejected path is reported, never sent, and makes the exit status 1.
+
+One :class:`~service_shared.messages.AnalysisRequest` per accepted file goes to the request exchange with
 publisher confirms and ``mandatory`` set, so a request that no queue would take fails loudly
 instead of vanishing. Before publishing, each request's progress hash is set to ``queued``
 (best effort: without Redis the requests are still sent). With ``--wait`` the command follows
 the requests over their Redis pub/sub channels, polling the progress hashes every second as a
-fallback, and prints a summary table.
+fallback, shows one overall line (done, failed, running, ETA) and as many per-request bars as fit the
+terminal, and prints a table with BPM, key, Camelot code and mood. ``--json`` prints one JSON object
+per request instead (when published, or with ``--wait`` when it finishes).
 """
 
 from __future__ import annotations
@@ -14,26 +19,38 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
+import stat
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aio_pika.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
-from analysis_service.cli.analyze import expand_paths
-from analysis_service.errors import SinkUnavailable, SubmitError, TopologyMissing
+from analysis_service.cli.discover import expand_paths
+from analysis_service.cli.settings_view import redact_url as redact_url
+from analysis_service.errors import (
+    AnalysisServiceError,
+    FileMissing,
+    FileUnreadable,
+    PathOutsideMediaRoot,
+    SinkUnavailable,
+    SubmitError,
+    TopologyMissing,
+)
 from analysis_service.settings import RabbitSettings, Settings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client
 from analysis_service.sinks.progress import ProgressStore
@@ -54,6 +71,11 @@ TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 #: ``app_id`` of the published messages.
 APP_ID: Final = "analysis-service-submit"
 
+#: Progress-hash fields of a completed request shown in the table and the JSON output.
+SUMMARY_FIELDS: Final = ("bpm", "key", "camelot", "mood", "duration_s")
+#: Seconds between two plain progress lines (stderr not a terminal).
+PLAIN_INTERVAL_S: Final = 10.0
+
 START_WORKER_HINT: Final = "the worker has not declared the topology yet: start the worker first"
 
 
@@ -68,7 +90,7 @@ class Submission:
     updated_at: datetime | None = None
     error_code: str | None = None
     error: str | None = None
-    summary: dict[str, str] = field(default_factory=dict)  # bpm / key, when the hash carries them
+    summary: dict[str, str] = field(default_factory=dict)  # bpm, key, camelot, mood, when known
     timed_out: bool = False
 
     @property
@@ -92,7 +114,24 @@ class Submission:
             self.percent = float(update.get("percent", self.percent))
         self.error_code = update.get("error_code")
         self.error = update.get("error")
-        self.summary.update({name: str(update[name]) for name in ("bpm", "key") if update.get(name)})
+        self.summary.update({name: str(update[name]) for name in SUMMARY_FIELDS if update.get(name)})
+
+    def to_json(self) -> str:
+        """The request's state as one JSON object (``--json``)."""
+        status = "timed_out" if self.timed_out else self.status
+        record: dict[str, Any] = {
+            "request_id": self.request_id,
+            "file": self.request.file,
+            "correlation_id": self.request.correlation_id,
+            "status": status,
+        }
+        if self.status != "queued" or self.timed_out:
+            record["percent"] = self.percent
+        if self.summary:
+            record["result"] = dict(self.summary)
+        if self.error_code or self.error:
+            record["error"] = {"code": self.error_code, "message": self.error}
+        return json.dumps(record, ensure_ascii=False)
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -104,40 +143,96 @@ def _parse_time(value: object) -> datetime | None:
         return None
 
 
-def request_file(path: Path, media_root: Path) -> str:
-    """The ``file`` field for ``path``: relative to ``media_root`` when inside it, else as given.
+@dataclass(frozen=True)
+class Rejected:
+    """A path that was not submitted, and why."""
 
-    Both the literal absolute path and the one with symlinks resolved are tried, so a media root
-    reached through a symlink still matches. The worker itself rejects paths outside its root.
+    path: Path
+    code: str
+    message: str
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "file": str(self.path),
+                "status": "rejected",
+                "error": {"code": self.code, "message": self.message},
+            },
+            ensure_ascii=False,
+        )
+
+
+def check_path(path: Path, media_root: Path) -> str:
+    """The request's ``file`` for ``path``: its path relative to ``media_root``, once checked.
+
+    The file must lie inside the media root once symlinks are resolved (as the worker resolves it),
+    exist as a regular file and be readable. The relative path keeps the names as given when they
+    lie inside the root literally (a root reached through a symlink still matches).
+
+    Raises
+    ------
+    PathOutsideMediaRoot
+        The path, symlinks resolved, is not inside the media root.
+    FileMissing
+        Nothing exists at the path.
+    FileUnreadable
+        The path is not a regular file or cannot be read.
     """
-    for candidate, root in (
-        (Path(os.path.abspath(path)), Path(os.path.abspath(media_root))),
-        (path.resolve(), media_root.resolve()),
-    ):
-        if candidate != root and candidate.is_relative_to(root):
-            return candidate.relative_to(root).as_posix()
-    return str(path)
+    root = media_root.resolve()
+    resolved = path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise PathOutsideMediaRoot(
+            f"outside the media root {media_root} (ANALYSIS_WORKER__MEDIA_ROOT); not submitted",
+            path=str(path),
+        )
+    literal, literal_root = Path(os.path.abspath(path)), Path(os.path.abspath(media_root))
+    if literal != literal_root and literal.is_relative_to(literal_root):
+        relative = literal.relative_to(literal_root)
+    else:
+        relative = resolved.relative_to(root)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileMissing("no such file", path=str(path)) from None
+    except OSError as exc:
+        raise FileUnreadable(f"cannot be read: {exc.strerror or exc}", path=str(path)) from exc
+    if not stat.S_ISREG(mode):
+        raise FileUnreadable("is not a regular file", path=str(path))
+    if not os.access(path, os.R_OK):
+        raise FileUnreadable("is not readable (permission denied)", path=str(path))
+    return relative.as_posix()
+
+
+def check_paths(files: Sequence[Path], media_root: Path) -> tuple[list[tuple[Path, str]], list[Rejected]]:
+    """Split ``files`` into accepted ``(path, request file)`` pairs and rejected paths."""
+    accepted: list[tuple[Path, str]] = []
+    rejected: list[Rejected] = []
+    for path in files:
+        try:
+            accepted.append((path, check_path(path, media_root)))
+        except AnalysisServiceError as exc:
+            rejected.append(Rejected(path, exc.code, exc.message))
+    return accepted, rejected
 
 
 def build_requests(
-    files: Sequence[Path],
+    files: Sequence[str],
     *,
-    media_root: Path,
     priority: int,
     analyses: list[AnalysisKind] | None,
     correlation_id: str,
 ) -> list[AnalysisRequest]:
-    """One request per file, each with a fresh ``uuid4`` hex id and the shared ``correlation_id``."""
+    """One request per (checked, media-root relative) file, each with a fresh ``uuid4`` hex id."""
     extra: dict[str, Any] = {} if analyses is None else {"analyses": analyses}
     return [
         AnalysisRequest(
             request_id=uuid.uuid4().hex,
-            file=request_file(path, media_root),
+            file=file,
             priority=priority,
             correlation_id=correlation_id,
             **extra,
         )
-        for path in files
+        for file in files
     ]
 
 
@@ -161,17 +256,6 @@ def parse_analyses(names: list[str] | None) -> list[AnalysisKind] | None:
     if not kinds:
         raise ValueError("--analyses names no analysis")
     return kinds
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _message(request: AnalysisRequest) -> aio_pika.Message:
@@ -211,7 +295,18 @@ async def publish_requests(
     exchange_name, routing_key = settings.request_exchange, settings.request_routing_key
     try:
         connection = await aio_pika.connect_robust(settings.url, timeout=settings.publish_timeout_s)
+    except aio_pika.exceptions.ProbableAuthenticationError as exc:
+        user = urlsplit(settings.url).username or "guest"
+        raise SubmitError(
+            f"RabbitMQ at {url} refused the login of user {user!r}: wrong user name or password "
+            f"(ANALYSIS_RABBITMQ__URL); the broker said: {_describe(exc)}"
+        ) from exc
     except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        if "Connection.Close" in str(exc):  # the broker closed the connection while opening the vhost
+            raise SubmitError(
+                f"RabbitMQ at {url} refused to open virtual host {_vhost(settings.url)!r}: it does not exist "
+                "or the user may not access it (ANALYSIS_RABBITMQ__URL)"
+            ) from exc
         raise SubmitError(f"cannot connect to RabbitMQ at {url}: {_describe(exc)}") from exc
     async with connection:
         try:
@@ -246,6 +341,12 @@ async def publish_requests(
                 ) from exc
             if on_published is not None:
                 on_published(request)
+
+
+def _vhost(url: str) -> str:
+    """The virtual host a URL names (``/`` when it names none)."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _describe(exc: BaseException) -> str:
@@ -299,27 +400,29 @@ class Follower:
             except REDIS_TRANSIENT_ERRORS as exc:
                 self._warn("pubsub", f"closing the progress subscription failed: {_describe(exc)}")
 
-    async def wait(self, timeout_s: float) -> None:
-        """Show progress until every submission is done or ``timeout_s`` passed (then mark timed out)."""
+    async def wait(self, timeout_s: float, *, on_done: Callable[[Submission], object] | None = None) -> None:
+        """Show progress until every submission is done or ``timeout_s`` passed (then mark timed out).
+
+        ``on_done`` is called once per submission as it reaches a final status (and for the ones
+        still unfinished at the timeout, marked timed out).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        columns = (
-            TextColumn("{task.description}", style="bold"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[status]}"),
-            TextColumn("[dim]{task.fields[stage]}"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=self._console) as bar:
-            tasks = {
-                s.request_id: bar.add_task(escape(s.request.file), total=100, status=s.status, stage=s.stage)
-                for s in self._submissions
-            }
+        reported: set[str] = set()
+
+        def report_done() -> None:
+            for s in self._submissions:
+                if s.done and s.request_id not in reported:
+                    reported.add(s.request_id)
+                    if on_done is not None:
+                        on_done(s)
+
+        with ProgressView(self._submissions, self._console) as view:
             await self.poll()
             next_poll = loop.time() + POLL_INTERVAL_S
             while True:
-                self._refresh(bar, tasks)
+                view.refresh()
+                report_done()
                 now = loop.time()
                 if all(s.done for s in self._submissions) or now >= deadline:
                     break
@@ -328,8 +431,12 @@ class Follower:
                     await self.poll()
                     next_poll = loop.time() + POLL_INTERVAL_S
         await self.poll(include_done=True)  # the last word, and the summary (bpm, key) of completed ones
+        report_done()
         for s in self._submissions:
-            s.timed_out = not s.done
+            if not s.done:
+                s.timed_out = True
+                if on_done is not None:
+                    on_done(s)
 
     async def poll(self, *, include_done: bool = False) -> None:
         """Read the progress hashes of the (unfinished) submissions, a batch at a time.
@@ -374,21 +481,105 @@ class Follower:
         if isinstance(payload, dict):
             submission.apply(payload)
 
-    def _refresh(self, bar: Progress, tasks: dict[str, TaskID]) -> None:
-        for s in self._submissions:
-            colour = {"completed": "green", "failed": "red", "running": "cyan"}.get(s.status, "yellow")
-            bar.update(
-                tasks[s.request_id],
-                completed=100.0 if s.status == "completed" else s.percent,
-                status=f"[{colour}]{s.status}[/{colour}]",
-                stage=escape(s.stage),
-            )
-
     def _warn(self, kind: str, text: str) -> None:
         """Print a warning, only the first of each ``kind`` (one outage, one line)."""
         if kind not in self._warned:
             self._warned.add(kind)
             self._console.print(f"[yellow]warning:[/yellow] {escape(text)}")
+
+
+def overall_line(submissions: Sequence[Submission], elapsed_s: float) -> str:
+    """``120/400 done (3 failed) · 2 running · 278 queued · ETA 12m03s``."""
+    total = len(submissions)
+    done = sum(s.done for s in submissions)
+    failed = sum(s.status == "failed" for s in submissions)
+    running = [s for s in submissions if s.status == "running"]
+    queued = total - done - len(running)
+    text = f"{done}/{total} done" + (f" ({failed} failed)" if failed else "")
+    text += f" · {len(running)} running · {queued} queued"
+    progress = done + sum(min(s.percent, 100.0) / 100 for s in running)
+    if 0 < progress < total and elapsed_s > 1:
+        text += f" · ETA {_format_duration(elapsed_s * (total - progress) / progress)}"
+    return text
+
+
+def _format_duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class ProgressView:
+    """The overall line and, on a terminal, bars for as many running requests as fit its height.
+
+    When stderr is not a terminal, the overall line is printed every :data:`PLAIN_INTERVAL_S`.
+    """
+
+    def __init__(self, submissions: Sequence[Submission], console: Console) -> None:
+        self._submissions = submissions
+        self._console = console
+        self._started = time.monotonic()
+        self._last_plain = 0.0
+        self._bar: Progress | None = None
+        self._overall: TaskID | None = None
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> ProgressView:
+        if self._console.is_terminal:
+            self._bar = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(bar_width=24),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("{task.fields[info]}", markup=False),
+                console=self._console,
+                transient=True,
+                refresh_per_second=4,
+            )
+            self._bar.start()
+            self._overall = self._bar.add_task("submit", total=max(1, len(self._submissions)), info="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self.refresh()
+            self._bar.stop()
+            self._console.print(Text(f"submit: {self._line()}"), soft_wrap=True)
+
+    def _line(self) -> str:
+        return overall_line(self._submissions, time.monotonic() - self._started)
+
+    def rows(self) -> int:
+        """Request bars that fit: the terminal's height less the overall line and some margin."""
+        return max(0, self._console.size.height - 4)
+
+    def refresh(self) -> None:
+        if self._bar is None:
+            now = time.monotonic()
+            if now - self._last_plain >= PLAIN_INTERVAL_S:
+                self._last_plain = now
+                self._console.file.write(f"submit: {self._line()}\n")
+                self._console.file.flush()
+            return
+        assert self._overall is not None
+        done = sum(s.done for s in self._submissions)
+        self._bar.update(self._overall, completed=done, info=self._line())
+        running = [s for s in self._submissions if s.status == "running"][: self.rows()]
+        shown = {s.request_id for s in running}
+        for request_id in [r for r in self._tasks if r not in shown]:
+            self._bar.remove_task(self._tasks.pop(request_id))
+        for s in running:
+            info = s.stage
+            if s.request_id not in self._tasks:
+                self._tasks[s.request_id] = self._bar.add_task(
+                    _short(s.request.file), total=100, completed=round(s.percent), info=info
+                )
+            else:
+                self._bar.update(self._tasks[s.request_id], completed=s.percent, info=info)
+
+
+def _short(name: str, chars: int = 40) -> str:
+    return name if len(name) <= chars else "…" + name[-(chars - 1) :]
 
 
 async def mark_queued(store: ProgressStore, submissions: Sequence[Submission], console: Console) -> bool:
@@ -425,31 +616,47 @@ async def mark_unpublished(store: ProgressStore, submissions: Sequence[Submissio
         s.status, s.error_code, s.error = "failed", "not_published", reason
 
 
+TABLE_COLUMNS: Final = ("file", "request id", "status", "bpm", "key", "camelot", "mood", "error")
+
+
 def render_table(submissions: Sequence[Submission], console: Console) -> None:
-    """Print file, status, bpm, key and error of every submission."""
-    table = Table()
-    for column in ("file", "request id", "status", "bpm", "key", "error"):
-        table.add_column(column, overflow="fold")
+    """Print file, status, BPM, key, Camelot code, mood and error of every submission.
+
+    Cells are plain text (a file named ``[red] x.wav`` shows as it is); on a terminal a rich table
+    sized to it, otherwise space-padded columns without box drawing.
+    """
+    rows: list[list[str]] = []
     for s in submissions:
-        if s.timed_out:
-            status = f"[yellow]timed out[/yellow] ({s.status}, {s.percent:g}%)"
-        else:
-            colour = "green" if s.status == "completed" else "red" if s.status == "failed" else "yellow"
-            status = f"[{colour}]{s.status}[/{colour}]"
+        status = f"timed out ({s.status}, {s.percent:g}%)" if s.timed_out else s.status
         error = f"{s.error_code}: {s.error}" if s.error_code else (s.error or "")
-        table.add_row(
-            escape(s.request.file),
-            s.request_id,
-            status,
-            escape(s.summary.get("bpm", "")),
-            escape(s.summary.get("key", "")),
-            escape(error),
+        rows.append(
+            [
+                s.request.file,
+                s.request_id,
+                status,
+                *(s.summary.get(name, "") for name in ("bpm", "key", "camelot", "mood")),
+                error,
+            ]
         )
-    console.print(table)
+    if console.is_terminal:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for column in TABLE_COLUMNS:
+            table.add_column(column, overflow="fold")
+        colours = {"completed": "green", "failed": "red"}
+        for row in rows:
+            table.add_row(
+                *(Text(c, style=colours.get(c, "yellow") if i == 2 else "") for i, c in enumerate(row))
+            )
+        console.print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(TABLE_COLUMNS)]
+    for line in [list(TABLE_COLUMNS), *rows]:
+        console.file.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
+    console.file.flush()
 
 
 async def submit(
-    files: Sequence[Path],
+    files: Sequence[str],
     *,
     settings: Settings,
     priority: int,
@@ -458,19 +665,23 @@ async def submit(
     timeout_s: float,
     out: Console,
     err: Console,
+    as_json: bool = False,
 ) -> int:
-    """Mark queued, publish, print the ids and (with ``wait``) follow; returns the exit status."""
-    requests = build_requests(
-        files,
-        media_root=settings.worker.media_root,
-        priority=priority,
-        analyses=analyses,
-        correlation_id=uuid.uuid4().hex,
-    )
+    """Mark queued, publish, print the ids and (with ``wait``) follow; returns the exit status.
+
+    ``files`` are request files already checked by :func:`check_paths` (relative to the media root).
+    """
+    requests = build_requests(files, priority=priority, analyses=analyses, correlation_id=uuid.uuid4().hex)
     submissions = [Submission(request) for request in requests]
+    by_id = {s.request_id: s for s in submissions}
     client = redis_client(settings.redis)
     store = ProgressStore(settings.redis, client=client)
     follower = Follower(store, client, submissions, err) if wait else None
+
+    def write(line: str) -> None:
+        out.file.write(line + "\n")
+        out.file.flush()
+
     try:
         redis_ok = await mark_queued(store, submissions, err)
         if follower is not None and redis_ok:
@@ -481,11 +692,15 @@ async def submit(
             await publish_requests(settings.rabbitmq, requests, on_published=published.append)
         except SubmitError as exc:
             failure = exc
-        for request in published:  # plain "id<TAB>file" lines, for scripts
-            out.file.write(f"{request.request_id}\t{request.file}\n")
-        out.file.flush()
+        if not wait:  # what went out, for scripts: "id<TAB>file" lines or JSON objects
+            for request in published:
+                write(
+                    by_id[request.request_id].to_json()
+                    if as_json
+                    else f"{request.request_id}\t{request.file}"
+                )
         if failure is not None:
-            err.print(f"[red]error:[/red] {escape(str(failure))}")
+            err.print(f"[red]error:[/red] {escape(str(failure))}", soft_wrap=True)
             if len(published) < len(requests):
                 err.print(
                     f"{len(requests) - len(published)} of {len(requests)} request(s) were not submitted"
@@ -497,6 +712,9 @@ async def submit(
                     err.print(
                         f"[yellow]warning:[/yellow] could not mark the requests failed: {escape(str(exc))}"
                     )
+            if wait and as_json:
+                for s in submissions:
+                    write(s.to_json())
             return EXIT_FAILURES
         err.print(
             f"submitted {len(requests)} request(s), correlation id {requests[0].correlation_id}",
@@ -504,8 +722,9 @@ async def submit(
         )
         if follower is None:
             return EXIT_OK
-        await follower.wait(timeout_s)
-        render_table(submissions, out)
+        await follower.wait(timeout_s, on_done=(lambda s: write(s.to_json())) if as_json else None)
+        if not as_json:
+            render_table(submissions, out)
         return EXIT_OK if all(s.status == "completed" for s in submissions) else EXIT_FAILURES
     finally:
         if follower is not None:
@@ -522,6 +741,7 @@ def run(
     wait: bool,
     analyses: list[str] | None,
     timeout_s: float,
+    as_json: bool = False,
 ) -> int:
     """Entry of the command; returns the exit status.
 
@@ -539,15 +759,18 @@ def run(
         Analyses to run (``bpm``, ``key``, ``mood``); ``None``: all.
     timeout_s : float
         How long ``wait`` waits, in seconds.
+    as_json : bool
+        Print one JSON object per request (and per rejected path) on stdout instead of text.
 
     Returns
     -------
     int
-        0 when everything was published (and, with ``wait``, completed); 1 when a publish failed
-        or, with ``wait``, a request failed or timed out; 2 on bad arguments; 130 on Ctrl-C.
+        0 when every path was accepted and published (and, with ``wait``, completed); 1 when a path
+        was rejected, a publish failed or, with ``wait``, a request failed or timed out; 2 on bad
+        arguments; 130 on Ctrl-C.
     """
-    err = Console(stderr=True)
-    out = Console(width=None if sys.stdout.isatty() else 200)
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False)
     try:
         kinds = parse_analyses(analyses)
     except ValueError as exc:
@@ -560,10 +783,19 @@ def run(
     if not files:
         err.print("[red]error:[/red] no audio files found in: " + escape(", ".join(map(str, paths))))
         return EXIT_USAGE
+    accepted, rejected = check_paths(files, settings.worker.media_root)
+    for r in rejected:
+        if as_json:
+            out.file.write(r.to_json() + "\n")
+        err.print(Text.assemble(("rejected: ", "red"), f"{r.path}: {r.code}: {r.message}"), soft_wrap=True)
+    out.file.flush()
+    if not accepted:
+        err.print(f"nothing submitted: all {len(rejected)} path(s) were rejected")
+        return EXIT_FAILURES
     try:
-        return asyncio.run(
+        status = asyncio.run(
             submit(
-                files,
+                [file for _, file in accepted],
                 settings=settings,
                 priority=priority,
                 wait=wait,
@@ -571,8 +803,13 @@ def run(
                 timeout_s=timeout_s,
                 out=out,
                 err=err,
+                as_json=as_json,
             )
         )
     except KeyboardInterrupt:
         err.print("interrupted: requests already published stay queued")
         return EXIT_INTERRUPTED
+    if rejected:
+        err.print(f"{len(rejected)} path(s) rejected (not submitted)")
+        return max(status, EXIT_FAILURES)
+    return status
