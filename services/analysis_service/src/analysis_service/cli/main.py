@@ -185,6 +185,25 @@ def _worker_epilog() -> str:
     return "\n\n".join([head, *describe_settings(Settings)])
 
 
+#: Exit status of a service that cannot start (as the worker's EXIT_STARTUP_FAILED).
+EXIT_CONFIG = 4
+
+
+def _service_settings() -> Settings:
+    """The settings of a long-running service; an invalid configuration is one line on stderr, exit 4."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"ANALYSIS_{'__'.join(str(p).upper() for p in e['loc'])}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors(include_url=False)
+        )
+        typer.echo(f"analysis-service: invalid configuration: {problems}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
 @app.command(epilog=_worker_epilog())
 def worker() -> None:
     """Consume analysis requests from RabbitMQ until SIGTERM/SIGINT (configured by ANALYSIS_* env)."""
@@ -193,9 +212,11 @@ def worker() -> None:
 
     from analysis_service.worker.worker import Worker
     from service_shared.logging import configure_logging
+    from service_shared.settings import warn_unknown_settings
 
-    settings = Settings()
+    settings = _service_settings()
     configure_logging(service=settings.service_name, level=settings.log_level, fmt=settings.log_format)
+    warn_unknown_settings(Settings)
 
     async def serve() -> int:
         stop = asyncio.Event()
@@ -252,7 +273,8 @@ def demo(
 def schema(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the JSON Schema files.")] = Path("docs/schemas"),
 ) -> None:
-    """Write the JSON Schemas of the request and result messages."""
+    """Write the JSON Schemas of the request and result messages, and the AsyncAPI document beside them."""
+    from analysis_service.asyncapi import write_asyncapi
     from service_shared.messages import AnalysisRequest, AnalysisResultMessage
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +282,9 @@ def schema(
         path = out_dir / f"{name}.schema.json"
         path.write_text(json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n")
         typer.echo(f"wrote {path}")
+    asyncapi = out_dir.parent / "asyncapi.yaml"
+    write_asyncapi(asyncapi)
+    typer.echo(f"wrote {asyncapi}")
 
 
 def main() -> None:  # pragma: no cover - console entry point
@@ -314,9 +339,11 @@ def api() -> None:
 
     from analysis_service.api import serve
     from service_shared.logging import configure_logging
+    from service_shared.settings import warn_unknown_settings
 
-    settings = Settings()
+    settings = _service_settings()
     configure_logging(
         service=f"{settings.service_name}-api", level=settings.log_level, fmt=settings.log_format
     )
+    warn_unknown_settings(Settings)
     raise typer.Exit(asyncio.run(serve(settings)))
