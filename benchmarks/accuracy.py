@@ -54,7 +54,7 @@ def run_analyze(corpus: Path, preds: Path) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "analysis_service.cli", "analyze", "--json", str(corpus)],
+        [sys.executable, "-m", "analysis_service.cli", "analyze", "--json", "--no-cache", str(corpus)],
         capture_output=True,
         text=True,
         check=False,
