@@ -63,6 +63,9 @@ def _initialize(progress_queue: ProgressQueue | None, parent_pid: int | None = N
     progress queue kept."""
     if parent_pid is not None:
         die_with_parent(parent_pid)
+    # A terminal's Ctrl-C reaches the whole process group; the parent decides what stops (and
+    # kills this process when it must), so the signal must not kill an analysis half-way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(SINGLE_THREADED_ENV)
     from analysis_service.audio.registry import build_registry
 
