@@ -53,6 +53,7 @@ from analysis_service.worker.pipeline import (
     Settlement,
     _int_header,
     _raise_if_cancelling,
+    decide,
     failed,
     parse,
 )
@@ -405,7 +406,8 @@ class Worker:
             log.error("the last resort failed too", error=f"{type(again).__name__}: {again}")
             if self._progress_hook is not None:
                 await self._progress_hook.write_terminal(d.outcome)
-        return Settlement.DEAD_LETTER
+            return Settlement.DEAD_LETTER
+        return decide(d)  # an outcome stored earlier (completed, say) is acked, not dead-lettered
 
     async def _settle(self, d: Delivery, settlement: Settlement) -> None:
         """Ack, dead-letter or requeue ``d``'s current delivery (the only place that does)."""
