@@ -80,6 +80,9 @@ FALKORDB_BOLT_USER = "falkordb"
 #: FalkorDB ignores a BOLT_PORT above this (a signed 16-bit port).
 FALKORDB_MAX_BOLT_PORT = 32767
 
+#: Seconds the idle workers are watched before the requests are published.
+IDLE_SAMPLE_S = 10.0
+
 TARGET_RATIO = 0.95
 TARGET_PRIORITY_ANALYSES = 2.0
 TARGET_TWO_WORKERS = 1.0
@@ -326,6 +329,7 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._base: dict[int, float] = {}
+        self.peak_rss: dict[int, int] = {}  # bytes, per process
         self._t0 = time.perf_counter()
         self._sys0 = psutil.cpu_times()
         self.wall_s = 0.0
@@ -366,12 +370,19 @@ class CpuSampler:
             for p in procs:
                 try:
                     t = p.cpu_times()
+                    rss = p.memory_info().rss
                 except ps.NoSuchProcess:
                     continue
                 self._seen[p.pid] = (root, t.user + t.system)
+                self.peak_rss[p.pid] = max(self.peak_rss.get(p.pid, 0), rss)
 
     def main_s(self, root: int) -> float:
         return self._seen.get(root, (root, 0.0))[1] - self._base.get(root, 0.0)
+
+    def rss_mb(self, root: int) -> tuple[float, float]:
+        """Peak RSS (MB) of ``root`` and the largest peak of one of its descendants."""
+        kids = [rss for pid, rss in self.peak_rss.items() if pid != root and self._seen[pid][0] == root]
+        return self.peak_rss.get(root, 0) / 2**20, max(kids, default=0) / 2**20
 
     def children_s(self, root: int) -> float:
         return sum(
@@ -644,6 +655,9 @@ async def pipeline_run(
     ready = time.time() - t_start
     run = uuid.uuid4().hex[:6]
     ids = [f"{label}-{run}-{i:04d}" for i in range(len(files))]
+    with CpuSampler([p.pid for p, _, _ in started]) as idle:
+        await asyncio.sleep(IDLE_SAMPLE_S)  # what the main processes spend with nothing to do
+    idle_main_s = sum(idle.main_s(p.pid) for p, _, _ in started) / idle.wall_s
     if profile_out is not None:
         started[0][0].send_signal(signal.SIGUSR1)
     with CpuSampler([p.pid for p, _, _ in started]) as cpu:
@@ -672,7 +686,12 @@ async def pipeline_run(
         slots_cpu_s=sum(cpu.children_s(p.pid) for p, _, _ in started),
         wall_s=cpu.wall_s,
         machine_busy=cpu.machine_busy,
-        extra={"metrics": metrics, "publish_s": max(published.values()) - t0},
+        extra={
+            "metrics": metrics,
+            "publish_s": max(published.values()) - t0,
+            "idle_main_cpu_per_s": idle_main_s,
+            "rss_mb": [cpu.rss_mb(p.pid) for p, _, _ in started],
+        },
     )
     for rid in ids:
         arrived, result = bench.arrived[rid]
@@ -826,6 +845,14 @@ def print_run(f: RunFigures, cpus: int, slots: int) -> None:
         f"analysis processes {f.slots_cpu_s:.1f} s = {1000 * f.slots_cpu_s / f.n:.0f} ms/track); "
         f"machine busy {100 * f.machine_busy:.0f}% (all processes, other users included)"
     )
+    if "idle_main_cpu_per_s" in f.extra:
+        idle = f.extra["idle_main_cpu_per_s"]
+        per_request = (f.main_cpu_s - idle * window) / f.n
+        print(
+            f"main process: {1000 * idle:.1f} ms CPU per second when idle (timers: memory guard, "
+            f"cancellation poll, queue depth) + {1000 * per_request:.1f} ms CPU per request; peak RSS "
+            + ", ".join(f"main {m:.0f} MB, largest analysis process {c:.0f} MB" for m, c in f.extra["rss_mb"])
+        )
     if f.latencies:
         print(f"  {'latency per request (s)':58s} {'p50':>7s} {'p95':>7s}")
         for stage, values in f.latencies.items():
