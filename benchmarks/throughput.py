@@ -754,6 +754,40 @@ async def priority_run(bench: Bench, files: list[Path], *, backlog: int, probes:
     return {"answers": answers, "analysis_s": statistics.median(totals), "left": left, "spacing_s": spacing}
 
 
+async def graph_writes(workdir: Path, sample: dict[str, Any], n: int) -> tuple[float, float]:
+    """CPU and wall ms per :meth:`GraphSink.write` of ``n`` completed results (client side)."""
+    from analysis_service.settings import Neo4jSettings
+    from analysis_service.sinks.graph import GraphSink
+    from service_shared.messages import AnalysisResultMessage, EngineOutput, ResultStatus
+
+    password = secrets.token_hex(8)
+    falkordb, port = _start_falkordb(workdir, password)
+    try:
+        sink = GraphSink(
+            Neo4jSettings(
+                uri=f"bolt://127.0.0.1:{port}", user=FALKORDB_BOLT_USER, password=password, database=None
+            )
+        )
+        await sink.start()
+        output = EngineOutput.model_validate(sample)
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            await sink.write(
+                AnalysisResultMessage(
+                    request_id=f"graph-{i}",
+                    status=ResultStatus.COMPLETED,
+                    file=f"track-{i}.mp3",
+                    content_hash=f"sha256:{i:064x}",
+                    output=output,
+                )
+            )
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        await sink.close()
+    finally:
+        _stop(falkordb)
+    return 1000 * cpu / n, 1000 * wall / n
+
+
 # --------------------------------------------------------------------------------------------------
 # Profile report
 
@@ -959,6 +993,13 @@ def main() -> None:
         "--profile", action="store_true", help="add a cProfile run of the worker's main process"
     )
     parser.add_argument(
+        "--graph-writes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only measure N graph writes (worker CPU per write) against a fresh FalkorDB",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -984,6 +1025,16 @@ def main() -> None:
     workdir = args.cache / "runs" / datetime.now().strftime("%Y%m%dT%H%M%S")
     workdir.mkdir(parents=True)
     print(f"worker logs and profiles: {workdir}")
+    if args.graph_writes:
+        analysed = subprocess.run(
+            [sys.executable, "-m", "analysis_service.cli", "analyze", "--json", str(files[0])],
+            capture_output=True,
+            check=True,
+        )
+        sample = json.loads(analysed.stdout.splitlines()[0])["output"]
+        cpu_ms, wall_ms = asyncio.run(graph_writes(workdir, sample, args.graph_writes))
+        print(f"graph: {args.graph_writes} writes, {cpu_ms:.2f} ms CPU and {wall_ms:.1f} ms wall per write")
+        return
     engines: list[RunFigures] = []
     pipelines: list[RunFigures] = []
     for _ in range(args.rounds):
