@@ -19,7 +19,9 @@ Sets (``corpus/<set>/...``) and where each tempo comes from:
     (the file's row highlight where the format stores it, IT; four rows otherwise, the tracker
     convention). libopenmpt reports exactly that figure as it plays
     (``openmpt_module_get_current_estimated_bpm``); we sample it every 0.25 s and keep a module only
-    when one value holds for at least 95 % of the rendered time (no tempo changes).
+    when one value holds for at least 95 % of the rendered time (no tempo changes). A stated tempo
+    above 200 BPM (a beat notated as few rows at a low speed) is halved until it is not
+    (``TAP_MAX_BPM``): that octave is a convention, so the tracker set is the least certain one.
 ``R_lmms``
     The demo and "shorties" projects that ship with LMMS (``lmms-common``), rendered with
     ``lmms render``. Truth: the project's tempo (``<head bpm=...>``); projects whose tempo
@@ -75,6 +77,10 @@ LOOPS = (
     ("jungle01.ogg", 2, "2.780 s = 2 bars at 172.7 BPM (jungle, 160-180; 1 bar would be 86.3)"),
 )
 LOOP_SECONDS = 30.0
+#: A tracker's nominal beat (rows per beat) is a notation, not always the beat a listener taps:
+#: at speed 2-3 composers write a beat as 8 rows. A stated tempo above this is halved until it is
+#: not (nobody taps faster; the ``x2`` relative still counts for Acc2).
+TAP_MAX_BPM = 200.0
 
 
 def sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -198,6 +204,9 @@ def tracker_rows(root: Path, out: Path, max_s: float) -> list[dict[str, str]]:
             continue
         speed, tempo = max(set((s[1], s[2]) for s in states), key=[(s[1], s[2]) for s in states].count)
         rows_per_beat = 24.0 * tempo / (speed * value)
+        stated, halvings = value, 0
+        while value > TAP_MAX_BPM:
+            value, halvings = value / 2, halvings + 1
         package = next(p for p in TRACKER_PACKAGES if p.split("-")[0] in str(path))
         dest = out / "corpus" / "R_tracker" / f"{package.split('-')[0]}_{path.stem}.flac"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +220,8 @@ def tracker_rows(root: Path, out: Path, max_s: float) -> list[dict[str, str]]:
                 source=f"Debian {package}: {path.name}",
                 why=(
                     f"{path.suffix[1:].upper()} module: speed {speed}, tempo {tempo}, "
-                    f"{rows_per_beat:.0f} rows per beat -> {value:.2f} BPM, held {share:.0%} of the time"
+                    f"{rows_per_beat:.0f} rows per beat -> {stated:.2f} BPM, held {share:.0%} of the time"
+                    + (f"; halved {halvings}x to {value:.2f} (above {TAP_MAX_BPM:.0f})" if halvings else "")
                 ),
             )
         )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soxr
 
-from analysis_service.audio.key import NOTE_NAMES, camelot, estimate_key, tuning_cents
+from analysis_service.audio.key import NOTE_NAMES, camelot, estimate_key, key_confidence, tuning_cents
 from analysis_service.audio.synth import demo_song
 from tests.unit.audio.conftest import SR, FeaturesOf, features_of_signal
 
@@ -55,3 +55,19 @@ def test_tuning_is_measured_both_ways(cents: float) -> None:
     y = demo_song(bpm=110, tonic=2, mode="major", seconds=20, sample_rate=SR)
     detuned = np.asarray(soxr.resample(y, SR, SR / 2 ** (cents / 1200)), dtype=np.float32)
     assert tuning_cents(features_of_signal(detuned).chroma36) == pytest.approx(cents, abs=8.0)
+
+
+def test_key_confidence_grows_with_margin_and_tonality_and_is_never_zero_for_tonal_music() -> None:
+    margins = [0.0, 0.02, 0.05, 0.1, 0.2, 0.4]
+    by_margin = [key_confidence(m, 0.8) for m in margins]
+    assert by_margin == sorted(by_margin)
+    assert by_margin[-1] > 0.95
+    by_fit = [key_confidence(0.2, f) for f in (0.4, 0.5, 0.6, 0.7, 0.9)]
+    assert by_fit == sorted(by_fit)
+    assert key_confidence(0.02, 0.7) > 0.0
+
+
+def test_a_clear_key_is_more_confident_than_a_weak_one(song_features: FeaturesOf) -> None:
+    clear = estimate_key(song_features(bpm=110, tonic=4, mode="major"))
+    weak = estimate_key(song_features(bpm=110, tonic=4, mode="major", harmony=0.15))
+    assert clear.confidence > weak.confidence

@@ -18,10 +18,11 @@ Method
    triad heard in the first and last voiced seconds (songs begin and end on the tonic far more
    often than elsewhere). ``score = scale fit + TONIC_WEIGHT * tonic evidence``.
 
-Confidence is the margin between the best and the second-best key (0.15 or more counts as
-clear), times how well any major or minor scale explains the pitch content at all (the scale fit
-of drums or noise is about 0.5, of tonal music 0.7 to 1): a drum loop gets little confidence
-whatever key it is given.
+Confidence (:func:`key_confidence`) grows smoothly with the margin between the best and the
+second-best key score, times a smooth (logistic) measure of how well any major or minor scale
+explains the pitch content at all (the scale fit of drums or noise is about 0.5, of tonal music
+0.7 to 1): a drum loop gets little confidence whatever key it is given, and a tonal recording is
+never given exactly 0.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ HARMONIC_MINOR_SCALE = (0, 2, 3, 5, 7, 8, 11)
 TONIC_WEIGHT = 1.0
 TRIAD_WEIGHT = 1.0
 BASS_WEIGHT = 0.5
-#: Scale fit (see ``_scale_fit``) of unpitched sound (drums, noise) and of clearly tonal music;
-#: the confidence scales between them.
-FIT_UNTONAL = 0.45
-FIT_TONAL = 0.7
+#: Confidence: the score margin over the runner-up at which the margin factor is 1 - 1/e, and
+#: the scale fit (see ``_scale_fit``) at which the tonality factor is one half, with its spread.
+#: Drums and noise fit a scale at about 0.5, tonal music at 0.7 to 1.
+MARGIN_SCALE = 0.1
+FIT_MIDPOINT = 0.55
+FIT_SPREAD = 0.06
 START_WEIGHT = 0.5
 END_WEIGHT = 0.5
 EDGE_S = 3.0
@@ -208,6 +211,20 @@ def _scores_and_fits(features: Features, *, edges: bool) -> tuple[F64, F64]:
     return scores + TONIC_WEIGHT * evidence, fits
 
 
+def key_confidence(margin: float, fit: float) -> float:
+    """Confidence in [0, 1] from the score margin over the runner-up key and the best key's scale fit.
+
+    ``(1 - exp(-margin / MARGIN_SCALE)) * sigmoid((fit - FIT_MIDPOINT) / FIT_SPREAD)``: a key that
+    wins clearly over every other key, in music that a major or minor scale explains, is trusted.
+    Both factors are smooth, so confidences rank answers instead of collapsing to 0 or 1 (the
+    margin alone ranks right above wrong answers with an ROC AUC of about 0.94 on the synthetic
+    corpus and its degraded copies; see docs/accuracy.md for the calibration table).
+    """
+    margin_factor = 1.0 - float(np.exp(-max(margin, 0.0) / MARGIN_SCALE))
+    tonality = 1.0 / (1.0 + float(np.exp(-(fit - FIT_MIDPOINT) / FIT_SPREAD)))
+    return float(np.clip(margin_factor * tonality, 0.0, 1.0))
+
+
 def estimate_key(features: Features, *, edges: bool = True) -> KeyEstimate:
     """Estimate the key of a recording.
 
@@ -230,9 +247,7 @@ def estimate_key(features: Features, *, edges: bool = True) -> KeyEstimate:
     best = int(order[0])
     mode = "major" if best < 12 else "minor"
     pc = best % 12
-    margin = float(np.clip((scores[best] - scores[order[1]]) / 0.15, 0.0, 1.0))
-    tonal = float(np.clip((fits[best] - FIT_UNTONAL) / (FIT_TONAL - FIT_UNTONAL), 0.0, 1.0))
-    confidence = margin * tonal
+    confidence = key_confidence(float(scores[best] - scores[order[1]]), float(fits[best]))
     return KeyEstimate(
         tonic=NOTE_NAMES[pc], mode=mode, camelot=camelot(pc, mode), confidence=round(confidence, 3)
     )
