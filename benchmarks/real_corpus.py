@@ -81,6 +81,8 @@ LOOP_SECONDS = 30.0
 #: at speed 2-3 composers write a beat as 8 rows. A stated tempo above this is halved until it is
 #: not (nobody taps faster; the ``x2`` relative still counts for Acc2).
 TAP_MAX_BPM = 200.0
+#: Renders quieter than this peak level (dBFS) are left out (a module libopenmpt plays near-silent).
+MIN_PEAK_DBFS = -40.0
 
 
 def sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -194,6 +196,9 @@ def tracker_rows(root: Path, out: Path, max_s: float) -> list[dict[str, str]]:
         audio, states = render_module(lib, path, max_s)
         if len(audio) < 10 * SR:
             print(f"skip {path.name}: shorter than 10 s", file=sys.stderr)
+            continue
+        if float(np.max(np.abs(audio))) < 10 ** (MIN_PEAK_DBFS / 20):
+            print(f"skip {path.name}: the render is nearly silent", file=sys.stderr)
             continue
         bpms = np.array([s[0] for s in states])
         value = float(np.median(bpms))
