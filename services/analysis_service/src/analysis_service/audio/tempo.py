@@ -9,9 +9,14 @@ Method
    with a harmonic comb: the salience of tempo ``T`` is the weighted sum of the autocorrelation at
    1, 2, 3 and 4 beat periods. That sharpens the estimate (the fourth multiple is read at four
    times the precision) and favours periodicities that hold across the bar.
-3. The strongest salience peak fixes the pulse family; the metrical level a listener taps is
-   chosen among its multiples and divisions (x1/4 .. x4) by salience times a log-normal tempo
-   preference centred at ``PRIOR_CENTER_BPM``.
+3. The strongest salience peak gives the candidates: its multiples and divisions (x1/4 .. x4,
+   including x2/3, x3/2, x1/3 and x3). First the pulse family is chosen (candidates an octave
+   apart are one family: the binary grid and the ternary grid of the same music are two): by
+   salience times only a very wide tempo preference (``FAMILY_PRIOR_OCTAVES``), since a
+   preference for ~110 BPM says which octave a listener taps, not whether the beat is the 120 or
+   the 180 BPM pulse of the same groove (on real LMMS projects, the narrow preference picked the
+   x2/3 relative over a stronger pulse). Then the metrical level within the family is chosen by
+   salience times a log-normal tempo preference centred at ``PRIOR_CENTER_BPM``.
 4. Between that level and its double or half, the backbeat decides: in most popular music the
    snare or clap falls on beats 2 and 4, so at the beat level a listener taps it recurs every
    second beat and is absent from the beats between (the cue Goto and Muraoka's beat tracker used
@@ -54,6 +59,8 @@ MAX_BPM = 240.0
 #: Tempo preference: log-normal, centred here, with this standard deviation in octaves.
 PRIOR_CENTER_BPM = 110.0
 PRIOR_OCTAVES = 1.2
+#: Width (octaves) of the much weaker preference used to choose the pulse family (step 3).
+FAMILY_PRIOR_OCTAVES = 3.0
 #: Weights of the onset bands (kick, snare/chords, hats) in the novelty curve.
 BAND_WEIGHTS = (2.0, 1.0, 1.0)
 #: Smallest band standard deviation used for normalising (log-flux units): keeps the numerical
@@ -160,8 +167,21 @@ def backbeat_contrast(snare_acf: F64, *, rate: float, bpm: float) -> float:
     return float(0.5 * (r[1] + r[3] - r[0] - r[2]))
 
 
-def _prior(bpm: F64 | float) -> F64:
-    return np.asarray(np.exp(-0.5 * (np.log2(np.asarray(bpm) / PRIOR_CENTER_BPM) / PRIOR_OCTAVES) ** 2))
+def _prior(bpm: F64 | float, octaves: float = PRIOR_OCTAVES) -> F64:
+    return np.asarray(np.exp(-0.5 * (np.log2(np.asarray(bpm) / PRIOR_CENTER_BPM) / octaves) ** 2))
+
+
+def _pulse_family(refined: F64, sal_at: F64) -> npt.NDArray[np.bool_]:
+    """Mask of the candidates in the winning pulse family (step 3 of the module docstring).
+
+    Candidates an octave apart (equal ``log2(bpm) mod 1``) form a family; each family scores its
+    best member's salience times the wide preference (``FAMILY_PRIOR_OCTAVES``).
+    """
+    cls = np.log2(refined) % 1.0
+    same = np.abs((cls[:, None] - cls[None, :] + 0.5) % 1.0 - 0.5) < 0.03
+    wide = sal_at * _prior(refined, FAMILY_PRIOR_OCTAVES)
+    family_score = np.array([wide[row].max() for row in same])
+    return np.asarray(same[int(np.argmax(family_score))])
 
 
 def _refine(bpms: F64, sal: F64, target: float) -> float:
@@ -237,7 +257,7 @@ def estimate_tempo(features: Features) -> TempoEstimate:
     refined = np.array([_refine(bpms, sal, c) for c in candidates if MIN_BPM <= c <= MAX_BPM])
     sal_at = np.interp(np.log(refined), np.log(bpms), sal)
     score = sal_at * _prior(refined)
-    level = refined[int(np.argmax(score))]
+    level = refined[int(np.argmax(np.where(_pulse_family(refined, sal_at), score, 0.0)))]
     octave = np.isclose(refined / level, np.array([[0.5], [1.0], [2.0]]), rtol=0.02).any(axis=0)
     snare = np.maximum(bands[1] - SNARE_LOW_WEIGHT * bands[0], 0.0)
     snare_acf = windowed_acf(snare, rate=rate, max_lag=max_lag) if np.any(snare) else np.zeros(1)
