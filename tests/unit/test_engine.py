@@ -92,7 +92,7 @@ def test_output_of_a_song(make: Make) -> None:
     assert out.mood.label
     assert out.timeline is None
     assert out.extra == {}
-    assert out.analyzer_versions == VERSIONS == {"bpm": "1.1.0", "key": "1.0.0", "mood": "1.0.0"}
+    assert out.analyzer_versions == VERSIONS == {"bpm": "1.2.0", "key": "1.1.0", "mood": "1.1.0"}
 
 
 def test_timings_cover_every_stage(make: Make) -> None:
@@ -142,7 +142,7 @@ def test_only_the_analyses_asked_for(make: Make) -> None:
 
     assert bpm_only.tempo is not None
     assert (bpm_only.key, bpm_only.mood) == (None, None)
-    assert bpm_only.analyzer_versions == {"bpm": "1.1.0"}
+    assert bpm_only.analyzer_versions == {"bpm": "1.2.0"}
     assert set(bpm_only.timings_s) == {"decode", "features", "bpm", "tags", "total"}
     assert mood_only.mood is not None
     assert (mood_only.tempo, mood_only.key) == (None, None)
@@ -249,6 +249,11 @@ def test_long_file_gets_a_timeline(make: Make) -> None:
         assert a.end_s == b.start_s
     assert out.timeline[0].bpm == pytest.approx(120.0, rel=0.04)
     assert out.timeline[0].key == "A minor"
+    # One response never contradicts itself: a one-segment timeline has the file's tempo and key.
+    assert out.tempo is not None
+    assert out.key is not None
+    assert len(out.timeline) == 1
+    assert (out.timeline[0].bpm, out.timeline[0].key) == (out.tempo.bpm, out.key.key)
     assert "timeline" in out.timings_s
     assert progress.stages == ["decode", "bpm", "key", "mood", "timeline", "done"]
     fractions = progress.fractions

@@ -6,7 +6,7 @@ import librosa
 import numpy as np
 import pytest
 
-from analysis_service.audio.key import NOTE_NAMES, fold_chroma, tuning_offset
+from analysis_service.audio.key import NOTE_NAMES, fold_chroma
 from analysis_service.audio.tempo import estimate_tempo
 from tests.unit.audio.conftest import SR, features_of_signal
 
@@ -24,7 +24,7 @@ def test_tempo_of_a_librosa_click_track(bpm: float) -> None:
 def test_pitch_class_matches_librosa_note_names(midi: int) -> None:
     tone = librosa.tone(librosa.midi_to_hz(midi), sr=SR, duration=4.0).astype(np.float32)
     f = features_of_signal(0.5 * tone)
-    chroma = fold_chroma(f.chroma36, offset=tuning_offset(f.chroma36)).sum(axis=1)
+    chroma = fold_chroma(f.chroma36).sum(axis=1)
     name = librosa.midi_to_note(midi, octave=False, unicode=False)
     enharmonic = {"C#": "C#", "D#": "Eb", "F#": "F#", "G#": "Ab", "A#": "Bb"}
     assert NOTE_NAMES[int(np.argmax(chroma))] == enharmonic.get(name, name)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from analysis_service.audio import tempo
-from analysis_service.audio.tempo import backbeat_contrast, estimate_tempo, windowed_acf
+from analysis_service.audio.tempo import backbeat_contrast, estimate_tempo, tempo_confidence, windowed_acf
 from tests.unit.audio.conftest import SR, FeaturesOf, features_of_signal
 
 
@@ -57,3 +57,20 @@ def test_backbeat_contrast_is_highest_where_the_snare_falls_on_every_second_beat
     assert at[0.5] < 0.1  # one level too slow: a snare on every beat
     assert at[2.0] < at[1.0] - 0.3  # one level too fast: no snare on the beats between
     assert backbeat_contrast(acf, rate=rate, bpm=10.0) == 0.0  # four beats exceed the lags
+
+
+def test_confidence_falls_when_the_level_is_a_judgement() -> None:
+    clear = tempo_confidence(clarity=0.6, strongest=1.0, rival=0.5, activity=2.0)
+    assert clear == pytest.approx(1.0)
+    # The tempo preference or the backbeat overruled a stronger pulse (how octave errors arise).
+    assert tempo_confidence(clarity=0.6, strongest=0.8, rival=0.5, activity=2.0) < 0.7
+    # A rival level scoring almost as well halves it.
+    assert tempo_confidence(clarity=0.6, strongest=1.0, rival=0.99, activity=2.0) < 0.55
+    # Little pulse, or little onset activity, gives little confidence.
+    assert tempo_confidence(clarity=0.05, strongest=1.0, rival=0.5, activity=2.0) < 0.2
+    assert tempo_confidence(clarity=0.6, strongest=1.0, rival=0.5, activity=0.1) < 0.2
+
+
+def test_confidence_is_a_probability_in_range(song_features: FeaturesOf) -> None:
+    est = estimate_tempo(song_features(bpm=96, tonic=0, mode="major"))
+    assert 0.0 <= est.confidence <= 1.0

@@ -10,9 +10,10 @@ import numpy.typing as npt
 import pytest
 
 from analysis_service.audio.features import Features
-from analysis_service.audio.key import NOTE_NAMES
+from analysis_service.audio.key import NOTE_NAMES, KeyEstimate
 from analysis_service.audio.synth import demo_song
-from analysis_service.audio.timeline import MIN_SEGMENT_S, Segment, estimate_timeline
+from analysis_service.audio.tempo import TempoEstimate
+from analysis_service.audio.timeline import MIN_SEGMENT_S, Segment, estimate_timeline, reconcile
 from tests.unit.audio.conftest import SR, features_of_signal
 
 FloatArray = npt.NDArray[np.float32]
@@ -153,3 +154,38 @@ def test_a_constant_piece_is_one_segment(seconds: float) -> None:
     assert segments[0].end_s == pytest.approx(seconds, abs=0.01)
     assert segments[0].bpm == pytest.approx(124.0, rel=0.04)
     assert segments[0].key == "E minor"
+
+
+def test_a_one_segment_timeline_has_the_files_tempo_and_key() -> None:
+    tempo, key = TempoEstimate(bpm=120.0, confidence=0.8), KeyEstimate("G", "major", "9B", 0.7)
+    seg = Segment(0.0, 700.0, bpm=121.0, key="C major", bpm_confidence=0.5, key_confidence=0.4)
+    t2, k2, segs = reconcile(tempo, key, [seg])
+    assert (t2, k2) == (tempo, key)
+    assert [(s.bpm, s.key) for s in segs] == [(120.0, "G major")]
+
+
+def test_a_long_files_tempo_and_key_are_the_ones_covering_most_of_it() -> None:
+    # The 14-minute file of issue 7: 53 BPM globally, while its timeline said 120 then 93.
+    tempo, key = TempoEstimate(bpm=53.0, confidence=0.9), KeyEstimate("C", "major", "8B", 0.9)
+    segs = [
+        Segment(0.0, 300.0, bpm=120.0, key="A minor", bpm_confidence=0.8, key_confidence=0.6),
+        Segment(300.0, 540.0, bpm=93.0, key="D minor", bpm_confidence=0.9, key_confidence=0.9),
+        Segment(540.0, 840.0, bpm=121.0, key="A minor", bpm_confidence=0.6, key_confidence=0.4),
+    ]
+    t2, k2, out = reconcile(tempo, key, segs)
+    assert out == segs
+    assert t2.bpm == pytest.approx(120.5, abs=0.6)
+    assert k2.name == "A minor"
+    assert k2.camelot == "8A"
+    # Confidence: the agreeing segments' (duration-weighted) confidence times their share of the file.
+    assert t2.confidence == pytest.approx(0.7 * 600 / 840, abs=0.01)
+    assert k2.confidence == pytest.approx(0.5 * 600 / 840, abs=0.01)
+
+
+def test_a_global_estimate_that_agrees_with_the_timeline_is_kept() -> None:
+    tempo, key = TempoEstimate(bpm=119.0, confidence=0.9), KeyEstimate("A", "minor", "8A", 0.8)
+    segs = [
+        Segment(0.0, 500.0, bpm=120.0, key="A minor"),
+        Segment(500.0, 800.0, bpm=90.0, key="E minor"),
+    ]
+    assert reconcile(tempo, key, segs)[:2] == (tempo, key)

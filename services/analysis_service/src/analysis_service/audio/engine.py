@@ -20,7 +20,7 @@ from analysis_service.audio.mood import MoodEstimate
 from analysis_service.audio.registry import Analyzer, build_registry, resolve
 from analysis_service.audio.tags import MusicalKey, check_tags, read_tags
 from analysis_service.audio.tempo import TempoEstimate
-from analysis_service.audio.timeline import estimate_timeline
+from analysis_service.audio.timeline import estimate_timeline, reconcile
 from analysis_service.errors import SilentAudio, TooLong, TooShort
 from analysis_service.settings import EngineSettings
 from service_shared.messages import EngineOutput, KeyResult, MoodResult, Segment, TempoResult, TrackTags
@@ -106,10 +106,11 @@ def analyze_file(
     if timeline if timeline is not None else features.duration_s > settings.timeline_threshold_s:
         report(_DECODE_SHARE + (1 - _DECODE_SHARE) * len(plan) / (len(plan) + 1), "timeline")
         t = time.perf_counter()
-        segments = [
-            Segment(start_s=s.start_s, end_s=s.end_s, bpm=s.bpm, key=s.key)
-            for s in estimate_timeline(features)
-        ]
+        found = estimate_timeline(features)
+        if isinstance(results.get("bpm"), TempoEstimate) and isinstance(results.get("key"), KeyEstimate):
+            # One response must not contradict itself: the file's tempo and key are the timeline's.
+            results["bpm"], results["key"], found = reconcile(results["bpm"], results["key"], found)
+        segments = [Segment(start_s=s.start_s, end_s=s.end_s, bpm=s.bpm, key=s.key) for s in found]
         timings["timeline"] = round(time.perf_counter() - t, 4)
     timings["total"] = round(time.perf_counter() - t0, 4)
     report(1.0, "done")

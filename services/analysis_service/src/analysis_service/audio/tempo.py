@@ -9,9 +9,14 @@ Method
    with a harmonic comb: the salience of tempo ``T`` is the weighted sum of the autocorrelation at
    1, 2, 3 and 4 beat periods. That sharpens the estimate (the fourth multiple is read at four
    times the precision) and favours periodicities that hold across the bar.
-3. The strongest salience peak fixes the pulse family; the metrical level a listener taps is
-   chosen among its multiples and divisions (x1/4 .. x4) by salience times a log-normal tempo
-   preference centred at ``PRIOR_CENTER_BPM``.
+3. The strongest salience peak gives the candidates: its multiples and divisions (x1/4 .. x4,
+   including x2/3, x3/2, x1/3 and x3). First the pulse family is chosen (candidates an octave
+   apart are one family: the binary grid and the ternary grid of the same music are two): by
+   salience times only a very wide tempo preference (``FAMILY_PRIOR_OCTAVES``), since a
+   preference for ~110 BPM says which octave a listener taps, not whether the beat is the 120 or
+   the 180 BPM pulse of the same groove (on real LMMS projects, the narrow preference picked the
+   x2/3 relative over a stronger pulse). Then the metrical level within the family is chosen by
+   salience times a log-normal tempo preference centred at ``PRIOR_CENTER_BPM``.
 4. Between that level and its double or half, the backbeat decides: in most popular music the
    snare or clap falls on beats 2 and 4, so at the beat level a listener taps it recurs every
    second beat and is absent from the beats between (the cue Goto and Muraoka's beat tracker used
@@ -24,9 +29,20 @@ Method
    choice. It is not applied to the x1/3, x2/3, x3/2 and x3 relatives, where a bar of 4 against 3
    can imitate it.
 
-Confidence is the chosen tempo's salience above the median salience of all tempi (autocorrelation
-units), scaled so that a margin of ``CONFIDENCE_SPAN`` or more is 1, and scaled down when the recording
-has little onset activity at all (``ACTIVITY_REFERENCE``).
+Confidence (:func:`tempo_confidence`) is meant to be read as a probability that the tempo is the
+tapped one, and it is measured as such (accuracy by confidence bucket, ``benchmarks/accuracy.py``).
+It multiplies three things:
+
+* pulse clarity: the chosen tempo's salience above the median salience of all tempi, scaled so that
+  ``CONFIDENCE_SPAN`` or more is 1, and scaled down when the recording has little onset activity
+  at all (``ACTIVITY_REFERENCE``);
+* the square of the chosen tempo's salience over the strongest salience: when the tempo preference
+  or the backbeat overruled the strongest pulse, the choice of metrical level is a judgement, and
+  most wrong answers (octave and 2/3 errors) are of this kind;
+* ``0.5 + 0.5 * min(1, (1 - rival) / RIVAL_SPAN)`` where ``rival`` is the final score of the best
+  other level over the chosen one's: a close rival halves the confidence.
+
+A doubled mid-tempo song whose double is not clearly stronger therefore no longer gets 1.0.
 """
 
 from __future__ import annotations
@@ -43,6 +59,8 @@ MAX_BPM = 240.0
 #: Tempo preference: log-normal, centred here, with this standard deviation in octaves.
 PRIOR_CENTER_BPM = 110.0
 PRIOR_OCTAVES = 1.2
+#: Width (octaves) of the much weaker preference used to choose the pulse family (step 3).
+FAMILY_PRIOR_OCTAVES = 3.0
 #: Weights of the onset bands (kick, snare/chords, hats) in the novelty curve.
 BAND_WEIGHTS = (2.0, 1.0, 1.0)
 #: Smallest band standard deviation used for normalising (log-flux units): keeps the numerical
@@ -55,6 +73,8 @@ BACKBEAT_WEIGHT = 1.0
 SNARE_LOW_WEIGHT = 1.5
 #: Salience margin (over the median salience of all tempi) that counts as full confidence.
 CONFIDENCE_SPAN = 0.4
+#: A rival level scoring this much below the chosen one (relative) leaves the confidence whole.
+RIVAL_SPAN = 0.3
 #: Mean spectral flux (log-magnitude units, nearly level-independent) of clearly rhythmic music;
 #: less onset activity than this scales the confidence down (a steady tone has almost none).
 ACTIVITY_REFERENCE = 0.05
@@ -147,8 +167,21 @@ def backbeat_contrast(snare_acf: F64, *, rate: float, bpm: float) -> float:
     return float(0.5 * (r[1] + r[3] - r[0] - r[2]))
 
 
-def _prior(bpm: F64 | float) -> F64:
-    return np.asarray(np.exp(-0.5 * (np.log2(np.asarray(bpm) / PRIOR_CENTER_BPM) / PRIOR_OCTAVES) ** 2))
+def _prior(bpm: F64 | float, octaves: float = PRIOR_OCTAVES) -> F64:
+    return np.asarray(np.exp(-0.5 * (np.log2(np.asarray(bpm) / PRIOR_CENTER_BPM) / octaves) ** 2))
+
+
+def _pulse_family(refined: F64, sal_at: F64) -> npt.NDArray[np.bool_]:
+    """Mask of the candidates in the winning pulse family (step 3 of the module docstring).
+
+    Candidates an octave apart (equal ``log2(bpm) mod 1``) form a family; each family scores its
+    best member's salience times the wide preference (``FAMILY_PRIOR_OCTAVES``).
+    """
+    cls = np.log2(refined) % 1.0
+    same = np.abs((cls[:, None] - cls[None, :] + 0.5) % 1.0 - 0.5) < 0.03
+    wide = sal_at * _prior(refined, FAMILY_PRIOR_OCTAVES)
+    family_score = np.array([wide[row].max() for row in same])
+    return np.asarray(same[int(np.argmax(family_score))])
 
 
 def _refine(bpms: F64, sal: F64, target: float) -> float:
@@ -164,6 +197,34 @@ def _refine(bpms: F64, sal: F64, target: float) -> float:
             off = 0.5 * (a - c) / den
             return float(bpms[i] + off * (bpms[i + 1] - bpms[i - 1]) / 2)
     return float(bpms[i])
+
+
+def _rival_ratio(refined: F64, full: F64, pick: int) -> float:
+    """Score of the best candidate more than 4 % away from the pick, over the pick's score."""
+    others = np.abs(refined / refined[pick] - 1.0) > 0.04
+    if not np.any(others) or full[pick] <= 0:
+        return 0.0
+    return float(np.max(full[others]) / full[pick])
+
+
+def tempo_confidence(*, clarity: float, strongest: float, rival: float, activity: float) -> float:
+    """Confidence in [0, 1] that the reported tempo is the tapped one (see the module docstring).
+
+    Parameters
+    ----------
+    clarity : float
+        Salience of the chosen tempo above the median salience of all tempi (autocorrelation units).
+    strongest : float
+        Salience of the chosen tempo over the strongest salience of any tempo (1 when the choice is
+        the strongest pulse, less when the tempo preference or the backbeat chose another level).
+    rival : float
+        Final score of the best other candidate level over the chosen one's (0 to 1).
+    activity : float
+        Mean onset strength over ``ACTIVITY_REFERENCE``.
+    """
+    pulse = float(np.clip(clarity / CONFIDENCE_SPAN, 0.0, 1.0)) * min(max(activity, 0.0), 1.0)
+    level = 0.5 + 0.5 * float(np.clip((1.0 - rival) / RIVAL_SPAN, 0.0, 1.0))
+    return float(np.clip(pulse * float(np.clip(strongest, 0.0, 1.0)) ** 2 * level, 0.0, 1.0))
 
 
 def estimate_tempo(features: Features) -> TempoEstimate:
@@ -196,15 +257,19 @@ def estimate_tempo(features: Features) -> TempoEstimate:
     refined = np.array([_refine(bpms, sal, c) for c in candidates if MIN_BPM <= c <= MAX_BPM])
     sal_at = np.interp(np.log(refined), np.log(bpms), sal)
     score = sal_at * _prior(refined)
-    level = refined[int(np.argmax(score))]
+    level = refined[int(np.argmax(np.where(_pulse_family(refined, sal_at), score, 0.0)))]
     octave = np.isclose(refined / level, np.array([[0.5], [1.0], [2.0]]), rtol=0.02).any(axis=0)
     snare = np.maximum(bands[1] - SNARE_LOW_WEIGHT * bands[0], 0.0)
     snare_acf = windowed_acf(snare, rate=rate, max_lag=max_lag) if np.any(snare) else np.zeros(1)
     contrast = np.array([backbeat_contrast(snare_acf, rate=rate, bpm=float(b)) for b in refined])
-    score = np.where(octave, score * np.exp(BACKBEAT_WEIGHT * contrast), 0.0)
-    pick = int(np.argmax(score))
+    full = np.where(octave, score * np.exp(BACKBEAT_WEIGHT * contrast), score)
+    final = np.where(octave, full, 0.0)
+    pick = int(np.argmax(final))
     bpm = float(refined[pick])
-    rival = float(np.median(sal[in_range]))
-    activity = float(features.onset.mean()) / ACTIVITY_REFERENCE
-    confidence = float(np.clip((sal_at[pick] - rival) / CONFIDENCE_SPAN, 0.0, 1.0) * min(activity, 1.0))
+    confidence = tempo_confidence(
+        clarity=float(sal_at[pick] - np.median(sal[in_range])),
+        strongest=float(sal_at[pick] / max(float(np.max(sal[in_range])), 1e-12)),
+        rival=_rival_ratio(refined, full, pick),
+        activity=float(features.onset.mean()) / ACTIVITY_REFERENCE,
+    )
     return TempoEstimate(bpm=round(bpm, 2), confidence=round(confidence, 3))

@@ -16,6 +16,7 @@ Cost is O(n_steps^2) in time and O(n_steps) in memory: a 3-hour file has 2160 st
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -23,8 +24,14 @@ import numpy as np
 import numpy.typing as npt
 
 from analysis_service.audio.features import Features
-from analysis_service.audio.key import estimate_key, fold_chroma
-from analysis_service.audio.tempo import estimate_tempo, novelty, tempo_salience, windowed_acf
+from analysis_service.audio.key import NOTE_NAMES, KeyEstimate, camelot, estimate_key, fold_chroma
+from analysis_service.audio.tempo import (
+    TempoEstimate,
+    estimate_tempo,
+    novelty,
+    tempo_salience,
+    windowed_acf,
+)
 
 F64 = npt.NDArray[np.float64]
 
@@ -37,12 +44,15 @@ _BPM_GRID = np.exp(np.linspace(np.log(50.0), np.log(220.0), 48))
 
 @dataclass(frozen=True)
 class Segment:
-    """One stretch of constant tempo and key (seconds, BPM, key name)."""
+    """One stretch of constant tempo and key (seconds, BPM, key name, and the confidences of the
+    tempo and key estimates of the segment, in [0, 1])."""
 
     start_s: float
     end_s: float
     bpm: float
     key: str
+    bpm_confidence: float = 0.0
+    key_confidence: float = 0.0
 
 
 def _step_descriptors(features: Features) -> F64:
@@ -119,10 +129,79 @@ def estimate_timeline(features: Features) -> list[Segment]:
         core = features.window(start + trim, end - trim)
         tempo = estimate_tempo(core)
         key = estimate_key(core, edges=False)
-        seg = Segment(start_s=round(start, 2), end_s=round(end, 2), bpm=tempo.bpm, key=key.name)
+        seg = Segment(
+            start_s=round(start, 2),
+            end_s=round(end, 2),
+            bpm=tempo.bpm,
+            key=key.name,
+            bpm_confidence=tempo.confidence,
+            key_confidence=key.confidence,
+        )
         prev = segments[-1] if segments else None
         if prev and prev.key == seg.key and abs(prev.bpm / max(seg.bpm, 1e-6) - 1) < 0.03:
-            segments[-1] = Segment(prev.start_s, seg.end_s, prev.bpm, prev.key)
+            segments[-1] = dataclasses.replace(prev, end_s=seg.end_s)
         else:
             segments.append(seg)
     return segments
+
+
+#: Two tempi within this relative difference count as the same tempo when coverage is summed.
+SAME_TEMPO = 0.04
+
+
+def reconcile(
+    tempo: TempoEstimate, key: KeyEstimate, segments: list[Segment]
+) -> tuple[TempoEstimate, KeyEstimate, list[Segment]]:
+    """Make one response agree with itself: the file's tempo and key and its timeline.
+
+    * A one-segment timeline describes the whole file: it gets the file's tempo and key (the
+      file-level key also has the evidence of the first and last seconds, which a segment lacks).
+    * With several segments, the file's tempo is the one that covers most of its duration (segment
+      tempi within ``SAME_TEMPO`` of each other pooled, the longest-covering pool's duration-weighted
+      median), and its key is the key that covers most of it. A file-level estimate that already
+      agrees is kept as it is; one that is replaced takes the coverage-weighted confidence of the
+      segments that agree with the new value times their share of the duration.
+
+    Returns the (possibly replaced) tempo and key, and the segments.
+    """
+    if not segments:
+        return tempo, key, segments
+    if len(segments) == 1:
+        only = dataclasses.replace(
+            segments[0],
+            bpm=tempo.bpm,
+            key=key.name,
+            bpm_confidence=tempo.confidence,
+            key_confidence=key.confidence,
+        )
+        return tempo, key, [only]
+    dur = np.array([s.end_s - s.start_s for s in segments])
+    total = float(dur.sum()) or 1.0
+
+    bpms = np.array([s.bpm for s in segments])
+    pools = [np.abs(bpms / max(b, 1e-6) - 1) <= SAME_TEMPO for b in bpms]
+    best = max(pools, key=lambda m: float(dur[m].sum()))
+    if not (tempo.bpm > 0 and np.any(np.abs(bpms[best] / tempo.bpm - 1) <= SAME_TEMPO)):
+        order = np.argsort(bpms[best])
+        cum = np.cumsum(dur[best][order])
+        bpm = float(bpms[best][order][int(np.searchsorted(cum, cum[-1] / 2))])
+        conf = np.array([s.bpm_confidence for s in segments])[best]
+        share = float(dur[best].sum()) / total
+        confidence = float(np.average(conf, weights=dur[best])) * share
+        tempo = TempoEstimate(bpm=round(bpm, 2), confidence=round(confidence, 3))
+
+    names = [s.key for s in segments]
+    cover = {n: float(dur[[m == n for m in names]].sum()) for n in set(names)}
+    top = max(cover, key=lambda n: (cover[n], n == key.name))
+    if top != key.name:
+        sel = np.array([m == top for m in names])
+        conf = np.array([s.key_confidence for s in segments])[sel]
+        confidence = float(np.average(conf, weights=dur[sel])) * cover[top] / total
+        tonic, mode = top.split(" ")
+        key = KeyEstimate(
+            tonic=tonic,
+            mode=mode,
+            camelot=camelot(NOTE_NAMES.index(tonic), mode),
+            confidence=round(confidence, 3),
+        )
+    return tempo, key, segments
