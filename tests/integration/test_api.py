@@ -25,7 +25,7 @@ from tests.integration.api_harness import (
     rabbit_settings_for,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 FILES = ["a.wav", "b.wav", "album/c.wav", "album/d.wav", "e.wav", "f.wav", "g.wav"]
 
