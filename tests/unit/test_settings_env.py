@@ -98,8 +98,14 @@ def test_known_names_include_nested_fields_and_sections() -> None:
 
 
 def test_warn_unknown_settings_logs_each_one() -> None:
-    with structlog.testing.capture_logs() as logs:
-        unknown = warn_unknown_settings(Settings, {"ANALYSIS_WORKER__CONCURENCY": "3"})
+    # An earlier test may have configured structlog with a level filter that capture_logs keeps.
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            unknown = warn_unknown_settings(Settings, {"ANALYSIS_WORKER__CONCURENCY": "3"})
+    finally:
+        structlog.configure(**saved)
     assert [u.name for u in unknown] == ["ANALYSIS_WORKER__CONCURENCY"]
     assert logs == [
         {
