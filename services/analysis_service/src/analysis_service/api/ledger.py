@@ -25,7 +25,7 @@ import asyncpg
 
 from analysis_service.errors import InvalidCursor, LedgerUnavailable
 from analysis_service.settings import PostgresSettings
-from analysis_service.sinks.postgres import apply_migrations, fingerprint, load_migrations
+from analysis_service.sinks.postgres import fingerprint, load_migrations, open_migrated_pool
 from service_shared.messages import AnalysisRequest
 
 #: Columns of a job as the API shows it.
@@ -190,16 +190,7 @@ class JobLedger:
     async def start(self) -> None:
         migrations = load_migrations()
         with _unavailable("starting (pool, migrations)"):
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    dsn=self._settings.dsn,
-                    min_size=self._settings.min_pool_size,
-                    max_size=self._settings.max_pool_size,
-                    command_timeout=self._settings.command_timeout_s,
-                    timeout=self._settings.command_timeout_s,
-                )
-            async with self._pool.acquire() as connection:
-                await apply_migrations(connection, migrations)
+            self._pool = await open_migrated_pool(self._settings, migrations, pool=self._pool)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -276,6 +276,27 @@ async def apply_migrations(connection: Any, migrations: list[Migration]) -> list
     return applied_now
 
 
+async def open_migrated_pool(
+    settings: PostgresSettings, migrations: list[Migration], *, pool: Any = None
+) -> Any:
+    """An asyncpg pool for ``settings`` (``pool`` when already open) with ``migrations`` applied.
+
+    ``command_timeout_s`` bounds every statement and the time to open a connection. Driver errors
+    propagate: each caller translates them for its own error tree.
+    """
+    if pool is None:
+        pool = await asyncpg.create_pool(
+            dsn=settings.dsn,
+            min_size=settings.min_pool_size,
+            max_size=settings.max_pool_size,
+            command_timeout=settings.command_timeout_s,
+            timeout=settings.command_timeout_s,
+        )
+    async with pool.acquire() as connection:
+        await apply_migrations(connection, migrations)
+    return pool
+
+
 def _result_row(result: AnalysisResultMessage) -> tuple[Any, ...]:
     """The ``analysis_results`` values of ``result``, in ``_RESULT_COLUMNS`` order."""
     out = result.output
@@ -328,17 +349,7 @@ def _recording_row(result: AnalysisResultMessage, content_hash: str) -> tuple[An
         "tag_bpm": tags.bpm if tags else None,
         "tag_key": tags.key if tags else None,
     }
-    for name in (
-        "title",
-        "artist",
-        "album",
-        "track_number",
-        "year",
-        "genre",
-        "isrc",
-        "codec",
-        "bitrate_kbps",
-    ):
+    for name in _TAG_COLUMNS:
         values[name] = getattr(tags, name) if tags else None
     return tuple(values[column] for column in _RECORDING_COLUMNS)
 
@@ -531,16 +542,7 @@ class PostgresLedger:
         # Read before any I/O on the database: a broken package is a bug, not "unavailable".
         migrations = load_migrations()
         with _translated("starting (pool, migrations)"):
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    dsn=self._settings.dsn,
-                    min_size=self._settings.min_pool_size,
-                    max_size=self._settings.max_pool_size,
-                    command_timeout=self._settings.command_timeout_s,
-                    timeout=self._settings.command_timeout_s,
-                )
-            async with self._pool.acquire() as connection:
-                await apply_migrations(connection, migrations)
+            self._pool = await open_migrated_pool(self._settings, migrations, pool=self._pool)
 
     async def begin(
         self, request_id: str, fields: RequestFields, *, count_attempt: bool, given_back: int = 0
