@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import aio_pika
 import aio_pika.exceptions
@@ -14,6 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 
 from analysis_service.settings import RabbitSettings
+from analysis_service.worker import topology
 from service_shared.messages import AnalysisRequest
 
 #: ``app_id`` of the messages the API publishes.
@@ -45,19 +45,8 @@ class PublishReport:
 
 
 def request_message(request: AnalysisRequest) -> aio_pika.Message:
-    """The AMQP message of ``request``: persistent, JSON, ``message_id`` = request id, AMQP
-    priority = request priority."""
-    return aio_pika.Message(
-        body=request.model_dump_json().encode(),
-        content_type="application/json",
-        content_encoding="utf-8",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=request.priority,
-        message_id=request.request_id,
-        correlation_id=request.correlation_id,
-        timestamp=datetime.now(UTC),
-        app_id=APP_ID,
-    )
+    """The AMQP message of ``request`` (see :func:`~analysis_service.worker.topology.request_message`)."""
+    return topology.request_message(request, app_id=APP_ID)
 
 
 class RequestPublisher:

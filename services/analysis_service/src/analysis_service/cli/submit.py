@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
@@ -54,6 +54,7 @@ from analysis_service.errors import (
 from analysis_service.settings import RabbitSettings, Settings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client
 from analysis_service.sinks.progress import ProgressStore
+from analysis_service.worker.topology import request_message
 from service_shared.messages import AnalysisKind, AnalysisRequest
 
 #: Exit statuses (the same as ``analysis_service.cli.main``'s).
@@ -258,20 +259,6 @@ def parse_analyses(names: list[str] | None) -> list[AnalysisKind] | None:
     return kinds
 
 
-def _message(request: AnalysisRequest) -> aio_pika.Message:
-    return aio_pika.Message(
-        body=request.model_dump_json().encode(),
-        content_type="application/json",
-        content_encoding="utf-8",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=request.priority,
-        message_id=request.request_id,
-        correlation_id=request.correlation_id,
-        timestamp=datetime.now(UTC),
-        app_id=APP_ID,
-    )
-
-
 async def publish_requests(
     settings: RabbitSettings,
     requests: Sequence[AnalysisRequest],
@@ -321,7 +308,10 @@ async def publish_requests(
         for request in requests:
             try:
                 await exchange.publish(
-                    _message(request), routing_key, mandatory=True, timeout=settings.publish_timeout_s
+                    request_message(request, app_id=APP_ID),
+                    routing_key,
+                    mandatory=True,
+                    timeout=settings.publish_timeout_s,
                 )
             except aio_pika.exceptions.PublishError as exc:
                 raise TopologyMissing(

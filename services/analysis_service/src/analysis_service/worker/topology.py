@@ -18,12 +18,14 @@ arguments are no conflict).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from analysis_service.settings import RabbitSettings
+from service_shared.messages import AnalysisRequest
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,20 @@ async def declare_topology(channel: AbstractChannel, settings: RabbitSettings) -
         )
         await results_queue.bind(results, routing_key="analysis.#")
     return Topology(requests, queue, dlx, dlq, results, results_queue, retry)
+
+
+def request_message(request: AnalysisRequest, *, app_id: str) -> aio_pika.Message:
+    """The AMQP message of ``request`` as every producer should send it: persistent JSON,
+    ``message_id`` = request id, AMQP priority = request priority, stamped (for the queue-wait
+    metric) and named after its producer ``app_id``."""
+    return aio_pika.Message(
+        body=request.model_dump_json().encode(),
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=request.priority,
+        message_id=request.request_id,
+        correlation_id=request.correlation_id,
+        timestamp=datetime.now(UTC),
+        app_id=app_id,
+    )
