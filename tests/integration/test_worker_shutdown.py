@@ -28,14 +28,18 @@ async def wait_for_log(proc: asyncio.subprocess.Process, text: str, *, timeout_s
     """Read the worker's log lines until one contains ``text``."""
     assert proc.stderr is not None
     lines: list[str] = []
-    async with asyncio.timeout(timeout_s):
-        while True:
-            raw = await proc.stderr.readline()
-            if not raw:
-                raise AssertionError(f"worker exited before logging {text!r}:\n" + "\n".join(lines[-30:]))
-            lines.append(raw.decode(errors="replace").rstrip())
-            if text in lines[-1]:
-                return lines
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                raw = await proc.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"worker exited before logging {text!r}:\n" + "\n".join(lines[-30:]))
+                lines.append(raw.decode(errors="replace").rstrip())
+                if text in lines[-1]:
+                    return lines
+    except TimeoutError:
+        tail = "\n".join(lines[-30:])
+        raise AssertionError(f"no {text!r} in {timeout_s} s; last lines:\n{tail}") from None
 
 
 def with_worker(settings: Settings, **changes: object) -> Settings:

@@ -289,6 +289,7 @@ class Pipeline:
         )
         try:
             for name, step in steps:
+                _checkpoint()
                 for hook in self.hooks:
                     await hook.step_started(name, delivery)
                 started = time.perf_counter()
@@ -422,6 +423,7 @@ class Pipeline:
                         )
                         if hit is not None:
                             return hit, facts.content_hash, True
+                    _checkpoint()
                     bound = facts.duration_bound_s(max_duration_s=s.engine.max_duration_s)
                     w = s.worker
                     limit = min(
@@ -465,6 +467,10 @@ class Pipeline:
         waiter = asyncio.ensure_future(d.cancel.wait())
         try:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the delivery itself is cancelled (shutdown): kill the slot too
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         finally:
             waiter.cancel()
         if not task.done():
@@ -615,3 +621,16 @@ def _raise_if_cancelling(exc: BaseException) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError() from exc
+
+
+def _checkpoint() -> None:
+    """Raise the cancellation of the current task if one is pending but was swallowed.
+
+    Client libraries sometimes absorb a cancellation (a driver that turns it into a connection
+    error and retries the command); the task then runs on although its cancel was requested. The
+    pipeline calls this between steps so that a shutdown's cancel stops the delivery at the next
+    step at the latest, instead of letting it analyse, store and publish after its grace ended.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()

@@ -30,7 +30,12 @@ from typing import Any
 import aio_pika
 import psutil
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 
 from analysis_service.audio.registry import build_registry
 from analysis_service.errors import AnalysisServiceError, InternalError, SinkRejected, SinkUnavailable
@@ -290,12 +295,9 @@ class Worker:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             if pending:
                 log.warning("grace period over: requeueing unfinished requests", count=len(pending))
-                for task in pending:
-                    task.cancel()  # _handle requeues its delivery; the slot's process is killed
-                await asyncio.gather(*pending, return_exceptions=True)
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+                # _handle requeues each delivery; the slot's process is killed
+                await _cancel_and_wait(pending, what="request")
+        await _cancel_and_wait(set(background), what="background")
         if self._slots is not None:
             await self._slots.close()
         if self._progress_queue is not None:
@@ -569,12 +571,20 @@ class Worker:
             await asyncio.sleep(1.0)
 
     async def _sample_queue_depth(self) -> None:
-        """Every 10 s: ready messages and consumers of the request queue, dead letters."""
+        """Every 10 s: ready messages and consumers of the request queue, dead letters.
+
+        The passive declarations run on a channel of their own: a failed one (a queue deleted by
+        hand) closes its channel, and a cancelled one makes aiormq close it, which must never take
+        down the channel that holds the deliveries and publishes the results.
+        """
         r = self.settings.rabbitmq
+        channel: AbstractChannel | None = None
         while True:
-            channel = self._channel
-            if channel is not None and not channel.is_closed:
-                with contextlib.suppress(*_AMQP_ERRORS):
+            connection = self._connection
+            if connection is not None and not connection.is_closed:
+                try:
+                    if channel is None or channel.is_closed:
+                        channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), 5)
                     # On the raw channel: the robust one answers a passive declaration of a queue it
                     # knows from its cache, with the counts of the first declaration.
                     raw = await channel.get_underlay_channel()
@@ -587,6 +597,9 @@ class Worker:
                     self.metrics.dead_letter_depth.labels(queue=r.dead_letter_queue).set(
                         ok.message_count or 0
                     )
+                except _AMQP_ERRORS as exc:
+                    _raise_if_cancelling(exc)  # aiormq turns a cancelled RPC into a channel error
+                    log.debug("queue depth not sampled", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(10.0)
 
     def _ready_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
@@ -667,3 +680,30 @@ def _rss(proc: psutil.Process) -> int:
         return int(proc.memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
+
+
+#: Seconds cancelled tasks get to end before the shutdown goes on without them.
+_CANCEL_WAIT_S = 10.0
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Task[None]], *, what: str) -> None:
+    """Cancel ``tasks`` and wait for them, at most :data:`_CANCEL_WAIT_S`.
+
+    A task that swallowed its cancellation (a client library that turns it into an error it then
+    handles) is logged and left behind rather than holding the shutdown forever: the connection
+    closes after it, and the broker requeues any delivery such a task still held.
+    """
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    done, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_S)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed while stopping", kind=what, error=repr(task.exception()))
+    if pending:
+        log.error(
+            "tasks did not stop when cancelled: shutting down without them",
+            kind=what,
+            tasks=sorted(t.get_name() for t in pending),
+        )
