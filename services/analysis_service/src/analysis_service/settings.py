@@ -105,6 +105,15 @@ class WorkerSettings(BaseModel):
         default=None, ge=1, description="Analysis slots; default: the CPUs this process may use."
     )
     max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
+    prefetch_extra: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "Deliveries held beyond the slots (prefetch = slots + this): a freed slot starts the next "
+            "analysis while the previous request is still being stored and announced. 0: a slot waits "
+            "for its request's stores before the broker sends the next one."
+        ),
+    )
     time_limit_base_s: float = Field(default=60.0, gt=0)
     time_limit_per_audio_minute_s: float = Field(default=2.0, gt=0)
     time_limit_max_s: float = Field(

@@ -400,7 +400,7 @@ class Pipeline:
         attempts = 1 + s.worker.crash_retries
         for attempt in range(1, attempts + 1):
             try:
-                async with self.slots.lease() as slot:
+                async with self.slots.lease(request.priority) as slot:
                     facts: FileFacts = await self._cancellable(
                         d,
                         self.slots.call(

@@ -9,6 +9,8 @@ warmed process.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import multiprocessing
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -58,7 +60,11 @@ class SlotPool:
         self._max_tasks = max_tasks_per_child
         self._progress_queue = progress_queue
         self._slots: list[Slot] = []
-        self._free: asyncio.Queue[Slot] = asyncio.Queue()
+        self._idle: list[Slot] = []
+        #: Leases waiting for a slot: a heap of (-priority, arrival, future), so a free slot goes to
+        #: the highest priority first and, within one priority, to the longest waiting.
+        self._waiting: list[tuple[int, int, asyncio.Future[Slot]]] = []
+        self._arrivals = itertools.count()
         self.restarts = 0
         self._closed = False
 
@@ -68,8 +74,7 @@ class SlotPool:
             slot = Slot(i, self._new_executor())
             self._slots.append(slot)
         await asyncio.gather(*(self._warm(s) for s in self._slots))
-        for s in self._slots:
-            self._free.put_nowait(s)
+        self._idle.extend(self._slots)
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return create_pool(1, progress_queue=self._progress_queue)
@@ -88,14 +93,51 @@ class SlotPool:
         return sum(1 for s in self._slots if s.busy)
 
     @property
+    def waiting(self) -> int:
+        """Leases waiting for a free slot now."""
+        return sum(1 for _, _, future in self._waiting if not future.done())
+
+    def pids(self) -> list[int]:
+        """Process ids of the slots' live processes (for memory accounting)."""
+        pids: list[int] = []
+        for s in self._slots:
+            processes = getattr(s.executor, "_processes", None) or {}
+            pids.extend(pid for pid, proc in processes.items() if proc.is_alive())
+        return pids
+
+    @property
     def healthy(self) -> bool:
         """True when every slot exists and none is broken."""
         return len(self._slots) == self.size and all(not _broken(s.executor) for s in self._slots)
 
+    async def _acquire(self, priority: int) -> Slot:
+        if self._idle and not self.waiting:
+            return self._idle.pop()
+        future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-priority, next(self._arrivals), future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # handed a slot as it was cancelled
+                self._release(future.result())
+            raise
+
+    def _release(self, slot: Slot) -> None:
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(slot)
+                return
+        self._idle.append(slot)
+
     @asynccontextmanager
-    async def lease(self) -> AsyncIterator[Slot]:
-        """Hold a free slot (waiting for one) for one or more calls of :meth:`call`."""
-        slot = await self._free.get()
+    async def lease(self, priority: int = 0) -> AsyncIterator[Slot]:
+        """Hold a free slot for one or more calls of :meth:`call`.
+
+        While every slot is busy, leases wait; a slot that frees goes to the waiting lease of the
+        highest ``priority`` (the request's AMQP priority), the longest waiting first among equals.
+        """
+        slot = await self._acquire(priority)
         try:
             slot.busy = True
             if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
@@ -107,7 +149,7 @@ class SlotPool:
             yield slot
         finally:
             slot.busy = False
-            self._free.put_nowait(slot)
+            self._release(slot)
 
     async def call(self, slot: Slot, fn: Callable[..., _T], *args: Any, time_limit_s: float, path: str) -> _T:
         """Run ``fn(*args)`` (a module-level function) in ``slot``'s process within ``time_limit_s``.

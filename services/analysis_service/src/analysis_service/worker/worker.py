@@ -110,7 +110,7 @@ class Worker:
         }
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._inflight: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
-        self._semaphore = asyncio.Semaphore(self.concurrency)
+        self.prefetch = self.concurrency + w.prefetch_extra
         self._fatal: asyncio.Event = asyncio.Event()
         self._exit_code = EXIT_OK
         self._stopping = False
@@ -152,7 +152,7 @@ class Worker:
                     asyncio.create_task(self._heartbeat(), name="heartbeat"),
                     asyncio.create_task(self._repair_progress(), name="progress-repair"),
                 ]
-                log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
+                log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.prefetch)
                 stop_wait = asyncio.create_task(stop.wait())
                 fatal_wait = asyncio.create_task(self._fatal.wait())
                 await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -231,7 +231,7 @@ class Worker:
         # global: the limit is the channel's, so a consumer re-created after a pause does not
         # add another window of deliveries on top of those still held. Quorum queues refuse a
         # global limit (the broker closes the connection), so theirs is per consumer.
-        await channel.set_qos(prefetch_count=self.concurrency, global_=s.queue_type == "classic")
+        await channel.set_qos(prefetch_count=self.prefetch, global_=s.queue_type == "classic")
         self._topology = await declare_topology(channel, s)
         self._publisher = ResultsPublisher(self._topology.results_exchange, channel, s)
 
@@ -352,7 +352,7 @@ class Worker:
             if after is not None:  # another copy of this request runs here: its outcome comes first
                 await asyncio.wait({after})
             self._inflight[key] = (d, asyncio.current_task())  # type: ignore[assignment]
-            settlement = await self._run_gated(pipeline, d)
+            settlement = await self._run_counted(pipeline, d)
         except asyncio.CancelledError:
             await self._give_back(d)
             await self._settle(d, Settlement.REQUEUE)
@@ -367,22 +367,13 @@ class Worker:
             await hook.settled(d, settlement)
         structlog.contextvars.clear_contextvars()
 
-    async def _run_gated(self, pipeline: Pipeline, d: Delivery) -> Settlement:
-        """The pipeline, once one of ``concurrency`` places is free."""
-        self.metrics.semaphore_waiters.inc()
-        waiting = True
+    async def _run_counted(self, pipeline: Pipeline, d: Delivery) -> Settlement:
+        """The pipeline, counted in flight (its analysis waits for a slot inside, by priority)."""
+        self.metrics.in_flight.inc()
         try:
-            async with self._semaphore:
-                self.metrics.semaphore_waiters.dec()
-                waiting = False
-                self.metrics.in_flight.inc()
-                try:
-                    return await pipeline.run(d)
-                finally:
-                    self.metrics.in_flight.dec()
+            return await pipeline.run(d)
         finally:
-            if waiting:
-                self.metrics.semaphore_waiters.dec()
+            self.metrics.in_flight.dec()
 
     async def _last_resort(self, pipeline: Pipeline, d: Delivery, exc: Exception) -> Settlement:
         """An unexpected error: still store, announce and report a failed outcome, then dead-letter."""
@@ -530,11 +521,18 @@ class Worker:
         """Stop taking deliveries while memory is above its limits; resume below 90 % of them."""
         w = self.settings.worker
         proc = psutil.Process()
+        slot_processes: dict[int, psutil.Process] = {}
         paused = False  # by this guard (shutdown and the watchdog stop consuming for good)
         while True:
+            slot_pids: list[int] = []
             if self._slots is not None:
                 self.metrics.slots_busy.set(self._slots.busy)
-            rss = proc.memory_info().rss + sum(_rss(c) for c in proc.children(recursive=True))
+                self.metrics.semaphore_waiters.set(self._slots.waiting)
+                slot_pids = self._slots.pids()
+            # The slots' processes by id, not a scan of the host's process table for children.
+            rss = proc.memory_info().rss + sum(_rss(slot_processes, pid) for pid in slot_pids)
+            for gone in set(slot_processes) - set(slot_pids):
+                del slot_processes[gone]
             system = memory_percent()
             over = rss > w.max_rss_mb * 2**20 or system > w.max_system_memory_percent
             under = rss < 0.9 * w.max_rss_mb * 2**20 and system < 0.9 * w.max_system_memory_percent
@@ -675,10 +673,15 @@ def memory_percent(*, cgroup: Path = Path("/sys/fs/cgroup")) -> float:
     return float(psutil.virtual_memory().percent)
 
 
-def _rss(proc: psutil.Process) -> int:
+def _rss(known: dict[int, psutil.Process], pid: int) -> int:
+    """Resident memory of process ``pid`` (0 once it is gone); its handle is kept in ``known``."""
     try:
+        proc = known.get(pid)
+        if proc is None:
+            proc = known[pid] = psutil.Process(pid)
         return int(proc.memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
+        known.pop(pid, None)
         return 0
 
 

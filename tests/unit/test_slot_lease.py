@@ -1,0 +1,77 @@
+"""The slot pool hands a freed slot to the waiting lease of the highest priority (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ProcessPoolExecutor
+from typing import cast
+
+import pytest
+
+from analysis_service.worker import slots as slots_module
+from analysis_service.worker.slots import Slot, SlotPool
+
+
+def one_slot_pool(monkeypatch: pytest.MonkeyPatch) -> SlotPool:
+    """A pool of one slot with no process behind it (the tests only lease)."""
+    monkeypatch.setattr(slots_module, "_broken", lambda executor: False)
+    pool = SlotPool(1, max_tasks_per_child=1000)
+    slot = Slot(0, cast(ProcessPoolExecutor, None), warm=True)
+    pool._slots.append(slot)
+    pool._idle.append(slot)
+    return pool
+
+
+async def test_a_freed_slot_goes_to_the_highest_priority_then_to_the_longest_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = one_slot_pool(monkeypatch)
+    order: list[str] = []
+    release_first = asyncio.Event()
+
+    async def holder() -> None:
+        async with pool.lease(0):
+            await release_first.wait()
+
+    async def waiter(name: str, priority: int) -> None:
+        async with pool.lease(priority):
+            order.append(name)
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    tasks = [
+        asyncio.create_task(waiter(name, priority))
+        for name, priority in (("low-a", 1), ("high", 9), ("low-b", 1), ("mid", 5))
+    ]
+    await asyncio.sleep(0.01)
+    assert pool.waiting == 4
+    release_first.set()
+    await asyncio.gather(first, *tasks)
+    assert order == ["high", "mid", "low-a", "low-b"]
+    assert pool.waiting == 0
+    assert pool._idle == pool._slots
+
+
+async def test_a_cancelled_waiter_does_not_take_the_slot_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = one_slot_pool(monkeypatch)
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with pool.lease(0):
+            await release.wait()
+
+    async def waiter() -> None:
+        async with pool.lease(9):
+            raise AssertionError("a cancelled lease ran")
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(waiter())
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    release.set()
+    await first
+    await asyncio.gather(cancelled, return_exceptions=True)
+    async with asyncio.timeout(1):
+        async with pool.lease(0) as slot:
+            assert slot is pool._slots[0]
