@@ -77,7 +77,7 @@ from analysis_service.sinks.postgres import (
     Started,
 )
 from analysis_service.sinks.resilience import Guard
-from analysis_service.worker.slots import SlotPool
+from analysis_service.worker.slots import Slot, SlotPool
 from service_shared.messages import (
     ID_PATTERN,
     AnalysisRequest,
@@ -399,55 +399,57 @@ class Pipeline:
         timeline = request.options.timeline
         attempts = 1 + s.worker.crash_retries
         for attempt in range(1, attempts + 1):
+            slot = await self._slot_for(d, request.priority)
             try:
-                async with self.slots.lease(request.priority) as slot:
-                    facts: FileFacts = await self._cancellable(
-                        d,
-                        self.slots.call(
-                            slot,
-                            inspect_file,
-                            path,
-                            s.engine,
-                            time_limit_s=inspect_limit_s(path, s.worker.time_limit_base_s),
-                            path=path,
-                        ),
+                facts: FileFacts = await self._cancellable(
+                    d,
+                    self.slots.call(
+                        slot,
+                        inspect_file,
+                        path,
+                        s.engine,
+                        time_limit_s=inspect_limit_s(path, s.worker.time_limit_base_s),
+                        path=path,
+                    ),
+                )
+                if request.options.use_cache and self.cache is not None and self.best_effort:
+                    hit = await self.best_effort(
+                        "cache read",
+                        self.cache.get,
+                        facts.content_hash,
+                        analyzer_versions=versions,
+                        analyses=analyses,
+                        timeline=timeline,
                     )
-                    if request.options.use_cache and self.cache is not None and self.best_effort:
-                        hit = await self.best_effort(
-                            "cache read",
-                            self.cache.get,
-                            facts.content_hash,
-                            analyzer_versions=versions,
-                            analyses=analyses,
-                            timeline=timeline,
-                        )
-                        if hit is not None:
-                            return hit, facts.content_hash, True
-                    _checkpoint()
-                    bound = facts.duration_bound_s(max_duration_s=s.engine.max_duration_s)
-                    w = s.worker
-                    limit = min(
-                        w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * bound / 60
-                    )
-                    output: EngineOutput = await self._cancellable(
-                        d,
-                        self.slots.call(
-                            slot,
-                            run_analysis_in_slot,
-                            path,
-                            s.engine,
-                            analyses,
-                            timeline,
-                            request.request_id,
-                            time_limit_s=limit,
-                            path=path,
-                        ),
-                    )
+                    if hit is not None:
+                        return hit, facts.content_hash, True
+                _checkpoint()
+                bound = facts.duration_bound_s(max_duration_s=s.engine.max_duration_s)
+                w = s.worker
+                limit = min(
+                    w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * bound / 60
+                )
+                output: EngineOutput = await self._cancellable(
+                    d,
+                    self.slots.call(
+                        slot,
+                        run_analysis_in_slot,
+                        path,
+                        s.engine,
+                        analyses,
+                        timeline,
+                        request.request_id,
+                        time_limit_s=limit,
+                        path=path,
+                    ),
+                )
             except WorkerCrashed:
                 if attempt == attempts:
                     raise
                 log.warning("analysis process crashed: retrying", attempt=attempt)
                 continue
+            finally:
+                self.slots.release(slot)
             if self.cache is not None and self.best_effort:
                 await self.best_effort(
                     "cache write",
@@ -460,6 +462,35 @@ class Pipeline:
                 )
             return output, facts.content_hash, False
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _slot_for(self, d: Delivery, priority: int) -> Slot:
+        """Wait for a slot (highest priority first) unless the request's cancellation comes first.
+
+        A delivery held beyond the slots (``prefetch_extra``) waits here; cancelling it then ends it
+        at once, unanalysed, instead of when a slot frees.
+        """
+        acquiring = asyncio.ensure_future(self.slots.acquire(priority))
+        waiter = asyncio.ensure_future(d.cancel.wait())
+        try:
+            await asyncio.wait({acquiring, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the delivery itself is cancelled (shutdown)
+            await self._drop_slot(acquiring)
+            raise
+        finally:
+            waiter.cancel()
+        if acquiring.done():
+            return acquiring.result()
+        await self._drop_slot(acquiring)
+        raise Cancelled(
+            "cancelled while waiting for an analysis slot", path=d.request.file if d.request else None
+        )
+
+    async def _drop_slot(self, acquiring: asyncio.Future[Slot]) -> None:
+        """Stop waiting for a slot; give it back if it was handed over meanwhile."""
+        acquiring.cancel()
+        await asyncio.gather(acquiring, return_exceptions=True)
+        if not acquiring.cancelled() and acquiring.exception() is None:
+            self.slots.release(acquiring.result())
 
     async def _cancellable(self, d: Delivery, work: Awaitable[_T]) -> _T:
         """Await ``work`` unless the request's cancellation arrives first (the slot is then killed)."""

@@ -130,26 +130,40 @@ class SlotPool:
                 return
         self._idle.append(slot)
 
-    @asynccontextmanager
-    async def lease(self, priority: int = 0) -> AsyncIterator[Slot]:
-        """Hold a free slot for one or more calls of :meth:`call`.
+    async def acquire(self, priority: int = 0) -> Slot:
+        """Take a free slot, ready to run (replaced if its process died, recycled, warmed).
 
-        While every slot is busy, leases wait; a slot that frees goes to the waiting lease of the
+        While every slot is busy, callers wait; a slot that frees goes to the waiting caller of the
         highest ``priority`` (the request's AMQP priority), the longest waiting first among equals.
+        Give the slot back with :meth:`release`.
         """
         slot = await self._acquire(priority)
+        slot.busy = True
         try:
-            slot.busy = True
             if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
                 await self._replace(slot, reason="died while idle")
             elif slot.jobs >= self._max_tasks:
                 await self._replace(slot, reason="recycle")
             elif not slot.warm:
                 await self._warm(slot)
+        except BaseException:
+            self.release(slot)
+            raise
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """Give back a slot taken by :meth:`acquire`."""
+        slot.busy = False
+        self._release(slot)
+
+    @asynccontextmanager
+    async def lease(self, priority: int = 0) -> AsyncIterator[Slot]:
+        """Hold a slot (see :meth:`acquire`) for one or more calls of :meth:`call`."""
+        slot = await self.acquire(priority)
+        try:
             yield slot
         finally:
-            slot.busy = False
-            self._release(slot)
+            self.release(slot)
 
     async def call(self, slot: Slot, fn: Callable[..., _T], *args: Any, time_limit_s: float, path: str) -> _T:
         """Run ``fn(*args)`` (a module-level function) in ``slot``'s process within ``time_limit_s``.
