@@ -445,6 +445,7 @@ def engine_run(files: list[Path], jobs: int) -> RunFigures:
         "analysis_service.cli",
         "analyze",
         "--json",
+        "--no-cache",  # every round analyses: the local result cache would answer the second one
         "-j",
         str(jobs),
         *map(str, files),
