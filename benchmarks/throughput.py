@@ -1047,14 +1047,20 @@ def main() -> None:
         )
         got = asyncio.run(run_pipeline_phases(one, files, workdir, extra_env, cpus=cpus, slots=slots))
         pipelines.append(got["runs"][0])
-    metrics = pipelines[-1].extra["metrics"]
-    print("\nfrom the worker's /metrics (analysis_stage_duration_seconds; buckets x2 wide, interpolated):")
-    for stage, (p50, p95) in histogram_quantiles(metrics, "analysis_stage_duration_seconds").items():
-        print(f"  {stage:20s} p50 {p50:7.3f}  p95 {p95:7.3f}")
-    rest = argparse.Namespace(**{**vars(args), "rounds": 0})
+    if pipelines:
+        metrics = pipelines[-1].extra["metrics"]
+        print("\nfrom the worker's /metrics (analysis_stage_duration_seconds; x2 buckets, interpolated):")
+        for stage, (p50, p95) in histogram_quantiles(metrics, "analysis_stage_duration_seconds").items():
+            print(f"  {stage:20s} p50 {p50:7.3f}  p95 {p95:7.3f}")
+    # --rounds 0: only the two-worker, priority and profile runs asked for (no engine/pipeline pairs).
+    rest = argparse.Namespace(**{**vars(args), "rounds": 0, "skip_two": args.skip_two or not pipelines})
     extra = asyncio.run(run_pipeline_phases(rest, files, workdir, extra_env, cpus=cpus, slots=slots))
 
     print("\n== summary ==")
+    if not pipelines:
+        if "priority" in extra:
+            print_priority(extra["priority"], args.backlog)
+        return
     ratios = [p.per_hour / e.per_hour for e, p in zip(engines, pipelines, strict=True) if e.per_hour]
     for k, (e, p) in enumerate(zip(engines, pipelines, strict=True), 1):
         print(
