@@ -92,7 +92,7 @@ async def test_submit_analyse_and_cancel_queued_and_running_jobs(
         skipped = await wait_for(client, queued_id, TERMINAL, timeout_s=60)
         assert skipped["status"] == "cancelled", skipped
 
-        # Queued in the broker, or held by the worker beyond its one slot (prefetch_extra) and
+        # Queued in the broker, or held by the worker beyond its one slot (overlap_stores) and
         # waiting for it: either way it is never read, let alone analysed.
         result = (await client.get(f"/v1/jobs/{queued_id}/result", headers=AUTH)).json()
         assert (result["status"], result["output"], result["content_hash"], result["error"]["code"]) == (

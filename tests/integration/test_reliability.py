@@ -186,7 +186,8 @@ async def test_a_connection_blip_during_analysis_gives_one_result_and_one_analys
     assert late == []
 
 
-async def test_memory_guard_cycles_never_hold_more_than_the_prefetch_window(settings: Settings) -> None:
+async def test_memory_guard_cycles_never_hold_more_than_concurrency_deliveries(settings: Settings) -> None:
+    settings = with_worker(settings, overlap_stores=False)  # a fixed window: prefetch = slots
     for i in range(4):
         write_song(settings.worker.media_root / f"s{i}.wav", seconds=40.0)
     async with Broker(settings) as broker, running_worker(settings) as worker:
@@ -201,7 +202,7 @@ async def test_memory_guard_cycles_never_hold_more_than_the_prefetch_window(sett
             done += len(await broker.drain_now(settings.rabbitmq.results_queue))
             ready = await broker.depth(settings.rabbitmq.request_queue)
             unacked = 4 - done - ready
-            assert unacked <= worker.prefetch, (unacked, ready, done)
+            assert unacked <= worker.concurrency, (unacked, ready, done)
         done += len(await broker.results(4 - done, timeout_s=90))
     assert done == 4
 

@@ -105,13 +105,12 @@ class WorkerSettings(BaseModel):
         default=None, ge=1, description="Analysis slots; default: the CPUs this process may use."
     )
     max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
-    prefetch_extra: int = Field(
-        default=1,
-        ge=0,
+    overlap_stores: bool = Field(
+        default=True,
         description=(
-            "Deliveries held beyond the slots (prefetch = slots + this): a freed slot starts the next "
-            "analysis while the previous request is still being stored and announced. 0: a slot waits "
-            "for its request's stores before the broker sends the next one."
+            "Fetch the next delivery as soon as an analysis ends, while its request is still being "
+            "stored and announced (the prefetch grows by one per such request; classic queues). "
+            "False: prefetch = slots, and a freed slot waits for its request's stores."
         ),
     )
     time_limit_base_s: float = Field(default=60.0, gt=0)

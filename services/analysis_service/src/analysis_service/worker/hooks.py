@@ -114,6 +114,43 @@ class MetricsHook:
                 m.audio_seconds.inc(result.output.duration_s)
 
 
+class PrefetchHook:
+    """Widens the broker's prefetch window by one while an analysed request is being stored.
+
+    Once a request's analysis is done its slot is free, but the request stays unacked until it is
+    persisted, projected and published. With prefetch = slots the free slot would wait for that and
+    for the next delivery; with a fixed larger prefetch, the extra delivery would be taken a whole
+    analysis earlier, ahead of any urgent request published meanwhile. Asking for exactly one more
+    delivery per request in its store phase (``basic.qos`` again; a classic queue's channel-wide
+    limit) fetches the next request when the slot frees, in priority order at that moment.
+
+    ``set_window(n)`` sets the prefetch count; its failures are its own to log (a closed channel is
+    restored by aio-pika with the last value set).
+    """
+
+    def __init__(self, slots: int, set_window: Callable[[int], Awaitable[None]]) -> None:
+        self._slots = slots
+        self._set_window = set_window
+        self._storing: set[int] = set()
+        self._lock = asyncio.Lock()
+
+    async def step_started(self, step: str, delivery: Delivery) -> None:
+        return None
+
+    async def step_finished(self, step: str, delivery: Delivery, seconds: float) -> None:
+        if step == "analyse" and delivery.used_slot:
+            await self._resize(lambda storing: storing.add(id(delivery)))
+
+    async def settled(self, delivery: Delivery, settlement: Settlement) -> None:
+        if id(delivery) in self._storing:
+            await self._resize(lambda storing: storing.discard(id(delivery)))
+
+    async def _resize(self, change: Callable[[set[int]], None]) -> None:
+        async with self._lock:  # the broker applies the calls in the order they are made
+            change(self._storing)
+            await self._set_window(self._slots + len(self._storing))
+
+
 class ProgressHook:
     """Request progress in Redis: running while analysed, the terminal state once settled.
 

@@ -133,6 +133,8 @@ class Delivery:
     stored: Finished | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     duration_s: float | None = None
+    #: The analysis held a slot (and has given it back): the delivery is now only storing.
+    used_slot: bool = False
 
     @property
     def repeat(self) -> bool:
@@ -450,6 +452,7 @@ class Pipeline:
                 continue
             finally:
                 self.slots.release(slot)
+                d.used_slot = True
             if self.cache is not None and self.best_effort:
                 await self.best_effort(
                     "cache write",
@@ -466,7 +469,7 @@ class Pipeline:
     async def _slot_for(self, d: Delivery, priority: int) -> Slot:
         """Wait for a slot (highest priority first) unless the request's cancellation comes first.
 
-        A delivery held beyond the slots (``prefetch_extra``) waits here; cancelling it then ends it
+        A delivery taken while another is stored (``overlap_stores``) may wait here; cancelling ends it
         at once, unanalysed, instead of when a slot frees.
         """
         acquiring = asyncio.ensure_future(self.slots.acquire(priority))

@@ -48,7 +48,7 @@ from analysis_service.sinks.graph import GraphSink
 from analysis_service.sinks.postgres import PostgresLedger
 from analysis_service.sinks.progress import ProgressStore
 from analysis_service.sinks.resilience import Guard
-from analysis_service.worker.hooks import LogContextHook, MetricsHook, ProgressHook
+from analysis_service.worker.hooks import LogContextHook, MetricsHook, PrefetchHook, ProgressHook
 from analysis_service.worker.pipeline import (
     GIVEN_BACK_HEADER,
     REQUEUES_HEADER,
@@ -110,7 +110,6 @@ class Worker:
         }
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._inflight: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
-        self.prefetch = self.concurrency + w.prefetch_extra
         self._fatal: asyncio.Event = asyncio.Event()
         self._exit_code = EXIT_OK
         self._stopping = False
@@ -152,7 +151,7 @@ class Worker:
                     asyncio.create_task(self._heartbeat(), name="heartbeat"),
                     asyncio.create_task(self._repair_progress(), name="progress-repair"),
                 ]
-                log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.prefetch)
+                log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
                 stop_wait = asyncio.create_task(stop.wait())
                 fatal_wait = asyncio.create_task(self._fatal.wait())
                 await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -231,7 +230,7 @@ class Worker:
         # global: the limit is the channel's, so a consumer re-created after a pause does not
         # add another window of deliveries on top of those still held. Quorum queues refuse a
         # global limit (the broker closes the connection), so theirs is per consumer.
-        await channel.set_qos(prefetch_count=self.prefetch, global_=s.queue_type == "classic")
+        await channel.set_qos(prefetch_count=self.concurrency, global_=s.queue_type == "classic")
         self._topology = await declare_topology(channel, s)
         self._publisher = ResultsPublisher(self._topology.results_exchange, channel, s)
 
@@ -251,10 +250,31 @@ class Worker:
             slots=self._slots,
             cache=self._cache,
             guards=self._guards,
-            hooks=(LogContextHook(), MetricsHook(self.metrics), self._progress_hook),
+            hooks=(LogContextHook(), MetricsHook(self.metrics), self._progress_hook, *self._window_hook()),
             best_effort=self._best_effort,
             prepare=self._prepare,
         )
+
+    def _window_hook(self) -> tuple[PrefetchHook, ...]:
+        """The prefetch window's hook, when the stores of one request overlap the next analysis.
+
+        Only classic queues: a quorum queue's prefetch is per consumer, and ``basic.qos`` applies
+        to consumers started after it.
+        """
+        s = self.settings
+        if not s.worker.overlap_stores or s.rabbitmq.queue_type != "classic":
+            return ()
+        return (PrefetchHook(self.concurrency, self._set_window),)
+
+    async def _set_window(self, prefetch: int) -> None:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return
+        try:
+            await asyncio.wait_for(channel.set_qos(prefetch_count=prefetch, global_=True), timeout=5)
+        except _AMQP_ERRORS as exc:
+            _raise_if_cancelling(exc)
+            log.info("could not resize the prefetch window", prefetch=prefetch, error=str(exc) or "time-out")
 
     async def _prepare(self, store: str) -> None:
         """Start a store that was unavailable at start-up, before its first use."""

@@ -1,0 +1,48 @@
+"""The prefetch window grows by one per analysed request still being stored, and shrinks at its ack."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from analysis_service.sinks.postgres import RequestFields
+from analysis_service.worker.hooks import PrefetchHook
+from analysis_service.worker.pipeline import Delivery, Settlement
+
+
+def delivery(request_id: str, *, used_slot: bool) -> Delivery:
+    d = Delivery(
+        message=cast(AbstractIncomingMessage, None),
+        received=0.0,
+        request_id=request_id,
+        fields=RequestFields(fingerprint="x"),
+    )
+    d.used_slot = used_slot
+    return d
+
+
+async def test_window_follows_the_requests_in_their_store_phase() -> None:
+    windows: list[int] = []
+
+    async def set_window(n: int) -> None:
+        windows.append(n)
+
+    hook = PrefetchHook(2, set_window)
+    a, b = delivery("a", used_slot=True), delivery("b", used_slot=True)
+    cached = delivery("c", used_slot=False)  # answered without a slot: nothing to overlap
+
+    for d in (a, b, cached):
+        await hook.step_started("analyse", d)
+        await hook.step_finished("check", d, 0.0)
+    assert windows == []
+    await hook.step_finished("analyse", a, 1.0)
+    await hook.step_finished("analyse", b, 1.0)
+    await hook.step_finished("analyse", cached, 0.0)
+    assert windows == [3, 4]
+    await hook.settled(a, Settlement.ACK)
+    await hook.settled(cached, Settlement.ACK)
+    await hook.settled(b, Settlement.REQUEUE)
+    assert windows == [3, 4, 3, 2]
+    await hook.settled(a, Settlement.ACK)  # a second settle of one delivery changes nothing
+    assert windows == [3, 4, 3, 2]
