@@ -40,9 +40,11 @@ async def test_window_follows_the_requests_in_their_store_phase() -> None:
     await hook.step_finished("analyse", b, 1.0)
     await hook.step_finished("analyse", cached, 0.0)
     assert windows == [3, 4]
+    # Shrunk when the last step is done, before the ack: the ack must not open room for one more.
+    await hook.step_finished("publish", a, 0.1)
+    assert windows == [3, 4, 3]
     await hook.settled(a, Settlement.ACK)
     await hook.settled(cached, Settlement.ACK)
-    await hook.settled(b, Settlement.REQUEUE)
-    assert windows == [3, 4, 3, 2]
-    await hook.settled(a, Settlement.ACK)  # a second settle of one delivery changes nothing
+    assert windows == [3, 4, 3]
+    await hook.settled(b, Settlement.RETRY_LATER)  # ended before publishing: shrunk at settle
     assert windows == [3, 4, 3, 2]

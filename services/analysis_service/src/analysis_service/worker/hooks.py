@@ -140,8 +140,13 @@ class PrefetchHook:
     async def step_finished(self, step: str, delivery: Delivery, seconds: float) -> None:
         if step == "analyse" and delivery.used_slot:
             await self._resize(lambda storing: storing.add(id(delivery)))
+        elif step == "publish":  # the last step: shrink before the ack, or the broker would
+            await self._done(delivery)  # fill the window the ack opens with one more delivery
 
     async def settled(self, delivery: Delivery, settlement: Settlement) -> None:
+        await self._done(delivery)  # a delivery that ended before publishing (requeued, say)
+
+    async def _done(self, delivery: Delivery) -> None:
         if id(delivery) in self._storing:
             await self._resize(lambda storing: storing.discard(id(delivery)))
 
