@@ -48,3 +48,20 @@ async def test_window_follows_the_requests_in_their_store_phase() -> None:
     assert windows == [3, 4, 3]
     await hook.settled(b, Settlement.RETRY_LATER)  # ended before publishing: shrunk at settle
     assert windows == [3, 4, 3, 2]
+
+
+async def test_window_grows_by_at_most_one_delivery_per_slot() -> None:
+    """A store outage keeps requests in their store phase: the window must not grow with them."""
+    windows: list[int] = []
+
+    async def set_window(n: int) -> None:
+        windows.append(n)
+
+    hook = PrefetchHook(2, set_window)
+    stuck = [delivery(f"s{i}", used_slot=True) for i in range(6)]
+    for d in stuck:
+        await hook.step_finished("analyse", d, 1.0)
+    assert windows == [3, 4]
+    for d in stuck:
+        await hook.settled(d, Settlement.RETRY_LATER)
+    assert windows == [3, 4, 3, 2]

@@ -132,6 +132,7 @@ class PrefetchHook:
         self._slots = slots
         self._set_window = set_window
         self._storing: set[int] = set()
+        self._window = slots
         self._lock = asyncio.Lock()
 
     async def step_started(self, step: str, delivery: Delivery) -> None:
@@ -153,7 +154,12 @@ class PrefetchHook:
     async def _resize(self, change: Callable[[set[int]], None]) -> None:
         async with self._lock:  # the broker applies the calls in the order they are made
             change(self._storing)
-            await self._set_window(self._slots + len(self._storing))
+            # At most one extra delivery per slot: while a store is down, requests pile up in their
+            # store phase, and the window must not grow with them.
+            window = self._slots + min(len(self._storing), self._slots)
+            if window != self._window:
+                self._window = window
+                await self._set_window(window)
 
 
 class ProgressHook:
