@@ -8,6 +8,7 @@ from typing import cast
 
 import pytest
 
+from analysis_service.errors import WorkerCrashed
 from analysis_service.worker import slots as slots_module
 from analysis_service.worker.slots import Slot, SlotPool
 
@@ -75,3 +76,46 @@ async def test_a_cancelled_waiter_does_not_take_the_slot_with_it(monkeypatch: py
     async with asyncio.timeout(1):
         async with pool.lease(0) as slot:
             assert slot is pool._slots[0]
+
+
+async def test_a_process_dying_while_it_warms_up_is_replaced_not_charged_to_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A recycled slot's fresh process killed during warm-up (seen in the fault benchmark) failed the
+    request as worker_crashed; the slot is the one to retry."""
+    pool = one_slot_pool(monkeypatch)
+    pool._slots[0].warm = False
+    deaths = [WorkerCrashed("the analysis process died while starting")]
+
+    async def warm(slot: Slot) -> None:
+        if deaths:
+            raise deaths.pop()
+        slot.warm = True
+
+    monkeypatch.setattr(pool, "_warm", warm)
+    monkeypatch.setattr(pool, "_new_executor", lambda: cast(ProcessPoolExecutor, None))
+    monkeypatch.setattr(slots_module, "_kill", lambda executor: None)
+    slot = await pool.acquire(5)
+    assert slot.warm
+    assert slot.busy
+    assert pool.restarts == 1
+    pool.release(slot)
+    assert pool._idle == [slot]
+
+
+async def test_acquire_gives_the_slot_back_when_the_process_keeps_dying(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = one_slot_pool(monkeypatch)
+    pool._slots[0].warm = False
+
+    async def warm(slot: Slot) -> None:
+        raise WorkerCrashed("the analysis process died while starting")
+
+    monkeypatch.setattr(pool, "_warm", warm)
+    monkeypatch.setattr(pool, "_new_executor", lambda: cast(ProcessPoolExecutor, None))
+    monkeypatch.setattr(slots_module, "_kill", lambda executor: None)
+    with pytest.raises(WorkerCrashed):
+        await pool.acquire(5)
+    assert pool._idle == pool._slots
+    assert not pool._slots[0].busy

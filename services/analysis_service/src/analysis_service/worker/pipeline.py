@@ -394,77 +394,83 @@ class Pipeline:
         )
 
     async def _analyse(self, d: Delivery, request: AnalysisRequest) -> tuple[EngineOutput, str, bool]:
+        """``(output, content hash, cached)``; a crashed analysis process is retried
+        ``crash_retries`` times (on a fresh process)."""
+        attempts = 1 + self.settings.worker.crash_retries
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._analyse_once(d, request)
+            except WorkerCrashed:
+                if attempt == attempts:
+                    raise
+                log.warning("analysis process crashed: retrying", attempt=attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _analyse_once(self, d: Delivery, request: AnalysisRequest) -> tuple[EngineOutput, str, bool]:
+        """Probe and hash the file in a slot, answer from the cache or analyse it in the same slot."""
         s = self.settings
         path = str(resolve_media_path(s.worker.media_root, request.file))
         analyses = list(request.analyses)
         versions = {a.name: a.version for a in resolve(self.registry, analyses)}
         timeline = request.options.timeline
-        attempts = 1 + s.worker.crash_retries
-        for attempt in range(1, attempts + 1):
-            slot = await self._slot_for(d, request.priority)
-            try:
-                facts: FileFacts = await self._cancellable(
-                    d,
-                    self.slots.call(
-                        slot,
-                        inspect_file,
-                        path,
-                        s.engine,
-                        time_limit_s=inspect_limit_s(path, s.worker.time_limit_base_s),
-                        path=path,
-                    ),
-                )
-                if request.options.use_cache and self.cache is not None and self.best_effort:
-                    hit = await self.best_effort(
-                        "cache read",
-                        self.cache.get,
-                        facts.content_hash,
-                        analyzer_versions=versions,
-                        analyses=analyses,
-                        timeline=timeline,
-                    )
-                    if hit is not None:
-                        return hit, facts.content_hash, True
-                _checkpoint()
-                bound = facts.duration_bound_s(max_duration_s=s.engine.max_duration_s)
-                w = s.worker
-                limit = min(
-                    w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * bound / 60
-                )
-                output: EngineOutput = await self._cancellable(
-                    d,
-                    self.slots.call(
-                        slot,
-                        run_analysis_in_slot,
-                        path,
-                        s.engine,
-                        analyses,
-                        timeline,
-                        request.request_id,
-                        time_limit_s=limit,
-                        path=path,
-                    ),
-                )
-            except WorkerCrashed:
-                if attempt == attempts:
-                    raise
-                log.warning("analysis process crashed: retrying", attempt=attempt)
-                continue
-            finally:
-                self.slots.release(slot)
-                d.used_slot = True
-            if self.cache is not None and self.best_effort:
-                await self.best_effort(
-                    "cache write",
-                    self.cache.put,
+        slot = await self._slot_for(d, request.priority)
+        try:
+            facts: FileFacts = await self._cancellable(
+                d,
+                self.slots.call(
+                    slot,
+                    inspect_file,
+                    path,
+                    s.engine,
+                    time_limit_s=inspect_limit_s(path, s.worker.time_limit_base_s),
+                    path=path,
+                ),
+            )
+            if request.options.use_cache and self.cache is not None and self.best_effort:
+                hit = await self.best_effort(
+                    "cache read",
+                    self.cache.get,
                     facts.content_hash,
-                    output,
                     analyzer_versions=versions,
                     analyses=analyses,
                     timeline=timeline,
                 )
-            return output, facts.content_hash, False
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                if hit is not None:
+                    return hit, facts.content_hash, True
+            _checkpoint()
+            bound = facts.duration_bound_s(max_duration_s=s.engine.max_duration_s)
+            w = s.worker
+            limit = min(
+                w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * bound / 60
+            )
+            output: EngineOutput = await self._cancellable(
+                d,
+                self.slots.call(
+                    slot,
+                    run_analysis_in_slot,
+                    path,
+                    s.engine,
+                    analyses,
+                    timeline,
+                    request.request_id,
+                    time_limit_s=limit,
+                    path=path,
+                ),
+            )
+        finally:
+            self.slots.release(slot)
+            d.used_slot = True
+        if self.cache is not None and self.best_effort:
+            await self.best_effort(
+                "cache write",
+                self.cache.put,
+                facts.content_hash,
+                output,
+                analyzer_versions=versions,
+                analyses=analyses,
+                timeline=timeline,
+            )
+        return output, facts.content_hash, False
 
     async def _slot_for(self, d: Delivery, priority: int) -> Slot:
         """Wait for a slot (highest priority first) unless the request's cancellation comes first.

@@ -30,6 +30,9 @@ log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 
+#: Times a slot's fresh process may die while warming up before acquiring the slot fails.
+_READY_ATTEMPTS = 3
+
 
 @dataclass
 class Slot:
@@ -140,16 +143,27 @@ class SlotPool:
         slot = await self._acquire(priority)
         slot.busy = True
         try:
-            if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
-                await self._replace(slot, reason="died while idle")
-            elif slot.jobs >= self._max_tasks:
-                await self._replace(slot, reason="recycle")
-            elif not slot.warm:
-                await self._warm(slot)
+            for attempt in range(1, _READY_ATTEMPTS + 1):
+                try:
+                    await self._make_ready(slot)
+                    return slot
+                except WorkerCrashed as exc:  # the fresh process died while warming: the slot's
+                    if attempt == _READY_ATTEMPTS:  # problem, not the request's
+                        raise
+                    log.warning("analysis process died while starting: replacing it", error=str(exc))
+                    await self._replace(slot, reason="died while starting", warm=False)
         except BaseException:
             self.release(slot)
             raise
-        return slot
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _make_ready(self, slot: Slot) -> None:
+        if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
+            await self._replace(slot, reason="died while idle")
+        elif slot.jobs >= self._max_tasks:
+            await self._replace(slot, reason="recycle")
+        elif not slot.warm:
+            await self._warm(slot)
 
     def release(self, slot: Slot) -> None:
         """Give back a slot taken by :meth:`acquire`."""
