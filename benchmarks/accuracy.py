@@ -94,10 +94,11 @@ def ensure_madmom_env(venv: Path) -> Path:
     return python
 
 
-def ensure_corpus(python: Path, out: Path, seed: int, limit: int | None) -> Path:
+def ensure_corpus(python: Path, out: Path, seed: int, limit: int | None, jobs: int) -> Path:
     truth = out / "truth_A.csv"
     if not truth.exists():
-        cmd = [str(python), str(EVAL / "generate.py"), "--out", str(out), "--seed", str(seed), "--jobs", "2"]
+        cmd = [str(python), str(EVAL / "generate.py"), "--out", str(out), "--seed", str(seed)]
+        cmd += ["--jobs", str(jobs)]
         if limit:
             cmd += ["--limit", str(limit)]
         sh(cmd, stdout=sys.stderr)
@@ -382,7 +383,7 @@ def print_groups(title: str, groups: dict[str, Any]) -> None:
         print(f"{name:24} {g['tempo_n']:7d} {g['acc1']:6.3f} {g['acc2']:6.3f}")
 
 
-def run_real(python: Path, work: Path, *, peer: bool, madmom: bool) -> None:
+def run_real(python: Path, work: Path, *, peer: bool, madmom: bool, jobs: int) -> None:
     real = work / "real"
     truth = real / "truth_real.csv"
     if not truth.exists():
@@ -407,7 +408,8 @@ def run_real(python: Path, work: Path, *, peer: bool, madmom: bool) -> None:
         mm_python = ensure_madmom_env(work / "venv-madmom")
         mm = real / "madmom.jsonl"
         if not mm.exists():
-            peer_cmd = [str(EVAL / "peer_madmom.py"), "--truth", str(truth), "--out", str(mm), "--jobs", "2"]
+            peer_cmd = [str(EVAL / "peer_madmom.py"), "--truth", str(truth), "--out", str(mm)]
+            peer_cmd += ["--jobs", str(jobs)]
             sh([str(mm_python), *peer_cmd])
         print_groups("peer madmom (RNN beats + tempo histogram)", score_json(python, truth, mm))
 
@@ -439,14 +441,15 @@ def main() -> None:
     ap.add_argument("--degrade-every", type=int, default=1, help="degrade every K-th single-song file")
     ap.add_argument("--degradations", default=",".join(DEGRADATIONS), help="comma-separated subset")
     ap.add_argument("--real", action="store_true", help="score real recordings (real_corpus.py)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes for generating the corpus and for madmom")
     args = ap.parse_args()
 
     python = ensure_eval_env(args.work / "venv-eval")
     if args.real:
-        run_real(python, args.work, peer=args.peer, madmom=args.madmom)
+        run_real(python, args.work, peer=args.peer, madmom=args.madmom, jobs=args.jobs)
         return
     out = args.work / (f"corpus-seed{args.seed}" + (f"-limit{args.limit}" if args.limit else ""))
-    truth = ensure_corpus(python, out, args.seed, args.limit)
+    truth = ensure_corpus(python, out, args.seed, args.limit, args.jobs)
     preds = out / "predictions.jsonl"
     wall, cpu = run_analyze(out / "corpus", preds)
     total = audio_seconds(truth)
