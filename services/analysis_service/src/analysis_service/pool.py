@@ -13,11 +13,13 @@ that can be killed, never in the parent. Pool processes die with the process tha
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -191,3 +193,25 @@ def create_pool(
         initargs=(progress_queue, os.getpid()),
         max_tasks_per_child=max_tasks_per_child,
     )
+
+
+async def close_progress_queue(
+    queue: ProgressQueue, pump: threading.Thread | None, *, wait_s: float = 2.0
+) -> None:
+    """Stop the thread that reads ``queue`` (it ends at a ``None``) and close the queue.
+
+    An analysis process killed while it was writing to the queue (a time limit, Ctrl-C, the OOM
+    killer) leaves the queue's shared write lock held for good. Then this process's own ``None``
+    never leaves its feeder thread, the reader never ends, and the interpreter's exit would wait
+    for that feeder forever. So the reader gets ``wait_s`` seconds, and if it is still running the
+    queue is closed without waiting for its feeder (the ``None`` and any progress still buffered
+    are dropped: only progress is lost).
+    """
+    queue.put(None)
+    if pump is not None:
+        await asyncio.to_thread(pump.join, wait_s)
+    queue.close()
+    if pump is not None and pump.is_alive():
+        queue.cancel_join_thread()
+    else:
+        await asyncio.to_thread(queue.join_thread)

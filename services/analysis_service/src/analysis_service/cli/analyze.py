@@ -50,6 +50,7 @@ from analysis_service.cli.progress import (
 )
 from analysis_service.cli.scan import ScanFailed, Scanner, ScanResult
 from analysis_service.errors import AnalysisServiceError, WorkerCrashed
+from analysis_service.pool import close_progress_queue
 from analysis_service.settings import EngineSettings, WorkerSettings
 from service_shared.messages import EngineOutput
 
@@ -136,6 +137,7 @@ class Runner:
         self._pool: Any = None
         self._pool_started: asyncio.Task[Any] | None = None
         self._progress_queue: Any = None
+        self._pump: threading.Thread | None = None
         self._scanner = Scanner(
             options.engine, time_limit_s=max(SCAN_TIME_LIMIT_S, options.worker.time_limit_base_s)
         )
@@ -183,7 +185,7 @@ class Runner:
         if self._pool is not None:
             await self._pool.close()
         if self._progress_queue is not None:
-            self._progress_queue.put(None)  # ends the pump thread
+            await close_progress_queue(self._progress_queue, self._pump)
 
     # ------------------------------------------------------------------ preparing files
 
@@ -252,9 +254,10 @@ class Runner:
         ctx = multiprocessing.get_context("spawn")
         self._progress_queue = ctx.Queue()
         loop = asyncio.get_running_loop()
-        threading.Thread(
+        self._pump = threading.Thread(
             target=_pump, args=(loop, self._progress_queue, self._on_progress), name="progress", daemon=True
-        ).start()
+        )
+        self._pump.start()
         self._pool = SlotPool(
             self._slots,
             max_tasks_per_child=self.options.worker.max_tasks_per_child,

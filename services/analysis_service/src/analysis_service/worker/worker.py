@@ -42,6 +42,7 @@ from analysis_service.errors import AnalysisServiceError, InternalError, SinkRej
 from analysis_service.http.server import HttpServer
 from analysis_service.media import resolve_media_path
 from analysis_service.metrics import Metrics
+from analysis_service.pool import close_progress_queue
 from analysis_service.settings import Settings, available_cpus
 from analysis_service.sinks.cache import ResultCache
 from analysis_service.sinks.graph import GraphSink
@@ -321,16 +322,7 @@ class Worker:
         if self._slots is not None:
             await self._slots.close()
         if self._progress_queue is not None:
-            self._progress_queue.put(None)  # stops the pump thread, which must end before the queue
-            for _ in range(500):  # is closed (a read on a closed queue raises in the thread)
-                if self._pump is None or not self._pump.is_alive():
-                    break
-                await asyncio.sleep(0.01)
-            self._progress_queue.close()
-            if self._pump is not None and self._pump.is_alive():
-                self._progress_queue.cancel_join_thread()
-            else:
-                self._progress_queue.join_thread()  # the feeder thread has flushed the None
+            await close_progress_queue(self._progress_queue, self._pump, wait_s=5.0)
         if self._progress_hook is not None and self._progress_hook.debt:
             log.warning("terminal progress left unwritten (Redis down)", requests=self._progress_hook.debt)
         for name, closer in (
