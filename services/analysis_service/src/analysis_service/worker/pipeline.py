@@ -478,45 +478,36 @@ class Pipeline:
         A delivery taken while another is stored (``overlap_stores``) may wait here; cancelling ends it
         at once, unanalysed, instead of when a slot frees.
         """
-        acquiring = asyncio.ensure_future(self.slots.acquire(priority))
-        waiter = asyncio.ensure_future(d.cancel.wait())
-        try:
-            await asyncio.wait({acquiring, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the delivery itself is cancelled (shutdown)
-            await self._drop_slot(acquiring)
-            raise
-        finally:
-            waiter.cancel()
-        if acquiring.done():
-            return acquiring.result()
-        await self._drop_slot(acquiring)
-        raise Cancelled(
-            "cancelled while waiting for an analysis slot", path=d.request.file if d.request else None
+        return await self._cancellable(
+            d,
+            self.slots.acquire(priority),
+            cancelled="cancelled while waiting for an analysis slot",
+            undo=self.slots.release,
         )
 
-    async def _drop_slot(self, acquiring: asyncio.Future[Slot]) -> None:
-        """Stop waiting for a slot; give it back if it was handed over meanwhile."""
-        acquiring.cancel()
-        await asyncio.gather(acquiring, return_exceptions=True)
-        if not acquiring.cancelled() and acquiring.exception() is None:
-            self.slots.release(acquiring.result())
-
-    async def _cancellable(self, d: Delivery, work: Awaitable[_T]) -> _T:
-        """Await ``work`` unless the request's cancellation arrives first (the slot is then killed)."""
+    async def _cancellable(
+        self,
+        d: Delivery,
+        work: Awaitable[_T],
+        *,
+        cancelled: str = "cancelled while running; its analysis process was stopped",
+        undo: Callable[[_T], None] | None = None,
+    ) -> _T:
+        """Await ``work`` unless the request's cancellation (or the delivery's own, at shutdown)
+        comes first; the work is then cancelled (a slot's process is killed), and ``undo`` is given
+        what it produced if it finished in the same instant (a slot handed over: given back)."""
         task = asyncio.ensure_future(work)
         waiter = asyncio.ensure_future(d.cancel.wait())
         try:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the delivery itself is cancelled (shutdown): kill the slot too
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        except asyncio.CancelledError:  # the delivery itself is cancelled (shutdown)
+            await _drop(task, undo)
             raise
         finally:
             waiter.cancel()
         if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise Cancelled("cancelled while running; its analysis process was stopped")
+            await _drop(task, undo)
+            raise Cancelled(cancelled, path=d.request.file if d.request else None)
         return task.result()
 
     # -- persist, project, publish --------------------------------------------------------------
@@ -674,3 +665,11 @@ def _checkpoint() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError()
+
+
+async def _drop(task: asyncio.Future[_T], undo: Callable[[_T], None] | None) -> None:
+    """Cancel ``task`` and wait for it; pass what it produced anyway to ``undo``."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if undo is not None and not task.cancelled() and task.exception() is None:
+        undo(task.result())
