@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from analysis_service.audio import tempo
-from analysis_service.audio.tempo import backbeat_contrast, estimate_tempo, tempo_confidence, windowed_acf
+from analysis_service.audio.tempo import (
+    backbeat_contrast,
+    bar_salience,
+    estimate_tempo,
+    tempo_confidence,
+    windowed_acf,
+)
 from tests.unit.audio.conftest import SR, FeaturesOf, features_of_signal
 
 
@@ -74,3 +80,46 @@ def test_confidence_falls_when_the_level_is_a_judgement() -> None:
 def test_confidence_is_a_probability_in_range(song_features: FeaturesOf) -> None:
     est = estimate_tempo(song_features(bpm=96, tonic=0, mode="major"))
     assert 0.0 <= est.confidence <= 1.0
+
+
+def _tresillo_bars(bpm: float, *, bars: int = 20) -> np.ndarray:
+    """Kicks on 3+3+2 eighth notes (beats 1, 2.5 and 4) of every four-beat bar: the strongest
+    periodicity is 1.5 beats, the x2/3 pulse, which does not divide the bar."""
+    rng = np.random.default_rng(0)
+    eighth = SR * 60 / bpm / 2
+    y = np.zeros(int(eighth * 8 * bars) + SR, dtype=np.float32)
+    t = np.arange(2000) / SR
+    kick = (np.sin(2 * np.pi * 60 * t) * np.exp(-t / 0.05)).astype(np.float32)
+    noise = (0.3 * rng.standard_normal(600) * np.exp(-np.arange(600) / 100)).astype(np.float32)
+    for b in range(bars):
+        for e in (0, 3, 6):
+            i = int((b * 8 + e) * eighth)
+            y[i : i + 2000] += kick
+            y[i : i + 600] += noise
+    return y
+
+
+@pytest.mark.parametrize("bpm", [110.0, 125.0])
+def test_a_tresillo_groove_keeps_the_beat_that_divides_its_bar(bpm: float) -> None:
+    assert estimate_tempo(features_of_signal(_tresillo_bars(bpm))).bpm == pytest.approx(bpm, rel=0.04)
+
+
+def test_without_the_bar_salience_a_tresillo_groove_is_read_at_two_thirds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    features = features_of_signal(_tresillo_bars(125.0))
+    monkeypatch.setattr(tempo, "METRE_WEIGHT", 0.0)
+    assert estimate_tempo(features).bpm == pytest.approx(125.0 * 2 / 3, rel=0.04)
+
+
+def test_bar_salience_is_higher_for_the_beat_that_divides_the_bar() -> None:
+    rate, bpm = 100.0, 120.0
+    beat = rate * 60 / bpm
+    curve = np.zeros(int(60 * rate))
+    for start in np.arange(0, len(curve) - 4 * beat, 4 * beat):  # one accent pattern per bar
+        for offset, height in ((0.0, 1.0), (1.5, 0.8), (3.0, 0.8)):
+            curve[int(start + offset * beat)] = height
+    acf = windowed_acf(curve, rate=rate, window_s=tempo.METRE_WINDOW_S, max_lag=int(24 * rate))
+    beat_level = bar_salience(acf, rate=rate, bpm=bpm)
+    assert beat_level > bar_salience(acf, rate=rate, bpm=bpm * 2 / 3) + 0.2
+    assert beat_level > bar_salience(acf, rate=rate, bpm=bpm * 4 / 3) + 0.2

@@ -15,8 +15,14 @@ Method
    salience times only a very wide tempo preference (``FAMILY_PRIOR_OCTAVES``), since a
    preference for ~110 BPM says which octave a listener taps, not whether the beat is the 120 or
    the 180 BPM pulse of the same groove (on real LMMS projects, the narrow preference picked the
-   x2/3 relative over a stronger pulse). Then the metrical level within the family is chosen by
-   salience times a log-normal tempo preference centred at ``PRIOR_CENTER_BPM``.
+   x2/3 relative over a stronger pulse), and by how well the candidate's beat builds bars
+   (:func:`bar_salience`): the same harmonic comb, read at a bar of three or four of its beats on
+   a longer (``METRE_WINDOW_S``) autocorrelation, scaled by ``exp(METRE_WEIGHT * bar)``. A groove
+   syncopated in threes (the 3+3+2 tresillo of reggaeton, trap and much electronic music) can make
+   the x2/3 pulse the strongest periodicity, but its beat does not divide the four-beat bar that
+   the pattern repeats in; the true beat does, three or four times. Then the metrical level within
+   the family is chosen by salience times a log-normal tempo preference centred at
+   ``PRIOR_CENTER_BPM``.
 4. Between that level and its double or half, the backbeat decides: in most popular music the
    snare or clap falls on beats 2 and 4, so at the beat level a listener taps it recurs every
    second beat and is absent from the beats between (the cue Goto and Muraoka's beat tracker used
@@ -61,6 +67,13 @@ PRIOR_CENTER_BPM = 110.0
 PRIOR_OCTAVES = 1.2
 #: Width (octaves) of the much weaker preference used to choose the pulse family (step 3).
 FAMILY_PRIOR_OCTAVES = 3.0
+#: Weight of the bar salience in the choice of the pulse family (step 3).
+METRE_WEIGHT = 3.0
+#: Beats per bar the bar salience tries (the better one counts).
+BEATS_PER_BAR = (3, 4)
+#: Window (seconds) of the autocorrelation the bar salience reads: four bars of four beats at
+#: 60 BPM are 16 s.
+METRE_WINDOW_S = 24.0
 #: Weights of the onset bands (kick, snare/chords, hats) in the novelty curve.
 BAND_WEIGHTS = (2.0, 1.0, 1.0)
 #: Smallest band standard deviation used for normalising (log-flux units): keeps the numerical
@@ -167,19 +180,34 @@ def backbeat_contrast(snare_acf: F64, *, rate: float, bpm: float) -> float:
     return float(0.5 * (r[1] + r[3] - r[0] - r[2]))
 
 
+def bar_salience(long_acf: F64, *, rate: float, bpm: float) -> float:
+    """How strongly a recording repeats in bars of ``bpm``'s beats.
+
+    The harmonic-comb salience (:func:`tempo_salience`) of the bar period, for a bar of each of
+    ``BEATS_PER_BAR`` beats, the better one; ``long_acf`` is the novelty's autocorrelation at
+    ``rate`` frames per second over windows of ``METRE_WINDOW_S``, long enough to hold four bars.
+    A beat that divides the bar the music repeats in scores that bar's periodicity; a pulse that
+    cuts across the bar (the x2/3 or x4/3 relative of the beat) scores a lag where the pattern
+    does not repeat.
+    """
+    bars = np.array([bpm / m for m in BEATS_PER_BAR])
+    return float(np.max(tempo_salience(long_acf, rate=rate, bpms=bars)))
+
+
 def _prior(bpm: F64 | float, octaves: float = PRIOR_OCTAVES) -> F64:
     return np.asarray(np.exp(-0.5 * (np.log2(np.asarray(bpm) / PRIOR_CENTER_BPM) / octaves) ** 2))
 
 
-def _pulse_family(refined: F64, sal_at: F64) -> npt.NDArray[np.bool_]:
+def _pulse_family(refined: F64, sal_at: F64, bar: F64) -> npt.NDArray[np.bool_]:
     """Mask of the candidates in the winning pulse family (step 3 of the module docstring).
 
     Candidates an octave apart (equal ``log2(bpm) mod 1``) form a family; each family scores its
-    best member's salience times the wide preference (``FAMILY_PRIOR_OCTAVES``).
+    best member's salience times the wide preference (``FAMILY_PRIOR_OCTAVES``) times
+    ``exp(METRE_WEIGHT * bar)``, ``bar`` being the member's :func:`bar_salience`.
     """
     cls = np.log2(refined) % 1.0
     same = np.abs((cls[:, None] - cls[None, :] + 0.5) % 1.0 - 0.5) < 0.03
-    wide = sal_at * _prior(refined, FAMILY_PRIOR_OCTAVES)
+    wide = sal_at * _prior(refined, FAMILY_PRIOR_OCTAVES) * np.exp(METRE_WEIGHT * bar)
     family_score = np.array([wide[row].max() for row in same])
     return np.asarray(same[int(np.argmax(family_score))])
 
@@ -257,7 +285,10 @@ def estimate_tempo(features: Features) -> TempoEstimate:
     refined = np.array([_refine(bpms, sal, c) for c in candidates if MIN_BPM <= c <= MAX_BPM])
     sal_at = np.interp(np.log(refined), np.log(bpms), sal)
     score = sal_at * _prior(refined)
-    level = refined[int(np.argmax(np.where(_pulse_family(refined, sal_at), score, 0.0)))]
+    long_lag = min(len(curve) - 1, int(METRE_WINDOW_S * rate))
+    long_acf = windowed_acf(curve, rate=rate, window_s=METRE_WINDOW_S, max_lag=long_lag)
+    bar = np.array([bar_salience(long_acf, rate=rate, bpm=float(b)) for b in refined])
+    level = refined[int(np.argmax(np.where(_pulse_family(refined, sal_at, bar), score, 0.0)))]
     octave = np.isclose(refined / level, np.array([[0.5], [1.0], [2.0]]), rtol=0.02).any(axis=0)
     snare = np.maximum(bands[1] - SNARE_LOW_WEIGHT * bands[0], 0.0)
     snare_acf = windowed_acf(snare, rate=rate, max_lag=max_lag) if np.any(snare) else np.zeros(1)
