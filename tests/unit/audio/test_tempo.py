@@ -66,15 +66,24 @@ def test_backbeat_contrast_is_highest_where_the_snare_falls_on_every_second_beat
 
 
 def test_confidence_falls_when_the_level_is_a_judgement() -> None:
-    clear = tempo_confidence(clarity=0.6, strongest=1.0, rival=0.5, activity=2.0)
+    clear = tempo_confidence(clarity=0.6, strongest=1.0, rival=0.5, activity=2.0, bpm=120.0)
     assert clear == pytest.approx(1.0)
     # The tempo preference or the backbeat overruled a stronger pulse (how octave errors arise).
-    assert tempo_confidence(clarity=0.6, strongest=0.8, rival=0.5, activity=2.0) < 0.7
+    assert tempo_confidence(clarity=0.6, strongest=0.8, rival=0.5, activity=2.0, bpm=120.0) < 0.7
     # A rival level scoring almost as well halves it.
-    assert tempo_confidence(clarity=0.6, strongest=1.0, rival=0.99, activity=2.0) < 0.55
+    assert tempo_confidence(clarity=0.6, strongest=1.0, rival=0.99, activity=2.0, bpm=120.0) < 0.55
     # Little pulse, or little onset activity, gives little confidence.
-    assert tempo_confidence(clarity=0.05, strongest=1.0, rival=0.5, activity=2.0) < 0.2
-    assert tempo_confidence(clarity=0.6, strongest=1.0, rival=0.5, activity=0.1) < 0.2
+    assert tempo_confidence(clarity=0.05, strongest=1.0, rival=0.5, activity=2.0, bpm=120.0) < 0.2
+    assert tempo_confidence(clarity=0.6, strongest=1.0, rival=0.5, activity=0.1, bpm=120.0) < 0.2
+
+
+def test_confidence_is_lower_the_further_the_tempo_is_from_the_resonance_of_tapping() -> None:
+    evidence = {"clarity": 0.6, "strongest": 1.0, "rival": 0.5, "activity": 2.0}
+    at = {bpm: tempo_confidence(**evidence, bpm=bpm) for bpm in (60.0, 85.0, 120.0, 170.0, 240.0)}
+    assert at[120.0] == pytest.approx(1.0)
+    assert at[120.0] > at[85.0] > at[60.0] >= tempo.AMBIGUITY_FLOOR
+    assert at[120.0] > at[170.0] > at[240.0] >= tempo.AMBIGUITY_FLOOR
+    assert at[85.0] == pytest.approx(at[170.0], abs=0.01)  # symmetric in octaves
 
 
 def test_confidence_is_a_probability_in_range(song_features: FeaturesOf) -> None:
