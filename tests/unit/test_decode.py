@@ -244,10 +244,33 @@ def test_matching_rate_is_passed_through_untouched(tmp_path: Path) -> None:
 def test_stereo_is_averaged_to_mono(tmp_path: Path) -> None:
     left = _tone(TARGET, 2.0)[:, 0]
     path = _write(tmp_path / "stereo.wav", np.stack([left, 0.5 * left], axis=1), TARGET, subtype="FLOAT")
-    opposed = _write(tmp_path / "opposed.wav", np.stack([left, -left], axis=1), TARGET, subtype="FLOAT")
 
     np.testing.assert_allclose(_decode(path), 0.75 * left, atol=1e-6)
-    assert np.abs(_decode(opposed)).max() < 1e-6
+
+
+@pytest.mark.parametrize("decoder", ["soundfile", "pyav"])
+@pytest.mark.parametrize("kind", ["wav", "flac"])
+def test_channels_that_cancel_in_the_average_give_the_loudest_channel(
+    tmp_path: Path, decoder: str, kind: str
+) -> None:
+    # A real tracker render had its right channel the left one inverted: averaged, a loud piece
+    # became -73 dBFS and was refused as silent.
+    left = 0.5 * _tone(TARGET, 2.0)[:, 0]
+    opposed = _write(tmp_path / f"opposed.{kind}", np.stack([left, -left], axis=1), TARGET, subtype="PCM_24")
+    partly = _write(
+        tmp_path / f"partly.{kind}", np.stack([left, -0.9 * left], axis=1), TARGET, subtype="PCM_24"
+    )
+    quiet = _write(
+        tmp_path / f"quiet.{kind}", np.stack([1e-3 * left, 1e-3 * left], axis=1), TARGET, subtype="PCM_24"
+    )
+
+    def decode(path: Path) -> FloatArray:
+        info = replace(probe(path, settings=SETTINGS), decoder=decoder)
+        return np.concatenate(list(iter_mono_blocks(info, target_rate=TARGET)))
+
+    np.testing.assert_allclose(decode(opposed), left, atol=1e-4)
+    np.testing.assert_allclose(decode(partly), 0.05 * left, atol=1e-4)  # 20 dB down: averaged
+    np.testing.assert_allclose(decode(quiet), 1e-3 * left, atol=1e-6)  # quiet, not cancelled
 
 
 @pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "DOUBLE"])

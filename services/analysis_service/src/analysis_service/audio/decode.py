@@ -32,6 +32,12 @@ Length limits do not trust the header: :func:`iter_mono_blocks` counts decoded f
 with ``too_long`` as soon as they pass ``max_duration_s``, and :func:`probe` refuses a file whose
 header promises far more audio than its size can hold (``truncated_audio``, at once).
 
+Channels are averaged to mono, except where they cancel: a stereo file whose right channel is the
+left one inverted (a real tracker render was) averages to near silence. Where the average of a
+decoded frame is more than :data:`CANCELLED_DB` below its loudest channel, that channel is used
+(:func:`_cancelled_channel`); it is only looked for in frames whose average is quieter than
+:data:`CANCEL_CHECK_DBFS`, so ordinary audio pays one dot product per frame.
+
 Nothing here holds a whole file in memory: decoded frames are averaged to mono, gathered into
 chunks of :data:`CHUNK_FRAMES`, resampled with a streaming ``soxr`` resampler and handed on in
 blocks of a fixed size. Memory is flat in the file's duration.
@@ -111,6 +117,11 @@ OPEN_OPTIONS: Final = {
 SOUNDFILE_CODECS: Final = (("wav", "pcm_"), ("aiff", "pcm_"))
 #: Mono source frames gathered before each ``soxr`` call (fewer Python round trips).
 CHUNK_FRAMES: Final = 1 << 16
+#: A frame whose channel average is this much (dB) below its loudest channel uses that channel.
+CANCELLED_DB: Final = 40.0
+#: Channel averages with an RMS level above this (dBFS) are not checked for cancellation.
+CANCEL_CHECK_DBFS: Final = -40.0
+_QUIET_POWER: Final = 10 ** (CANCEL_CHECK_DBFS / 10)
 #: Seconds of audio :func:`probe` decodes to check that the content really is audio.
 CHECK_S: Final = 1.5
 #: Decoding may fall short of the header's exact count by this much (plus 0.5 %): encoder delay
@@ -704,6 +715,9 @@ def _soundfile_decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
                 mono += buffer[:n, channel]
             if info.channels > 1:
                 mono *= np.float32(1.0 / info.channels)
+                loudest = _cancelled_channel(mono, [buffer[:n, c] for c in range(info.channels)])
+                if loudest is not None:
+                    mono = buffer[:n, loudest].copy()
             yield info.sample_rate, mono
     _check_complete(info, decoded=decoded, good=max(1, decoded // CHUNK_FRAMES), bad=bad)
 
@@ -769,6 +783,37 @@ def _downmix_into(frame: Any, out: FloatArray) -> None:
     factor = scale / channels
     if factor != 1.0:
         out *= np.float32(factor)
+    if channels > 1 and np.dot(out, out) < _QUIET_POWER * n:  # inline: this runs for every frame
+        loudest = _cancelled_channel(out, columns, scale=scale, offset=128.0 if dtype is np.uint8 else 0.0)
+        if loudest is not None:
+            np.copyto(out, columns[loudest], casting="unsafe")
+            if dtype is np.uint8:
+                out -= np.float32(128)
+            if scale != 1.0:
+                out *= np.float32(scale)
+
+
+def _cancelled_channel(
+    mono: FloatArray, columns: list[Any], *, scale: float = 1.0, offset: float = 0.0
+) -> int | None:
+    """Index of a loudest channel when the channels cancel in ``mono`` (their average), else None.
+
+    ``columns`` are the channels' raw samples; ``(sample - offset) * scale`` is their value in
+    [-1, 1]. They cancel when ``mono``'s RMS is below ``CANCEL_CHECK_DBFS`` and more than
+    ``CANCELLED_DB`` below the loudest channel's.
+    """
+    n = len(mono)
+    if n == 0:
+        return None
+    power = float(np.dot(mono, mono)) / n
+    if power >= _QUIET_POWER:
+        return None
+    powers = [float(np.mean(np.square((np.asarray(c, np.float64) - offset) * scale))) for c in columns]
+    if max(powers) <= power * 10 ** (CANCELLED_DB / 10):
+        return None
+    # The first channel within 3 dB of the loudest: channels of equal level (L = -R) give the same
+    # one in every frame, whatever the rounding, so the signal never flips sign between frames.
+    return next(i for i, p in enumerate(powers) if p >= 0.5 * max(powers))
 
 
 def _resampled(chunks: Iterable[tuple[int, FloatArray]], *, out_rate: int) -> Iterator[FloatArray]:
