@@ -34,6 +34,15 @@ Sets (``corpus/<set>/...``) and where each tempo comes from:
     the file holds a whole number of 4/4 bars, so the tempo is ``240 * bars / duration``; the bar
     count is given in ``LOOPS`` with its reason (the integer tempo it gives, the style's range).
 
+``R_midi``
+    Standard MIDI files composed by people for the games OpenTTD (``openttd-openmsx``, the OpenMSX
+    set) and Planet Blupi (``planetblupi-music-midi``), rendered with FluidSynth and the
+    FluidR3 General MIDI soundfont (Debian's ``fluidsynth``, ``fluid-soundfont-gm``). Truth: the
+    file's own tempo (its ``set_tempo`` events, quarter notes per minute), kept only when every
+    tempo event states the same value and the metre's beat is the quarter note (time signatures
+    2/4, 3/4, 4/4, 5/4, or none, which MIDI defines as 4/4); compound metres (6/8, 6/4, 12/8),
+    where the beat is a dotted value, and files with no tempo event are left out.
+
 No set has key truth (drum loops have no key; the projects state none), so the ``key`` column is
 empty. Columns: path, duration_s, bpm, key, sections, notes, source, justification.
 """
@@ -51,6 +60,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import mido
 import numpy as np
 import soundfile as sf
 
@@ -61,7 +71,21 @@ SR = 44100
 TRACKER_PACKAGES = ("tecnoballz-data", "pingus-data", "pachi-data", "solarwolf")
 LMMS_PACKAGE = "lmms-common"
 HYDROGEN_PACKAGE = "hydrogen-data"
-RENDERERS = {"lmms": "lmms", "h2cli": "hydrogen", "libopenmpt.so.0": "libopenmpt0"}
+#: (package, folder of its MIDI files)
+MIDI_SOURCES = (
+    ("openttd-openmsx", "usr/share/games/openttd/baseset/openmsx"),
+    ("planetblupi-music-midi", "usr/share/planetblupi/music"),
+)
+RENDERERS = {
+    "lmms": "lmms",
+    "h2cli": "hydrogen",
+    "libopenmpt.so.0": "libopenmpt0",
+    "fluidsynth": "fluidsynth",
+}
+SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+SOUNDFONT_PACKAGE = "fluid-soundfont-gm"
+#: Time-signature numerators (over a quarter note) whose beat is the quarter note.
+SIMPLE_METRES = (2, 3, 4, 5)
 
 #: Drum loops of lmms-common/samples/beats: (file, bars, reason). The duration of each file is a
 #: whole number of bars at the tempo given; the single-instrument rave_* parts are left out (a
@@ -104,6 +128,7 @@ def fetch(packages: tuple[str, ...], work: Path) -> Path:
 
 def ensure_renderers() -> None:
     missing = [pkg for tool, pkg in RENDERERS.items() if not _have(tool)]
+    missing += [] if SOUNDFONT.exists() else [SOUNDFONT_PACKAGE]
     if missing:
         cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
         sh(cmd, stdout=subprocess.DEVNULL)
@@ -272,12 +297,10 @@ def lmms_rows(root: Path, out: Path) -> list[dict[str, str]]:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        info = sf.info(dest)
         rows.append(
-            _row(
+            _rendered(
                 dest,
                 out,
-                info.frames / info.samplerate,
                 bpm,
                 source=f"Debian {LMMS_PACKAGE}: {path.relative_to(root / 'usr/share/lmms')}",
                 why=f'LMMS project tempo <head bpm="{bpm_attr.group(1)}">, no tempo automation',
@@ -307,15 +330,72 @@ def hydrogen_rows(root: Path, out: Path) -> list[dict[str, str]]:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        info = sf.info(dest)
         rows.append(
-            _row(
+            _rendered(
                 dest,
                 out,
-                info.frames / info.samplerate,
                 bpm,
                 source=f"Debian {HYDROGEN_PACKAGE}: demo_songs/{path.name}",
                 why=f"Hydrogen song tempo <bpm>{bpm:g}</bpm>, no tempo timeline",
+            )
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- midi
+
+
+def midi_tempo(path: Path) -> tuple[float | None, str]:
+    """The one tempo (quarter notes per minute) a MIDI file states, or ``None`` and the reason it
+    has none usable: tempo changes, no tempo event, or a metre whose beat is not the quarter."""
+    midi = mido.MidiFile(path)
+    tempos = {round(mido.tempo2bpm(m.tempo), 2) for t in midi.tracks for m in t if m.type == "set_tempo"}
+    metres = {(m.numerator, m.denominator) for t in midi.tracks for m in t if m.type == "time_signature"}
+    if len(tempos) != 1:
+        return None, f"{len(tempos)} tempi stated"
+    if any(den != 4 or num not in SIMPLE_METRES for num, den in metres):
+        return None, f"metre {sorted(metres)}: the beat is not the quarter note"
+    metre = "/".join(map(str, sorted(metres)[0])) if metres else "none stated (MIDI's default 4/4)"
+    return tempos.pop(), f"metre {metre}"
+
+
+def midi_rows(root: Path, out: Path, max_s: float) -> list[dict[str, str]]:
+    rows = []
+    for package, path in (
+        (p, f) for p, folder in MIDI_SOURCES for f in sorted((root / folder).glob("*.mid"))
+    ):
+        bpm, why = midi_tempo(path)
+        if bpm is None:
+            print(f"skip {path.name}: {why}", file=sys.stderr)
+            continue
+        dest = out / "corpus" / "R_midi" / f"{path.stem}.flac"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            wav = dest.with_suffix(".wav")
+            cmd = [
+                "fluidsynth",
+                "-ni",
+                "-q",
+                "-g",
+                "0.5",
+                "-F",
+                str(wav),
+                "-r",
+                str(SR),
+                str(SOUNDFONT),
+                str(path),
+            ]
+            sh(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            y, sr = sf.read(wav, dtype="float32", always_2d=True, frames=int(max_s * SR))
+            sf.write(dest, y, sr)
+            wav.unlink()
+        rows.append(
+            _rendered(
+                dest,
+                out,
+                bpm,
+                source=f"Debian {package}: {path.name}",
+                why=f"MIDI set_tempo {bpm:g} quarter notes/min, the only tempo stated; {why}",
             )
         )
     return rows
@@ -347,6 +427,12 @@ def loop_rows(root: Path, out: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _rendered(dest: Path, out: Path, bpm: float, *, source: str, why: str) -> dict[str, str]:
+    """The truth row of a rendered file, its duration read from the file."""
+    info = sf.info(dest)
+    return _row(dest, out, info.frames / info.samplerate, bpm, source=source, why=why)
+
+
 def _row(dest: Path, out: Path, duration: float, bpm: float, *, source: str, why: str) -> dict[str, str]:
     return {
         "path": str(dest.relative_to(out)),
@@ -364,7 +450,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / ".bench" / "real")
     ap.add_argument("--max-seconds", type=float, default=240.0, help="render at most this much of a module")
-    ap.add_argument("--only", default="tracker,lmms,hydrogen,loops")
+    ap.add_argument("--only", default="tracker,lmms,hydrogen,loops,midi")
     args = ap.parse_args()
     work = args.work.resolve()
     ensure_renderers()
@@ -378,6 +464,8 @@ def main() -> None:
         rows += loop_rows(root, work) if "loops" in only else []
     if "hydrogen" in only:
         rows += hydrogen_rows(fetch((HYDROGEN_PACKAGE,), work), work)
+    if "midi" in only:
+        rows += midi_rows(fetch(tuple(p for p, _ in MIDI_SOURCES), work), work, args.max_seconds)
     truth = work / "truth_real.csv"
     with truth.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, list(rows[0]))
