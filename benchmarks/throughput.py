@@ -689,6 +689,14 @@ timed(hooks.ProgressHook, "_update")
 timed(worker.Worker, "_set_window")
 timed(worker.Worker, "_settle")
 
+if hasattr(hooks.PrefetchHook, "_ask_ahead"):  # widened before the analysis ends
+    _ask_ahead = hooks.PrefetchHook._ask_ahead
+    def ask_ahead(self, key):
+        if key not in self._ahead:
+            mark("asked ahead", next((r for r, a in self._analyses.items() if a.key == key), None))
+        _ask_ahead(self, key)
+    hooks.PrefetchHook._ask_ahead = ask_ahead
+
 _parse = worker.parse
 def parse(message, **kwargs):
     d = _parse(message, **kwargs)
@@ -1032,7 +1040,9 @@ def trace_report(path: Path) -> dict[str, list[float]]:
             engine_start = ev["analysis end"] - ev["total"]
             add("idle between two analyses (total)", engine_start - prev_end)
             add("analysis returned -> slot released", freed - prev_end)
-            if "_set_window start" in prev:
+            if "asked ahead" in prev:
+                add("(next delivery asked for before the slot's release)", freed - prev["asked ahead"])
+            elif "_set_window start" in prev:
                 add("(prefetch widened, from the slot's release)", prev["_set_window start"] - freed)
             begin = freed
             for name, until in _IDLE_PATH:
