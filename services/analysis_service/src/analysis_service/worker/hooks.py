@@ -265,6 +265,10 @@ class ProgressHook:
             request = delivery.request
             assert request is not None
             self._analysing.add(request.request_id)
+            # Counts as a report: the slot's first one (decoding at 0 %) follows within a moment and
+            # is not written again; a short analysis then costs the start, a report every 0.5 s,
+            # its last one and the outcome.
+            self._last[request.request_id] = time.monotonic()
             await self._update(
                 request.request_id,
                 status="running",
@@ -282,6 +286,7 @@ class ProgressHook:
     async def settled(self, delivery: Delivery, settlement: Settlement) -> None:
         if delivery.request is not None:
             self._analysing.discard(delivery.request.request_id)
+            self._last.pop(delivery.request.request_id, None)  # ended outside its analyse step
         if delivery.stored is None:
             return
         result = delivery.stored.result
