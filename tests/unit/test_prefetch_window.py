@@ -112,6 +112,19 @@ async def test_window_widens_at_once_when_the_analyzers_run() -> None:
     assert windows == [3]
 
 
+async def test_a_lead_of_zero_widens_when_the_analysis_ends() -> None:
+    hook, windows = window_hook(lead_s=0.0)
+    a = analysing("a")
+    await hook.step_started("analyse", a)
+    hook.report("a", 0.0, "decode")
+    hook.report("a", 0.9, "key")
+    await asyncio.sleep(0.01)
+    assert windows == []
+    a.used_slot = True
+    await hook.step_finished("analyse", a, 0.2)
+    assert windows == [3]
+
+
 async def test_a_request_that_ends_early_does_not_widen_the_window_later() -> None:
     hook, windows = window_hook()
     a = analysing("a")

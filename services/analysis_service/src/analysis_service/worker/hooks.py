@@ -184,8 +184,8 @@ class PrefetchHook:
     def report(self, request_id: str, fraction: float, stage: str) -> None:
         """A slot's progress report (called on the loop): when will its analysis end?"""
         analysis = self._analyses.get(request_id)
-        if analysis is None or analysis.key in self._ahead:
-            return
+        if analysis is None or analysis.key in self._ahead or self._lead_s <= 0:
+            return  # lead 0: the window widens when the analysis ends
         loop = asyncio.get_running_loop()
         now = loop.time()
         if analysis.first is None:
