@@ -36,8 +36,13 @@ machine.
 ``--profile`` adds a run of one worker under cProfile (CPU clock of the main thread) and prints
 where the main process spends its CPU time, per request, grouped by library.
 
+``--trace`` adds a run of one worker with timestamps taken around each step of a delivery and each
+slot job, and prints where the slots' time between two analyses went: the next delivery, the
+ledger check, the progress write, the probe + hash, the slot calls (ms per analysis).
+
     uv run python benchmarks/throughput.py [--tracks 120] [--cache DIR] [--backlog 200]
-        [--probes 3] [--rounds 1] [--skip-two] [--skip-priority] [--profile] [--env NAME=VALUE ...]
+        [--probes 3] [--rounds 1] [--skip-two] [--skip-priority] [--profile] [--trace]
+        [--env NAME=VALUE ...]
     uv run python benchmarks/throughput.py --tracks 1 --graph-writes 400   # graph write CPU only
 
 Needs ``ffmpeg`` (with libmp3lame) on ``PATH`` to make the files, and the services above.
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -605,9 +611,19 @@ class Bench:
         return await asyncio.to_thread(fetch)
 
 
+#: The end of each worker launcher below: ``start`` on SIGUSR1, ``stop`` on SIGUSR2, then the worker.
+_RUN_WORKER = """
+if __name__ == "__main__":  # not in the spawned analysis processes, which import this file
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    sys.argv = ["analysis-service", "worker"]
+    app()
+"""
+
 #: Runs ``analysis-service worker`` with cProfile (main thread's CPU clock) switched on by SIGUSR1
 #: and written to ``$BENCH_PROFILE_OUT`` (with the CPU seconds of the window) by SIGUSR2.
-_PROFILED_WORKER = """
+_PROFILED_WORKER = (
+    """
 import cProfile, json, os, signal, sys, time
 from analysis_service.cli.main import app
 
@@ -627,25 +643,132 @@ def stop(*_):
     with open(out + ".json", "w") as fh:
         json.dump(cpu, fh)
     os.replace(out + ".tmp", out)
-
-if __name__ == "__main__":  # not in the spawned analysis processes, which import this file
-    signal.signal(signal.SIGUSR1, start)
-    signal.signal(signal.SIGUSR2, stop)
-    sys.argv = ["analysis-service", "worker"]
-    app()
 """
+    + _RUN_WORKER
+)
+
+
+#: Runs ``analysis-service worker`` with timestamps (monotonic clock) taken around the steps of
+#: each delivery and the slot calls, from SIGUSR1 on; SIGUSR2 writes them to ``$BENCH_PROFILE_OUT``
+#: as JSON (``[t, event, request_id, slot, value]`` rows; see :func:`trace_report`).
+_TRACED_WORKER = (
+    """
+import functools, json, os, signal, sys, time
+import structlog
+from analysis_service.cli.main import app
+from analysis_service.worker import hooks, pipeline, slots, worker
+
+out = os.environ["BENCH_PROFILE_OUT"]
+rows = []
+on = [False]
+
+def mark(event, rid=None, slot=None, value=None):
+    if on[0]:
+        rid = rid or structlog.contextvars.get_contextvars().get("request_id")
+        rows.append((time.monotonic(), event, rid, slot, value))
+
+def timed(cls, name, when=lambda *a: True):
+    original = getattr(cls, name)
+    @functools.wraps(original)
+    async def wrapper(self, *args, **kwargs):
+        if not when(*args):
+            return await original(self, *args, **kwargs)
+        first = args[0] if args else None
+        mark(name + " start", rid=first if name == "_update" else None,
+             value=first if isinstance(first, int) else None)
+        try:
+            return await original(self, *args, **kwargs)
+        finally:
+            mark(name + " end", rid=first if name == "_update" else None)
+    setattr(cls, name, wrapper)
+
+for step in ("check", "persist", "project", "publish"):
+    timed(pipeline.Pipeline, step)
+timed(hooks.ProgressHook, "step_started", when=lambda step, d: step == "analyse")
+timed(hooks.ProgressHook, "_update")
+timed(worker.Worker, "_set_window")
+timed(worker.Worker, "_settle")
+
+if hasattr(hooks.PrefetchHook, "_ask_ahead"):  # widened before the analysis ends
+    _ask_ahead = hooks.PrefetchHook._ask_ahead
+    def ask_ahead(self, key):
+        if key not in self._ahead:
+            mark("asked ahead", next((r for r, a in self._analyses.items() if a.key == key), None))
+        _ask_ahead(self, key)
+    hooks.PrefetchHook._ask_ahead = ask_ahead
+
+_parse = worker.parse
+def parse(message, **kwargs):
+    d = _parse(message, **kwargs)
+    mark("delivered", d.request_id)
+    return d
+worker.parse = parse
+
+_acquire, _release = slots.SlotPool.acquire, slots.SlotPool.release
+async def acquire(self, priority=0):
+    mark("acquire start")
+    slot = await _acquire(self, priority)
+    mark("acquired", slot=slot.index)
+    return slot
+def release(self, slot):
+    mark("release", slot=slot.index)
+    _release(self, slot)
+slots.SlotPool.acquire, slots.SlotPool.release = acquire, release
+
+def ended(name, slot, result):
+    mark(name + " end", slot=slot.index, value=getattr(result, "timings_s", {}).get("total"))
+    return result
+
+if hasattr(slots.SlotPool, "_submit"):  # jobs submitted (maybe queued two at once), then waited for
+    _submit, _wait, names = slots.SlotPool._submit, slots.SlotPool._wait, {}
+    def submit(self, slot, fn, *args):
+        mark(fn.__name__ + " start", slot=slot.index)
+        future = _submit(self, slot, fn, *args)
+        names[id(future)] = fn.__name__
+        return future
+    async def wait(self, slot, future, **kwargs):
+        return ended(names.pop(id(future)), slot, await _wait(self, slot, future, **kwargs))
+    slots.SlotPool._submit, slots.SlotPool._wait = submit, wait
+else:  # one job per call
+    _call = slots.SlotPool.call
+    async def call(self, slot, fn, *args, **kwargs):
+        mark(fn.__name__ + " start", slot=slot.index)
+        return ended(fn.__name__, slot, await _call(self, slot, fn, *args, **kwargs))
+    slots.SlotPool.call = call
+
+def start(*_):
+    on[0] = True
+
+def stop(*_):
+    on[0] = False
+    with open(out + ".tmp", "w") as fh:
+        json.dump(rows, fh)
+    os.replace(out + ".tmp", out)
+"""
+    + _RUN_WORKER
+)
 
 
 async def pipeline_run(
-    bench: Bench, files: list[Path], *, workers: int, label: str, profile_out: Path | None = None
+    bench: Bench,
+    files: list[Path],
+    *,
+    workers: int,
+    label: str,
+    profile_out: Path | None = None,
+    launcher_source: str = "",
 ) -> RunFigures:
-    """Start ``workers`` workers, publish one request per file, wait for every result."""
+    """Start ``workers`` workers, publish one request per file, wait for every result.
+
+    With ``profile_out``, the first worker runs ``launcher_source`` (a script that starts recording
+    on SIGUSR1 and writes ``profile_out`` on SIGUSR2: :data:`_PROFILED_WORKER`, :data:`_TRACED_WORKER`).
+    """
     import signal
 
     env_extra: dict[str, str] = {}
     if profile_out is not None:
-        launcher = bench.workdir / "profiled_worker.py"
-        launcher.write_text(_PROFILED_WORKER)
+        launcher = bench.workdir / f"{profile_out.stem}_worker.py"
+        launcher.write_text(launcher_source or _PROFILED_WORKER)
         env_extra = {
             "BENCH_WORKER_COMMAND": f"{sys.executable} {launcher}",
             "BENCH_PROFILE_OUT": str(profile_out),
@@ -679,7 +802,7 @@ async def pipeline_run(
     arrivals = sorted(bench.arrived[rid][0] - t0 for rid in ids)
     figures = RunFigures(
         name=f"pipeline, {workers} worker{'s' if workers > 1 else ''}"
-        + (" (cProfile)" if profile_out else ""),
+        + ((" (traced)" if launcher_source else " (cProfile)") if profile_out else ""),
         n=len(ids),
         first_s=arrivals[0],
         last_s=arrivals[-1],
@@ -860,6 +983,110 @@ def profile_report(path: Path, n: int, top: int = 25) -> None:
         print(f"  {where + ':' + str(line) + ' ' + func:76s} {1000 * ct / n:10.2f} {nc:7d}")
 
 
+#: The slot job that analyses (``run_analysis_in_slot`` before it was queued behind the probe).
+_ANALYSIS_JOB = "analyse_inspected"
+
+#: The parts of a slot's idle time between two analyses, in the order they happen: each is a span
+#: of the next request's way to its analysis (``(name, event that ends it)``, each from the end of
+#: the one before), clipped to the time the slot was free, from its release by the previous request.
+_IDLE_PATH = (
+    ("waiting for the next delivery (basic.qos, broker)", "delivered"),
+    ("delivered -> ledger check", "check start"),
+    ("ledger check (PostgreSQL begin)", "check end"),
+    ("check -> analyse step", "step_started start"),
+    ("progress write 'started' (Redis)", "step_started end"),
+    ("analyse step -> slot requested", "acquire start"),
+    ("slot requested -> acquired", "acquired"),
+)
+
+
+def trace_report(path: Path) -> dict[str, list[float]]:
+    """Where each slot's time between two analyses went, from a :data:`_TRACED_WORKER` trace.
+
+    A slot is idle from the moment its analysis returned (the analysis job's ``end``) to the
+    moment the next analysis in it started (its return minus the engine's ``timings_s.total``).
+    Printed per part in ms (mean, p50, p95 over the analyses after each slot's first).
+    """
+    rows = json.loads(path.read_text())
+    events: dict[str, dict[str, Any]] = {}
+    updates: dict[str, list[float]] = {}  # seconds of each progress write, per request
+    writing: dict[str, list[float]] = {}
+    for t, event, rid, slot, value in rows:
+        if rid is None:
+            continue
+        ev = events.setdefault(rid, {})
+        if event == "_update start":
+            writing.setdefault(rid, []).append(t)
+        elif event == "_update end" and writing.get(rid):  # the oldest write of this request ended
+            updates.setdefault(rid, []).append(t - writing[rid].pop(0))
+        ev.setdefault(event, t)
+        if event in (f"{_ANALYSIS_JOB} end", "run_analysis_in_slot end"):
+            ev["total"], ev["slot"], ev["analysis end"] = value, slot, t
+        elif event in (f"{_ANALYSIS_JOB} start", "run_analysis_in_slot start"):
+            ev["analysis start"] = t
+    per_slot: dict[int, list[dict[str, Any]]] = {}
+    for ev in events.values():
+        if ev.get("total") is not None and "release" in ev:
+            per_slot.setdefault(ev["slot"], []).append(ev)
+    parts: dict[str, list[float]] = {}
+
+    def add(name: str, seconds: float) -> None:
+        parts.setdefault(name, []).append(seconds)
+
+    for analysed in per_slot.values():
+        analysed.sort(key=lambda ev: ev["analysis end"])
+        for prev, ev in itertools.pairwise(analysed):
+            prev_end, freed = prev["analysis end"], prev["release"]
+            engine_start = ev["analysis end"] - ev["total"]
+            add("idle between two analyses (total)", engine_start - prev_end)
+            add("analysis returned -> slot released", freed - prev_end)
+            if "asked ahead" in prev:
+                add("(next delivery asked for before the slot's release)", freed - prev["asked ahead"])
+            elif "_set_window start" in prev:
+                add("(prefetch widened, from the slot's release)", prev["_set_window start"] - freed)
+            begin = freed
+            for name, until in _IDLE_PATH:
+                end = min(max(ev.get(until, begin), freed), ev["acquired"])
+                add(name, max(end - begin, 0.0))
+                begin = max(begin, end)
+            add("acquired -> inspect_file call", ev["inspect_file start"] - ev["acquired"])
+            add(
+                "inspect_file in the slot (probe + sha256, round trip)",
+                ev["inspect_file end"] - ev["inspect_file start"],
+            )
+            add(
+                "inspect_file returned -> analysis submitted",
+                max(ev["analysis start"] - ev["inspect_file end"], 0.0),
+            )
+            add(
+                "analysis submitted -> engine started (and its return)",
+                engine_start - max(ev["analysis start"], ev["inspect_file end"]),
+            )
+            add("engine total (for scale)", ev["total"])
+    writes = [len(w) for w in updates.values()]
+    write_ms = [1000 * w for ws in updates.values() for w in ws]
+    n = len(parts.get("engine total (for scale)", []))
+    print(f"\n== where the slots idle: {n} analyses after each slot's first (worker trace) ==")
+    if not n:
+        return parts
+    idle = statistics.fmean(parts["idle between two analyses (total)"])
+    busy = statistics.fmean(parts["engine total (for scale)"])
+    print(
+        f"slot idle {1000 * idle:.1f} ms per analysis of {busy:.3f} s: "
+        f"{100 * idle / (idle + busy):.1f}% of the slot's time"
+    )
+    print(f"  {'ms per analysis':58s} {'mean':>7s} {'p50':>7s} {'p95':>7s}")
+    for name, values in parts.items():
+        ms = [1000 * v for v in values]
+        print(f"  {name:58s} {statistics.fmean(ms):7.1f} {_pct(ms, 0.5):7.1f} {_pct(ms, 0.95):7.1f}")
+    if writes:
+        print(
+            f"progress writes (Redis): {statistics.fmean(writes):.1f} per request, "
+            f"{statistics.fmean(write_ms):.1f} ms wall each (mean)"
+        )
+    return parts
+
+
 # --------------------------------------------------------------------------------------------------
 # Report
 
@@ -962,6 +1189,17 @@ async def run_pipeline_phases(
             run = await pipeline_run(bench, files, workers=1, label="prof", profile_out=prof)
         print_run(run, cpus, slots)
         profile_report(prof, run.n)
+    if args.trace:
+        async with (
+            private_stores(workdir) as stores,
+            Bench(stores, files[0].parent, workdir, extra_env) as bench,
+        ):
+            trace = workdir / "trace.json"
+            run = await pipeline_run(
+                bench, files, workers=1, label="trace", profile_out=trace, launcher_source=_TRACED_WORKER
+            )
+        print_run(run, cpus, slots)
+        out["trace"] = trace_report(trace)
     return out
 
 
@@ -993,6 +1231,11 @@ def main() -> None:
     parser.add_argument("--skip-priority", action="store_true", help="leave out the priority run")
     parser.add_argument(
         "--profile", action="store_true", help="add a cProfile run of the worker's main process"
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="add a run of one worker with timestamps around each step: where the slots idle",
     )
     parser.add_argument(
         "--graph-writes",
@@ -1043,7 +1286,14 @@ def main() -> None:
         engines.append(engine_run(files, slots))
         print_run(engines[-1], cpus, slots)
         one = argparse.Namespace(
-            **{**vars(args), "rounds": 1, "skip_two": True, "skip_priority": True, "profile": False}
+            **{
+                **vars(args),
+                "rounds": 1,
+                "skip_two": True,
+                "skip_priority": True,
+                "profile": False,
+                "trace": False,
+            }
         )
         got = asyncio.run(run_pipeline_phases(one, files, workdir, extra_env, cpus=cpus, slots=slots))
         pipelines.append(got["runs"][0])

@@ -108,9 +108,19 @@ class WorkerSettings(BaseModel):
     overlap_stores: bool = Field(
         default=True,
         description=(
-            "Fetch the next delivery as soon as an analysis ends, while its request is still being "
-            "stored and announced (the prefetch grows by one per such request; classic queues). "
+            "Fetch the next delivery just before an analysis ends (prefetch_lead_s), while its "
+            "request is then stored and announced (the prefetch grows by one per such request; "
+            "classic queues). "
             "False: prefetch = slots, and a freed slot waits for its request's stores."
+        ),
+    )
+    prefetch_lead_s: float = Field(
+        default=0.05,
+        ge=0,
+        description=(
+            "With overlap_stores: fetch that next delivery this many seconds before an analysis is "
+            "expected to end (from its progress), so that it has passed its ledger check when the "
+            "slot frees. 0: when the analysis ends."
         ),
     )
     time_limit_base_s: float = Field(default=60.0, gt=0)

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -114,49 +115,131 @@ class MetricsHook:
                 m.audio_seconds.inc(result.output.duration_s)
 
 
+@dataclass
+class _Analysis:
+    """What the prefetch window knows of one running analysis: its slot's progress reports."""
+
+    key: int  # id() of its delivery
+    first: float | None = None  # loop time of its first report (the file's header was read)
+    last: tuple[float, float] | None = None  # loop time and fraction of its latest decoding report
+    timer: asyncio.TimerHandle | None = None
+
+
 class PrefetchHook:
-    """Widens the broker's prefetch window by one while an analysed request is being stored.
+    """Widens the broker's prefetch window by one for each request about to leave its slot, and
+    keeps it so while the request is stored.
 
     Once a request's analysis is done its slot is free, but the request stays unacked until it is
     persisted, projected and published. With prefetch = slots the free slot would wait for that and
     for the next delivery; with a fixed larger prefetch, the extra delivery would be taken a whole
-    analysis earlier, ahead of any urgent request published meanwhile. Asking for exactly one more
-    delivery per request in its store phase (``basic.qos`` again; a classic queue's channel-wide
-    limit) fetches the next request when the slot frees, in priority order at that moment.
+    analysis earlier, ahead of any urgent request published meanwhile. So exactly one more delivery
+    is asked for per request (``basic.qos`` again; a classic queue's channel-wide limit), ``lead_s``
+    before its analysis is expected to end: the next request then passes its ledger check and
+    progress write while the analysis finishes, and waits for the slot as it frees, taken in
+    priority order at that moment. It is given back (the window shrinks) once the request is
+    published, before its ack.
+
+    The expected end comes from the slot's progress reports (:meth:`report`): decoding (with the
+    features) is nearly all of an analysis and reports its fraction as it goes, so the end is
+    extrapolated from the first report, the latest one and a scale learnt from the analyses that
+    ended here; a report from the analyzers (past decoding) widens at once. Without reports the
+    window widens when the analysis ends.
 
     ``set_window(n)`` sets the prefetch count; its failures are its own to log (a closed channel is
     restored by aio-pika with the last value set).
     """
 
-    def __init__(self, slots: int, set_window: Callable[[int], Awaitable[None]]) -> None:
+    def __init__(self, slots: int, set_window: Callable[[int], Awaitable[None]], *, lead_s: float) -> None:
         self._slots = slots
         self._set_window = set_window
-        self._storing: set[int] = set()
+        self._lead_s = lead_s
+        #: Deliveries (by id) that asked for one more delivery: ending their analysis, or storing.
+        self._ahead: set[int] = set()
+        self._analyses: dict[str, _Analysis] = {}
+        #: Learnt: an analysis ends at ``first + (t - first) * scale / fraction`` for a decoding
+        #: report ``(t, fraction)``; 1.0 (as late as a linear estimate can be) until one ended.
+        self._scale = 1.0
         self._window = slots
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def step_started(self, step: str, delivery: Delivery) -> None:
-        return None
+        request = delivery.request
+        if step == "analyse" and request is not None and delivery.outcome is None and delivery.stored is None:
+            self._analyses[request.request_id] = _Analysis(id(delivery))
 
     async def step_finished(self, step: str, delivery: Delivery, seconds: float) -> None:
-        if step == "analyse" and delivery.used_slot:
-            await self._resize(lambda storing: storing.add(id(delivery)))
+        if step == "analyse":
+            self._learn(delivery)
+            if delivery.used_slot:
+                self._ahead.add(id(delivery))
+                await self._resize()
         elif step == "publish":  # the last step: shrink before the ack, or the broker would
             await self._done(delivery)  # fill the window the ack opens with one more delivery
 
     async def settled(self, delivery: Delivery, settlement: Settlement) -> None:
+        self._forget(delivery)
         await self._done(delivery)  # a delivery that ended before publishing (requeued, say)
 
-    async def _done(self, delivery: Delivery) -> None:
-        if id(delivery) in self._storing:
-            await self._resize(lambda storing: storing.discard(id(delivery)))
+    def report(self, request_id: str, fraction: float, stage: str) -> None:
+        """A slot's progress report (called on the loop): when will its analysis end?"""
+        analysis = self._analyses.get(request_id)
+        if analysis is None or analysis.key in self._ahead or self._lead_s <= 0:
+            return  # lead 0: the window widens when the analysis ends
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if analysis.first is None:
+            analysis.first = now
+            return
+        if stage != "decode":  # the analyzers: a few per cent of the analysis are left
+            self._ask_ahead(analysis.key)
+            return
+        if fraction <= 0.0:
+            return
+        analysis.last = (now, fraction)
+        ends = analysis.first + (now - analysis.first) * self._scale / fraction
+        if analysis.timer is not None:
+            analysis.timer.cancel()
+        analysis.timer = loop.call_at(ends - self._lead_s, self._ask_ahead, analysis.key)
 
-    async def _resize(self, change: Callable[[set[int]], None]) -> None:
+    def _learn(self, delivery: Delivery) -> None:
+        """Drop the ended analysis; learn the scale of the end's estimate from its last report."""
+        analysis = self._forget(delivery)
+        if analysis is None or analysis.first is None or analysis.last is None:
+            return
+        at, fraction = analysis.last
+        if at > analysis.first:
+            scale = fraction * (asyncio.get_running_loop().time() - analysis.first) / (at - analysis.first)
+            self._scale += 0.2 * (min(max(scale, 0.05), 1.0) - self._scale)
+
+    def _forget(self, delivery: Delivery) -> _Analysis | None:
+        if delivery.request is None:
+            return None
+        analysis = self._analyses.get(delivery.request.request_id)
+        if analysis is None or analysis.key != id(delivery):
+            return None
+        del self._analyses[delivery.request.request_id]
+        if analysis.timer is not None:
+            analysis.timer.cancel()
+        return analysis
+
+    def _ask_ahead(self, key: int) -> None:
+        if key not in self._ahead:
+            self._ahead.add(key)
+            task = asyncio.create_task(self._resize())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _done(self, delivery: Delivery) -> None:
+        if id(delivery) in self._ahead:
+            self._ahead.discard(id(delivery))
+            await self._resize()
+
+    async def _resize(self) -> None:
         async with self._lock:  # the broker applies the calls in the order they are made
-            change(self._storing)
             # At most one extra delivery per slot: while a store is down, requests pile up in their
             # store phase, and the window must not grow with them.
-            window = self._slots + min(len(self._storing), self._slots)
+            window = self._slots + min(len(self._ahead), self._slots)
             if window != self._window:
                 self._window = window
                 await self._set_window(window)
@@ -182,6 +265,10 @@ class ProgressHook:
             request = delivery.request
             assert request is not None
             self._analysing.add(request.request_id)
+            # Counts as a report: the slot's first one (decoding at 0 %) follows within a moment and
+            # is not written again; a short analysis then costs the start, a report every 0.5 s,
+            # its last one and the outcome.
+            self._last[request.request_id] = time.monotonic()
             await self._update(
                 request.request_id,
                 status="running",
@@ -199,6 +286,7 @@ class ProgressHook:
     async def settled(self, delivery: Delivery, settlement: Settlement) -> None:
         if delivery.request is not None:
             self._analysing.discard(delivery.request.request_id)
+            self._last.pop(delivery.request.request_id, None)  # ended outside its analyse step
         if delivery.stored is None:
             return
         result = delivery.stored.result

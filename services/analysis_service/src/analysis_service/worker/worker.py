@@ -125,6 +125,7 @@ class Worker:
         self._started: set[str] = set()
         self._progress: ProgressStore | None = None
         self._progress_hook: ProgressHook | None = None
+        self._prefetch_hook: PrefetchHook | None = None
         self._cache: ResultCache | None = None
         self._pipeline: Pipeline | None = None
         self._http: HttpServer | None = None
@@ -242,6 +243,7 @@ class Worker:
         assert self._publisher is not None
         assert self._progress is not None
         self._progress_hook = ProgressHook(self._progress, self._best_effort)
+        self._prefetch_hook = self._window_hook()
         return Pipeline(
             settings=self.settings,
             registry=self.registry,
@@ -251,12 +253,17 @@ class Worker:
             slots=self._slots,
             cache=self._cache,
             guards=self._guards,
-            hooks=(LogContextHook(), MetricsHook(self.metrics), self._progress_hook, *self._window_hook()),
+            hooks=(
+                LogContextHook(),
+                MetricsHook(self.metrics),
+                self._progress_hook,
+                *((self._prefetch_hook,) if self._prefetch_hook else ()),
+            ),
             best_effort=self._best_effort,
             prepare=self._prepare,
         )
 
-    def _window_hook(self) -> tuple[PrefetchHook, ...]:
+    def _window_hook(self) -> PrefetchHook | None:
         """The prefetch window's hook, when the stores of one request overlap the next analysis.
 
         Only classic queues: a quorum queue's prefetch is per consumer, and ``basic.qos`` applies
@@ -264,8 +271,8 @@ class Worker:
         """
         s = self.settings
         if not s.worker.overlap_stores or s.rabbitmq.queue_type != "classic":
-            return ()
-        return (PrefetchHook(self.concurrency, self._set_window),)
+            return None
+        return PrefetchHook(self.concurrency, self._set_window, lead_s=s.worker.prefetch_lead_s)
 
     async def _set_window(self, prefetch: int) -> None:
         channel = self._channel
@@ -496,10 +503,16 @@ class Worker:
                 return  # the queue was closed at shutdown (TypeError: closed while reading)
             if item is None:
                 return
-            hook = self._progress_hook
-            if hook is not None:
-                with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                    loop.call_soon_threadsafe(hook.forward, *item)
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                loop.call_soon_threadsafe(self._on_progress, *item)
+
+    def _on_progress(self, request_id: str, fraction: float, stage: str) -> None:
+        """A pool process's report (on the loop): to Redis, and to the prefetch window (the end of
+        the analysis it expects)."""
+        if self._progress_hook is not None:
+            self._progress_hook.forward(request_id, fraction, stage)
+        if self._prefetch_hook is not None:
+            self._prefetch_hook.report(request_id, fraction, stage)
 
     async def _repair_progress(self) -> None:
         """Write again the terminal progress Redis missed, once it answers."""
