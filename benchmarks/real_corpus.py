@@ -348,11 +348,24 @@ def hydrogen_rows(root: Path, out: Path) -> list[dict[str, str]]:
 def midi_tempo(path: Path) -> tuple[float | None, str]:
     """The one tempo (quarter notes per minute) a MIDI file states, or ``None`` and the reason it
     has none usable: tempo changes, no tempo event, or a metre whose beat is not the quarter."""
-    midi = mido.MidiFile(path)
+    try:
+        midi = mido.MidiFile(path)
+    except (OSError, EOFError, ValueError, KeyError) as exc:
+        return None, f"unreadable ({exc})"
     tempos = {round(mido.tempo2bpm(m.tempo), 2) for t in midi.tracks for m in t if m.type == "set_tempo"}
     metres = {(m.numerator, m.denominator) for t in midi.tracks for m in t if m.type == "time_signature"}
     if len(tempos) != 1:
         return None, f"{len(tempos)} tempi stated"
+    first_note = first_tempo = None
+    tick = 0
+    for m in mido.merge_tracks(midi.tracks):
+        tick += m.time
+        if m.type == "set_tempo" and first_tempo is None:
+            first_tempo = tick
+        if m.type == "note_on" and m.velocity > 0 and first_note is None:
+            first_note = tick
+    if first_tempo is None or (first_note is not None and first_tempo > first_note):
+        return None, "notes before the tempo is stated (they play at MIDI's default 120)"
     if any(den != 4 or num not in SIMPLE_METRES for num, den in metres):
         return None, f"metre {sorted(metres)}: the beat is not the quarter note"
     metre = "/".join(map(str, sorted(metres)[0])) if metres else "none stated (MIDI's default 4/4)"
@@ -465,7 +478,10 @@ def main() -> None:
     if "hydrogen" in only:
         rows += hydrogen_rows(fetch((HYDROGEN_PACKAGE,), work), work)
     if "midi" in only:
-        rows += midi_rows(fetch(tuple(p for p, _ in MIDI_SOURCES), work), work, args.max_seconds)
+        midi = midi_rows(fetch(tuple(p for p, _ in MIDI_SOURCES), work), work, args.max_seconds)
+        if not midi:
+            sys.exit(f"no usable MIDI file under {[folder for _, folder in MIDI_SOURCES]}")
+        rows += midi
     truth = work / "truth_real.csv"
     with truth.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, list(rows[0]))

@@ -92,7 +92,7 @@ def test_output_of_a_song(make: Make) -> None:
     assert out.mood.label
     assert out.timeline is None
     assert out.extra == {}
-    assert out.analyzer_versions == VERSIONS == {"bpm": "1.3.0", "key": "1.1.0", "mood": "1.1.0"}
+    assert out.analyzer_versions == VERSIONS == {"bpm": "1.3.0", "key": "1.1.0", "mood": "1.2.0"}
 
 
 def test_timings_cover_every_stage(make: Make) -> None:

@@ -806,14 +806,15 @@ def _cancelled_channel(
     if n == 0:
         return None
     power = float(np.dot(mono, mono)) / n
-    if power >= _QUIET_POWER:
+    if not power < _QUIET_POWER:  # loud enough, or NaN (left as it is, as before)
         return None
     powers = [float(np.mean(np.square((np.asarray(c, np.float64) - offset) * scale))) for c in columns]
-    if max(powers) <= power * 10 ** (CANCELLED_DB / 10):
+    loudest = max(powers)
+    if not np.isfinite(loudest) or loudest <= power * 10 ** (CANCELLED_DB / 10):
         return None
     # The first channel within 3 dB of the loudest: channels of equal level (L = -R) give the same
     # one in every frame, whatever the rounding, so the signal never flips sign between frames.
-    return next(i for i, p in enumerate(powers) if p >= 0.5 * max(powers))
+    return next((i for i, p in enumerate(powers) if p >= 0.5 * loudest), None)
 
 
 def _resampled(chunks: Iterable[tuple[int, FloatArray]], *, out_rate: int) -> Iterator[FloatArray]:
