@@ -274,6 +274,24 @@ def test_channels_that_cancel_in_the_average_give_the_loudest_channel(
 
 
 @pytest.mark.parametrize("decoder", ["soundfile", "pyav"])
+def test_once_channels_cancel_a_residue_near_the_line_keeps_the_channel(tmp_path: Path, decoder: str) -> None:
+    # Opposed channels whose residue crosses the 40 dB line (as after lossy coding): -46 dB, then
+    # -36 dB, then -46 dB again, each for one libsndfile chunk. Switching between the channel and
+    # the residue would put level jumps of 30 dB into the features.
+    rng = np.random.default_rng(1)
+    left = (0.3 * rng.standard_normal(3 * 65536)).astype(np.float32)
+    residue = np.repeat(np.array([0.005, 0.03, 0.005], dtype=np.float32), 65536)
+    path = _write(
+        tmp_path / "lossy.wav", np.stack([left, -(1 - residue) * left], axis=1), TARGET, subtype="FLOAT"
+    )
+    info = replace(probe(path, settings=SETTINGS), decoder=decoder)
+
+    np.testing.assert_allclose(
+        np.concatenate(list(iter_mono_blocks(info, target_rate=TARGET))), left, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("decoder", ["soundfile", "pyav"])
 def test_a_nan_sample_does_not_break_the_cancellation_check(tmp_path: Path, decoder: str) -> None:
     left = 0.5 * _tone(TARGET, 2.0)[:, 0]
     data = np.stack([left, -left], axis=1)

@@ -644,6 +644,7 @@ def _decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
     """
     _check_file(info.path)  # gone or unreadable since probe()?
     decoded = good = bad = filled = 0
+    chosen: int | None = None  # the channel used where the channels cancel (see _cancelled_channel)
     buffer = np.empty(CHUNK_FRAMES, dtype=np.float32)  # reused: no allocation per decoded frame
     rate = info.sample_rate
     with _open(info.path) as container:
@@ -665,7 +666,7 @@ def _decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
                     if n > len(buffer):
                         buffer = np.empty(n, dtype=np.float32)
                     rate = frame.sample_rate
-                    _downmix_into(frame, buffer[filled : filled + n])
+                    chosen = _downmix_into(frame, buffer[filled : filled + n], chosen)
                     filled += n
                     decoded += n
                     if info.max_frames and decoded > info.max_frames:
@@ -699,6 +700,7 @@ def _soundfile_decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
             return
         buffer = np.empty((CHUNK_FRAMES, info.channels), dtype=np.float32)
         decoded = bad = 0
+        chosen: int | None = None
         while True:
             try:
                 n = int(f.buffer_read_into(buffer, dtype="float32"))
@@ -715,8 +717,10 @@ def _soundfile_decoded(info: AudioInfo) -> Iterator[tuple[int, FloatArray]]:
                 mono += buffer[:n, channel]
             if info.channels > 1:
                 mono *= np.float32(1.0 / info.channels)
-                loudest = _cancelled_channel(mono, [buffer[:n, c] for c in range(info.channels)])
+                columns = [buffer[:n, c] for c in range(info.channels)]
+                loudest = _cancelled_channel(mono, columns, chosen=chosen)
                 if loudest is not None:
+                    chosen = loudest
                     mono = buffer[:n, loudest].copy()
             yield info.sample_rate, mono
     _check_complete(info, decoded=decoded, good=max(1, decoded // CHUNK_FRAMES), bad=bad)
@@ -759,8 +763,11 @@ _SAMPLES: dict[str, tuple[type[np.generic], float]] = {
 }
 
 
-def _downmix_into(frame: Any, out: FloatArray) -> None:
+def _downmix_into(frame: Any, out: FloatArray, chosen: int | None = None) -> int | None:
     """Average a decoded PyAV frame over its channels into ``out`` (float32, ``frame.samples`` long).
+
+    Where the channels cancel, one channel instead (:func:`_cancelled_channel`; ``chosen`` is the
+    channel an earlier frame of the file used, and the return value the one to pass on).
 
     The planes are read in place (``np.frombuffer``; ``AudioFrame.to_ndarray`` stacks them first,
     which costs more than decoding MP3's small frames) and summed into ``out`` without
@@ -784,23 +791,34 @@ def _downmix_into(frame: Any, out: FloatArray) -> None:
     if factor != 1.0:
         out *= np.float32(factor)
     if channels > 1 and np.dot(out, out) < _QUIET_POWER * n:  # inline: this runs for every frame
-        loudest = _cancelled_channel(out, columns, scale=scale, offset=128.0 if dtype is np.uint8 else 0.0)
+        offset = 128.0 if dtype is np.uint8 else 0.0
+        loudest = _cancelled_channel(out, columns, scale=scale, offset=offset, chosen=chosen)
         if loudest is not None:
             np.copyto(out, columns[loudest], casting="unsafe")
             if dtype is np.uint8:
                 out -= np.float32(128)
             if scale != 1.0:
                 out *= np.float32(scale)
+            return loudest
+    return chosen
 
 
 def _cancelled_channel(
-    mono: FloatArray, columns: list[Any], *, scale: float = 1.0, offset: float = 0.0
+    mono: FloatArray,
+    columns: list[Any],
+    *,
+    scale: float = 1.0,
+    offset: float = 0.0,
+    chosen: int | None = None,
 ) -> int | None:
     """Index of a loudest channel when the channels cancel in ``mono`` (their average), else None.
 
     ``columns`` are the channels' raw samples; ``(sample - offset) * scale`` is their value in
     [-1, 1]. They cancel when ``mono``'s RMS is below ``CANCEL_CHECK_DBFS`` and more than
-    ``CANCELLED_DB`` below the loudest channel's.
+    ``CANCELLED_DB`` below the loudest channel's. Once they have (``chosen``, from an earlier frame
+    of the same file), every quiet frame in which that channel is louder than the average keeps
+    it: lossy-coded opposed channels leave a residue that wanders across the 40 dB line, and
+    switching between a channel and the residue would put false onsets into the features.
     """
     n = len(mono)
     if n == 0:
@@ -809,6 +827,8 @@ def _cancelled_channel(
     if not power < _QUIET_POWER:  # loud enough, or NaN (left as it is, as before)
         return None
     powers = [float(np.mean(np.square((np.asarray(c, np.float64) - offset) * scale))) for c in columns]
+    if chosen is not None and powers[chosen] > power:
+        return chosen
     loudest = max(powers)
     if not np.isfinite(loudest) or loudest <= power * 10 ** (CANCELLED_DB / 10):
         return None
