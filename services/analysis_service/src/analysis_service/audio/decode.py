@@ -34,9 +34,10 @@ header promises far more audio than its size can hold (``truncated_audio``, at o
 
 Channels are averaged to mono, except where they cancel: a stereo file whose right channel is the
 left one inverted (a real tracker render was) averages to near silence. Where the average of a
-decoded frame is more than :data:`CANCELLED_DB` below its loudest channel, that channel is used
-(:func:`_cancelled_channel`); it is only looked for in frames whose average is quieter than
-:data:`CANCEL_CHECK_DBFS`, so ordinary audio pays one dot product per frame.
+decoded frame is more than :data:`CANCELLED_DB` below its loudest channel, that channel is used,
+and from then on in every quiet frame of the file where it is the louder (:func:`_cancelled_channel`);
+it is only looked for in frames whose average is quieter than :data:`CANCEL_CHECK_DBFS`, so
+ordinary audio pays one dot product per frame.
 
 Nothing here holds a whole file in memory: decoded frames are averaged to mono, gathered into
 chunks of :data:`CHUNK_FRAMES`, resampled with a streaming ``soxr`` resampler and handed on in
