@@ -53,7 +53,7 @@ It multiplies four things:
   Moelants 2006). A reading of 85 or 185 BPM is an octave judgement more often than one of 120;
   on the real recordings most wrong answers were such readings, and with this factor the
   confidence ranks right answers above wrong ones there too (ROC AUC on the 103 real files of
-  ``docs/accuracy.md``: 0.63 before, 0.75 with it and the bar salience).
+  ``docs/accuracy.md``: 0.62 before, 0.75 with it and the bar salience).
 
 A doubled mid-tempo song whose double is not clearly stronger therefore no longer gets 1.0.
 """
