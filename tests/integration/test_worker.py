@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,42 @@ async def test_request_is_analysed_stored_everywhere_and_acked(settings: Setting
     assert (progress["key"], progress["camelot"]) == ("A minor", "8A")
     assert float(progress["bpm"]) == pytest.approx(120, rel=0.04)
     assert ttl > 0
+
+
+async def test_a_completed_request_is_reported_running_then_completed_once(
+    settings: Settings, redis_url: str
+) -> None:
+    """The engine's own end report (its 'done' at 100 %) is not written: the terminal state that
+    follows says it, once. Every update is one Redis write (hash + expiry + two publishes)."""
+    write_song(settings.worker.media_root / "a.wav")
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(f"{settings.redis.key_prefix}:progress:req-p")
+    updates: list[dict[str, Any]] = []
+    try:
+        async with Broker(settings) as broker, running_worker(settings):
+            await broker.publish(request("req-p", "a.wav"))
+            [result] = await broker.results(1)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10.0
+            while loop.time() < deadline and not (updates and updates[-1]["status"] != "running"):
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                if message is not None:
+                    updates.append(json.loads(message["data"]))
+            while (
+                message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.3)
+            ) is not None:
+                updates.append(json.loads(message["data"]))  # nothing may follow the terminal state
+        progress = await redis.hgetall(f"{settings.redis.key_prefix}:progress:req-p")
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+    assert result.status is ResultStatus.COMPLETED
+    steps = [(u["status"], u["stage"]) for u in updates]
+    assert steps[0] == ("running", "started")
+    assert steps[-1] == ("completed", "done")
+    assert all(status == "running" and stage != "done" for status, stage in steps[1:-1]), steps
+    assert (progress["status"], float(progress["percent"]), progress["stage"]) == ("completed", 100.0, "done")
 
 
 async def test_bad_inputs_fail_with_specific_codes_and_are_dead_lettered(settings: Settings) -> None:

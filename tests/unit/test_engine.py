@@ -278,3 +278,20 @@ def test_timeline_can_be_forced_or_suppressed(make: Make) -> None:
     assert [(s.start_s, s.end_s) for s in forced.timeline] == [(0.0, 4.0)]
     assert suppressed.timeline is None
     assert "timeline" not in suppressed.timings_s
+
+
+def test_a_file_probed_by_the_caller_is_not_probed_again(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    import analysis_service.audio.engine as engine
+    from analysis_service.audio.decode import probe
+
+    path = make("song.wav", _song(4.0, rate=44100), rate=44100)
+    info = probe(path, settings=SETTINGS)
+
+    def no_probe(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(engine, "probe", no_probe)
+    out = analyze_file(path, settings=SETTINGS, analyses=["bpm"], info=info)
+    assert (out.source_sample_rate, out.format) == (44100, "wav")
+    with pytest.raises(ValueError, match="not"):
+        analyze_file(make("other.wav", _song(4.0)), settings=SETTINGS, info=info)

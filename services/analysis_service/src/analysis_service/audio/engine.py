@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis_service.audio.decode import iter_mono_blocks, probe
+from analysis_service.audio.decode import AudioInfo, iter_mono_blocks, probe
 from analysis_service.audio.features import FeatureExtractor, Features
 from analysis_service.audio.key import NOTE_NAMES, KeyEstimate
 from analysis_service.audio.mood import MoodEstimate
@@ -47,6 +47,7 @@ def analyze_file(
     timeline: bool | None = None,
     progress: ProgressCallback | None = None,
     registry: Mapping[str, Analyzer] | None = None,
+    info: AudioInfo | None = None,
 ) -> EngineOutput:
     """Decode ``path`` once, compute the shared features once, and run the analyzers over them.
 
@@ -65,12 +66,19 @@ def analyze_file(
         Called with ``(fraction, stage)`` as work proceeds (at least once per decoded block).
     registry : mapping, optional
         Analyzers by name (default: :func:`build_registry`).
+    info : AudioInfo, optional
+        What :func:`~analysis_service.audio.decode.probe` returned for this file, unchanged since,
+        with these ``settings`` (the file is then not probed again). By default it is probed here.
 
     Raises
     ------
     analysis_service.errors.AudioInputError
         A subclass naming what is wrong with the input (missing, not audio, silent, too long...).
+    ValueError
+        ``info`` describes another path.
     """
+    if info is not None and info.path != os.fspath(path):
+        raise ValueError(f"info describes {info.path!r}, not {os.fspath(path)!r}")
     report = progress or _noop
     registry = build_registry() if registry is None else registry
     plan = resolve(registry, analyses)
@@ -78,7 +86,8 @@ def analyze_file(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    info = probe(path, settings=settings)
+    if info is None:
+        info = probe(path, settings=settings)
     report(0.0, "decode")
     features, features_s = _extract(
         info_blocks=iter_mono_blocks(info, target_rate=settings.sample_rate),
@@ -88,7 +97,7 @@ def analyze_file(
         max_s=settings.max_duration_s,
         path=str(path),
     )
-    timings["decode"] = round(time.perf_counter() - t0 - features_s, 4)  # probe + decode + resample
+    timings["decode"] = round(time.perf_counter() - t0 - features_s, 4)  # (probe) + decode + resample
     timings["features"] = round(features_s, 4)
     _check_signal(features, path=str(path))
     t = time.perf_counter()

@@ -266,8 +266,8 @@ class ProgressHook:
             assert request is not None
             self._analysing.add(request.request_id)
             # Counts as a report: the slot's first one (decoding at 0 %) follows within a moment and
-            # is not written again; a short analysis then costs the start, a report every 0.5 s,
-            # its last one and the outcome.
+            # is not written again; a short analysis then costs the start, a report every 0.5 s and
+            # the outcome.
             self._last[request.request_id] = time.monotonic()
             await self._update(
                 request.request_id,
@@ -325,11 +325,15 @@ class ProgressHook:
         return len(self._debt)
 
     def forward(self, request_id: str, fraction: float, stage: str) -> None:
-        """A pool process's report (called on the loop): throttled to one update per 0.5 s."""
-        if request_id not in self._analysing:
-            return  # late: the request has moved on
+        """A pool process's report (called on the loop): throttled to one update per 0.5 s.
+
+        The engine's last report (1.0, ``"done"``) is not written: the terminal state, written
+        when the request settles, says the same (one Redis write less per completed request).
+        """
+        if request_id not in self._analysing or fraction >= 1.0:
+            return  # late (the request has moved on), or the analysis' end: the terminal state follows
         now = time.monotonic()
-        if now - self._last.get(request_id, 0.0) < _PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
+        if now - self._last.get(request_id, 0.0) < _PROGRESS_MIN_INTERVAL_S:
             return
         self._last[request_id] = now
         task = asyncio.create_task(

@@ -126,6 +126,8 @@ class Delivery:
     request_id: str
     fields: RequestFields
     request: AnalysisRequest | None = None
+    #: The request's file inside the media root (absolute, symlinks resolved), found by :func:`parse`.
+    path: str | None = None
     problem: AnalysisServiceError | None = None
     claimed_id: str | None = None
     counted_start: bool = False
@@ -171,13 +173,15 @@ def parse(message: AbstractIncomingMessage, *, settings: Settings, registry: dic
     try:
         request = _validate(body, max_bytes=settings.worker.max_body_bytes)
         resolve(registry, request.analyses)  # an unknown (plugin) analyzer: unknown_analyzer
-        resolve_media_path(settings.worker.media_root, request.file)
+        path = resolve_media_path(settings.worker.media_root, request.file)
     except AnalysisServiceError as exc:
         # A body refused before parsing (too large, not UTF-8) is never parsed for its id.
         parsed = not isinstance(exc, RequestTooLarge | InvalidEncoding)
         rid = (_claimed_id(body) if parsed else None) or rejected_id(body)
         return Delivery(message, received, rid, RequestFields(fingerprint=digest), problem=exc)
-    return Delivery(message, received, request.request_id, RequestFields.of(request), request=request)
+    return Delivery(
+        message, received, request.request_id, RequestFields.of(request), request=request, path=str(path)
+    )
 
 
 def rejected_id(body: bytes) -> str:
@@ -409,7 +413,8 @@ class Pipeline:
     async def _analyse_once(self, d: Delivery, request: AnalysisRequest) -> tuple[EngineOutput, str, bool]:
         """Probe and hash the file in a slot, answer from the cache or analyse it in the same slot."""
         s = self.settings
-        path = str(resolve_media_path(s.worker.media_root, request.file))
+        path = d.path
+        assert path is not None, "parse() resolves the path of every valid request"
         analyses = list(request.analyses)
         versions = {a.name: a.version for a in resolve(self.registry, analyses)}
         timeline = request.options.timeline

@@ -1,0 +1,96 @@
+"""The pool's jobs in process: a slot probes a file once per request (inspection, then analysis)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import soundfile as sf
+
+import analysis_service.audio.decode
+import analysis_service.audio.engine
+from analysis_service.audio.synth import demo_song
+from analysis_service.pool import inspect_file, run_analysis
+from analysis_service.settings import EngineSettings
+from analysis_service.worker.pipeline import run_analysis_in_slot
+
+SETTINGS = EngineSettings()
+
+
+def write(path: Path, *, rate: int = 22050, bpm: float = 120.0, seconds: float = 4.0) -> Path:
+    sf.write(path, demo_song(bpm=bpm, tonic=9, mode="minor", seconds=seconds, sample_rate=rate), rate)
+    return path
+
+
+@pytest.fixture
+def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths ``probe`` is called with, wherever it is called from."""
+    calls: list[str] = []
+    real: Callable[..., Any] = analysis_service.audio.decode.probe
+
+    def counting(path: Any, **kwargs: Any) -> Any:
+        calls.append(os.fspath(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(analysis_service.audio.decode, "probe", counting)
+    monkeypatch.setattr(analysis_service.audio.engine, "probe", counting)
+    return calls
+
+
+def analyse(path: Path, settings: EngineSettings = SETTINGS) -> Any:
+    """What a worker's slot runs after :func:`inspect_file` (the same function, in process)."""
+    return run_analysis_in_slot(str(path), settings, ["bpm"], None, "req-1")
+
+
+def test_a_request_probes_its_file_once(tmp_path: Path, probes: list[str]) -> None:
+    path = str(write(tmp_path / "a.wav"))
+    facts = inspect_file(path, SETTINGS)
+    out = analyse(Path(path))
+    assert probes == [path]
+    assert out.duration_s == pytest.approx(facts.duration_s, abs=0.01)
+    assert out.source_sample_rate == 22050
+    # The inspection's header is used once: a second analysis of the file probes it again.
+    analyse(Path(path))
+    assert probes == [path, path]
+
+
+def test_a_file_replaced_after_its_inspection_is_probed_again(tmp_path: Path, probes: list[str]) -> None:
+    path = write(tmp_path / "a.wav")
+    inspect_file(str(path), SETTINGS)
+    os.replace(write(tmp_path / "b.wav", rate=44100), path)
+    out = analyse(path)
+    assert probes == [str(path), str(path)]
+    assert out.source_sample_rate == 44100
+
+
+def test_a_file_rewritten_in_place_is_probed_again(tmp_path: Path, probes: list[str]) -> None:
+    """Same inode, same size, new content: its modification time tells."""
+    path = write(tmp_path / "a.wav", bpm=120.0)
+    inspect_file(str(path), SETTINGS)
+    before = path.stat()
+    with path.open("r+b") as fh:  # in place: keeps the inode
+        fh.write(write(tmp_path / "b.wav", bpm=90.0).read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    after = path.stat()
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    analyse(path)
+    assert probes == [str(path), str(path)]
+
+
+def test_other_settings_or_another_file_are_probed(tmp_path: Path, probes: list[str]) -> None:
+    a, b = str(write(tmp_path / "a.wav")), str(write(tmp_path / "b.wav"))
+    inspect_file(a, SETTINGS)
+    analyse(Path(a), EngineSettings(max_duration_s=600.0))  # the header was checked against others
+    inspect_file(a, SETTINGS)
+    analyse(Path(b))
+    assert probes == [a, a, a, b]
+
+
+def test_the_command_line_path_probes_as_before(tmp_path: Path, probes: list[str]) -> None:
+    """``analyze`` inspects files in another process: its slot's analysis probes the file itself."""
+    path = str(write(tmp_path / "a.wav"))
+    run_analysis(path, settings=SETTINGS, analyses=["bpm"])
+    assert probes == [path]
