@@ -47,6 +47,8 @@ def test_a_fast_backbeat_is_not_halved(song_features: FeaturesOf, bpm: float) ->
 def test_without_the_backbeat_weight_a_fast_backbeat_is_halved(
     song_features: FeaturesOf, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The minor demo song: with the preference at 115 BPM the major one (whose chords add
+    # onsets on every beat) is read at 170 with or without the backbeat step.
     features = song_features(bpm=170.0, tonic=2, mode="minor")
     assert estimate_tempo(features).bpm == pytest.approx(170.0, rel=0.04)
     monkeypatch.setattr(tempo, "BACKBEAT_WEIGHT", 0.0)
@@ -109,13 +111,30 @@ def _tresillo_bars(bpm: float, *, bars: int = 20) -> np.ndarray:
     return y
 
 
-@pytest.mark.parametrize("bpm", [110.0, 125.0])
-def test_a_tresillo_groove_keeps_the_pulse_that_divides_its_bar(bpm: float) -> None:
-    # The beat or its half (both divide the bar), never the x2/3 pulse. Which octave a kicks-only
-    # figure is heard at is the tempo preference's call: at 125 BPM its half, 62.5, is a candidate
-    # (x3/8 of the strongest pulse) and wins, as a listener counting the bar in two might.
-    est = estimate_tempo(features_of_signal(_tresillo_bars(bpm))).bpm
-    assert min(abs(est / bpm - level) for level in (0.5, 1.0)) < 0.04, est
+@pytest.mark.parametrize(
+    "bpm",
+    [
+        110.0,
+        pytest.param(
+            125.0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="read at half, 62.5 BPM: since every relative is a candidate, the half (x3/4 "
+                "of the strongest, x2/3 pulse) is one, and the kicks' noise bursts, which repeat "
+                "only every bar, give it a backbeat contrast (0.47 against 0.06) that outweighs "
+                "the tempo preference; before, 62.5 was no candidate",
+            ),
+        ),
+    ],
+)
+def test_a_tresillo_groove_keeps_the_beat_that_divides_its_bar(bpm: float) -> None:
+    assert estimate_tempo(features_of_signal(_tresillo_bars(bpm))).bpm == pytest.approx(bpm, rel=0.04)
+
+
+def test_a_tresillo_groove_is_never_read_at_its_two_thirds_pulse() -> None:
+    # What the bar salience is for holds at 125 BPM too: the beat's family wins, whatever octave.
+    est = estimate_tempo(features_of_signal(_tresillo_bars(125.0))).bpm
+    assert min(abs(est / 125.0 - level) for level in (0.5, 1.0)) < 0.04, est
 
 
 def test_without_the_bar_salience_a_tresillo_groove_is_read_at_two_thirds(
@@ -191,3 +210,20 @@ def test_a_short_loop_weights_its_lags_like_a_long_recording() -> None:
     short = windowed_acf(train[: int(8 * rate)], rate=rate, max_lag=4 * period + 2)
     for k in (1, 2, 3, 4):
         assert short[k * period] == pytest.approx(long[k * period], rel=0.15)
+
+
+def test_bar_salience_finds_the_bar_of_a_slightly_inexact_beat(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A beat estimated 0.6 % off reads the fourth bar's repetition about three frames early; the
+    # search within BAR_TOLERANCE still finds it, an exact read of the inexact period does not.
+    rate, bpm = 86.0, 125.0
+    bar = 4 * rate * 60 / bpm
+    curve = np.zeros(int(60 * rate))
+    for start in np.arange(0, len(curve) - bar, bar):
+        curve[round(float(start))] = 1.0
+        curve[round(float(start + 1.5 * bar / 4))] = 0.6
+    acf = windowed_acf(curve, rate=rate, window_s=tempo.METRE_WINDOW_S, max_lag=int(24 * rate))
+    exact = bar_salience(acf, rate=rate, bpm=bpm)
+    off = bar_salience(acf, rate=rate, bpm=bpm * 1.006)
+    assert off == pytest.approx(exact, rel=0.1)
+    monkeypatch.setattr(tempo, "BAR_TOLERANCE", 0.0)
+    assert bar_salience(acf, rate=rate, bpm=bpm * 1.006) < 0.8 * exact
