@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from analysis_service.cli.cache import FileIdentity, ResultCache, config_digest, default_cache_path
+from analysis_service.cli.cache import ResultCache, config_digest, default_cache_path
 from analysis_service.cli.discover import Selection, expand_paths
 from analysis_service.cli.progress import Stats
 from analysis_service.cli.settings_view import redact, redact_url
+from analysis_service.media import FileIdentity
 from service_shared.messages import EngineOutput, TempoResult
 
 OUTPUT = EngineOutput(

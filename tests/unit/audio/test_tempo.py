@@ -94,21 +94,40 @@ def test_confidence_is_a_probability_in_range(song_features: FeaturesOf) -> None
     assert 0.0 <= est.confidence <= 1.0
 
 
-def _tresillo_bars(bpm: float, *, bars: int = 20) -> np.ndarray:
-    """Kicks on 3+3+2 eighth notes (beats 1, 2.5 and 4) of every four-beat bar: the strongest
-    periodicity is 1.5 beats, the x2/3 pulse, which does not divide the bar."""
-    rng = np.random.default_rng(0)
-    eighth = SR * 60 / bpm / 2
-    y = np.zeros(int(eighth * 8 * bars) + SR, dtype=np.float32)
+def _kick_bars(
+    bpm: float,
+    *,
+    steps_per_beat: int,
+    kicks: tuple[int, ...],
+    hats: tuple[int, ...] = (),
+    seed: int,
+    bars: int = 20,
+) -> np.ndarray:
+    """Four-beat bars on a grid of ``steps_per_beat`` steps per beat: a kick with a noise burst on
+    each step of ``kicks``, a quiet hat on each step of ``hats``."""
+    rng = np.random.default_rng(seed)
+    step = SR * 60 / bpm / steps_per_beat
+    per_bar = 4 * steps_per_beat
+    y = np.zeros(int(step * per_bar * bars) + SR, dtype=np.float32)
     t = np.arange(2000) / SR
     kick = (np.sin(2 * np.pi * 60 * t) * np.exp(-t / 0.05)).astype(np.float32)
     noise = (0.3 * rng.standard_normal(600) * np.exp(-np.arange(600) / 100)).astype(np.float32)
+    hat = (0.05 * np.diff(rng.standard_normal(301)) * np.exp(-np.arange(300) / 30)).astype(np.float32)
     for b in range(bars):
-        for e in (0, 3, 6):
-            i = int((b * 8 + e) * eighth)
+        for k in kicks:
+            i = int((b * per_bar + k) * step)
             y[i : i + 2000] += kick
             y[i : i + 600] += noise
+        for h in hats:
+            i = int((b * per_bar + h) * step)
+            y[i : i + 300] += hat
     return y
+
+
+def _tresillo_bars(bpm: float) -> np.ndarray:
+    """Kicks on 3+3+2 eighth notes (beats 1, 2.5 and 4) of every four-beat bar: the strongest
+    periodicity is 1.5 beats, the x2/3 pulse, which does not divide the bar."""
+    return _kick_bars(bpm, steps_per_beat=2, kicks=(0, 3, 6), seed=0)
 
 
 @pytest.mark.parametrize(
@@ -158,27 +177,12 @@ def test_bar_salience_is_higher_for_the_beat_that_divides_the_bar() -> None:
     assert beat_level > bar_salience(acf, rate=rate, bpm=bpm * 4 / 3) + 0.2
 
 
-def _dotted_eighth_bars(bpm: float, *, bars: int = 20) -> np.ndarray:
+def _dotted_eighth_bars(bpm: float) -> np.ndarray:
     """Kicks on 3+3+3+3+2+2 sixteenth notes of every four-beat bar (the dotted-eighth figure of
     much game and dance music) over a quiet hat on every beat: the strongest periodicity is three
     quarters of a beat, the x4/3 pulse, and the beat is x3/4 of it, not a multiple or division
     of it by 2 or 3."""
-    rng = np.random.default_rng(1)
-    sixteenth = SR * 60 / bpm / 4
-    y = np.zeros(int(sixteenth * 16 * bars) + SR, dtype=np.float32)
-    t = np.arange(2000) / SR
-    kick = (np.sin(2 * np.pi * 60 * t) * np.exp(-t / 0.05)).astype(np.float32)
-    noise = (0.3 * rng.standard_normal(600) * np.exp(-np.arange(600) / 100)).astype(np.float32)
-    hat = (0.05 * np.diff(rng.standard_normal(301)) * np.exp(-np.arange(300) / 30)).astype(np.float32)
-    for b in range(bars):
-        for s in (0, 3, 6, 9, 12, 14):
-            i = int((b * 16 + s) * sixteenth)
-            y[i : i + 2000] += kick
-            y[i : i + 600] += noise
-        for s in range(0, 16, 4):  # a quiet hat on every beat
-            i = int((b * 16 + s) * sixteenth)
-            y[i : i + 300] += hat
-    return y
+    return _kick_bars(bpm, steps_per_beat=4, kicks=(0, 3, 6, 9, 12, 14), hats=(0, 4, 8, 12), seed=1)
 
 
 @pytest.mark.parametrize("bpm", [90.0, 100.0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from analysis_service.errors import FileUnreadable, PathOutsideMediaRoot
@@ -26,3 +28,22 @@ def resolve_media_path(media_root: Path, file: str) -> Path:
     if not path.is_relative_to(root):
         raise PathOutsideMediaRoot(f"path {file} leads outside the media root {root}", path=file)
     return path
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file's path and ``stat`` identity: when all of it is unchanged, so are its bytes."""
+
+    path: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> FileIdentity:
+        """Stat ``path`` (following symlinks); raises ``OSError`` like :func:`os.stat`."""
+        name = os.path.abspath(path)
+        st = os.stat(name)
+        return cls(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

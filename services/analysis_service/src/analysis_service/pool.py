@@ -29,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from analysis_service.media import FileIdentity
+
 if TYPE_CHECKING:  # the parent process never needs numpy to submit work
     from analysis_service.audio.decode import AudioInfo
     from analysis_service.settings import EngineSettings
@@ -86,16 +88,12 @@ def _initialize(progress_queue: ProgressQueue | None, parent_pid: int | None = N
 _PROGRESS_QUEUE: ProgressQueue | None = None
 _REGISTRY: Any = None
 
-#: A file as ``stat`` sees it: path, device, inode, size, modification and change times (ns).
-#: Replacing or rewriting the file changes it.
-_FileIdentity = tuple[str, int, int, int, int, int]
-
 
 @dataclass(frozen=True)
 class _Probed:
     """The header :func:`inspect_file` read, kept for the analysis of the same file."""
 
-    identity: _FileIdentity
+    identity: FileIdentity
     settings: EngineSettings
     info: AudioInfo
 
@@ -105,13 +103,12 @@ class _Probed:
 _PROBED: _Probed | None = None
 
 
-def _identity(path: str) -> _FileIdentity | None:
+def _identity(path: str) -> FileIdentity | None:
     """What identifies the file at ``path`` now (None: it cannot be stat'ed)."""
     try:
-        st = os.stat(path)
+        return FileIdentity.of(path)
     except OSError:
         return None
-    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _take_probed(path: str, settings: EngineSettings) -> AudioInfo | None:
@@ -204,10 +201,10 @@ def inspect_file(path: str, settings: EngineSettings) -> FileFacts:
     before = _identity(path)
     info = probe(path, settings=settings)
     digest = content_hash(path)
-    after = _identity(path)
+    after = FileIdentity.of(path)  # raises OSError as os.stat did (the file went away meanwhile)
     if before is not None and before == after:
         _PROBED = _Probed(before, settings, info)
-    return FileFacts(content_hash=digest, size_bytes=os.stat(path).st_size, duration_s=info.duration_s)
+    return FileFacts(content_hash=digest, size_bytes=after.size, duration_s=info.duration_s)
 
 
 def warm_up() -> None:

@@ -35,7 +35,7 @@ from typing import IO, Any, Final
 from rich.console import Console
 from rich.markup import escape
 
-from analysis_service.cli.cache import FileIdentity, ResultCache, config_digest
+from analysis_service.cli.cache import ResultCache, config_digest
 from analysis_service.cli.discover import AUDIO_EXTENSIONS, Interrupted, Selection, expand_paths
 from analysis_service.cli.interrupt import EXIT_INTERRUPTED, Interrupts
 from analysis_service.cli.output import FileOutcome, OutputFormat, OutputSink
@@ -50,6 +50,7 @@ from analysis_service.cli.progress import (
 )
 from analysis_service.cli.scan import ScanFailed, Scanner, ScanResult
 from analysis_service.errors import AnalysisServiceError, WorkerCrashed
+from analysis_service.media import FileIdentity
 from analysis_service.pool import close_progress_queue
 from analysis_service.settings import EngineSettings, WorkerSettings
 from service_shared.messages import EngineOutput

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
@@ -33,6 +32,7 @@ from typing import Final
 
 from pydantic import ValidationError
 
+from analysis_service.media import FileIdentity
 from service_shared.messages import EngineOutput
 
 #: Bump when the stored representation changes incompatibly: every earlier entry becomes a miss.
@@ -120,25 +120,6 @@ def config_digest(
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """A file's path and ``stat`` identity: when all of it is unchanged, so are its bytes."""
-
-    path: str
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, path: str | os.PathLike[str]) -> FileIdentity:
-        """Stat ``path`` (following symlinks); raises ``OSError`` like :func:`os.stat`."""
-        name = os.path.abspath(path)
-        st = os.stat(name)
-        return cls(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
