@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,24 @@ def test_empty_environment_values_mean_unset(monkeypatch: pytest.MonkeyPatch) ->
     assert s.worker.concurrency is None
     assert s.neo4j.database is None
     assert s.postgres.dsn == "postgresql://x@db:5432/music"
+
+
+def test_host_cpu_sharing_is_on_by_default_in_the_temporary_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANALYSIS_WORKER__SHARE_HOST_CPUS", raising=False)
+    monkeypatch.setenv("ANALYSIS_WORKER__HOST_CPUS_DIR", "")  # empty: unset, the default folder
+    w = Settings().worker
+    assert w.share_host_cpus is True
+    assert w.host_cpus_dir is None
+    assert w.host_cpus_base() == Path(tempfile.gettempdir()) / "analysis-service-cpus"
+
+
+def test_host_cpu_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANALYSIS_WORKER__HOST_CPUS_DIR", "/run/analysis-cpus")
+    monkeypatch.setenv("ANALYSIS_WORKER__SHARE_HOST_CPUS", "false")
+    w = Settings().worker
+    assert w.host_cpus_dir == Path("/run/analysis-cpus")
+    assert w.host_cpus_base() == Path("/run/analysis-cpus")
+    assert w.share_host_cpus is False
 
 
 def test_time_limits_must_stay_below_the_consumer_timeout() -> None:

@@ -7,6 +7,7 @@ Every field can be set from the environment with the ``ANALYSIS_`` prefix; neste
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -104,6 +105,18 @@ class WorkerSettings(BaseModel):
     concurrency: int | None = Field(
         default=None, ge=1, description="Analysis slots; default: the CPUs this process may use."
     )
+    share_host_cpus: bool = Field(
+        default=True,
+        description="An analysis holds one of the host's CPU tokens (lock files in host_cpus_dir, one "
+        "per CPU of this process's CPU set) while its process works, so that workers sharing the "
+        "folder never run more analyses at once than the CPUs. False: slots run regardless.",
+    )
+    host_cpus_dir: Path | None = Field(
+        default=None,
+        description="Folder of the host CPU tokens, shared by the workers that use it (the same "
+        "path in every container; they must be able to open each other's files). Unset: "
+        "analysis-service-cpus in the temporary folder, shared on a host, per container.",
+    )
     max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
     overlap_stores: bool = Field(
         default=True,
@@ -161,6 +174,10 @@ class WorkerSettings(BaseModel):
     sink_retry_max_wait_s: float = Field(default=30.0, gt=0)
     breaker_threshold: int = Field(default=5, ge=1, description="Failures that open a circuit breaker.")
     breaker_ttl_s: float = Field(default=30.0, gt=0, description="Seconds a breaker stays open.")
+
+    def host_cpus_base(self) -> Path:
+        """The folder of the host CPU tokens: ``host_cpus_dir``, else one in the temporary folder."""
+        return self.host_cpus_dir or Path(tempfile.gettempdir()) / "analysis-service-cpus"
 
 
 class HttpSettings(BaseModel):
@@ -247,16 +264,21 @@ class Settings(ServiceSettings):
         return self
 
 
+def cpu_set() -> frozenset[int]:
+    """Ids of the CPUs this process may run on (its affinity mask: ``taskset``, cpusets)."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return frozenset(range(os.cpu_count() or 1))
+
+
 def available_cpus(*, cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """CPUs this process may use, at least 1.
 
     The smaller of the CPUs it may run on (affinity, cpusets) and its cgroup v2 CPU quota
     (``docker run --cpus``, a Kubernetes CPU limit), rounded up.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cpus = os.cpu_count() or 1
+    cpus = len(cpu_set())
     try:
         quota, period = cgroup_cpu_max.read_text().split()[:2]
     except (OSError, ValueError):
