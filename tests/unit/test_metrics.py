@@ -32,6 +32,7 @@ EXPECTED_NAMES = (
     "analysis_last_success_timestamp_seconds",
     "analysis_slots",
     "analysis_slots_busy",
+    "analysis_host_cpu_wait_seconds",
 )
 
 
@@ -160,6 +161,15 @@ def test_dashboard_metrics_record_their_values() -> None:
     last = sample(metrics, "analysis_last_success_timestamp_seconds")
     assert last is not None
     assert abs(last - time.time()) < 5
+
+
+def test_host_cpu_wait_is_a_histogram_up_to_the_time_limit() -> None:
+    metrics = Metrics(time_limit_s=60.0)
+    metrics.host_cpu_wait.observe(0.0)
+    metrics.host_cpu_wait.observe(0.4)
+    assert sample(metrics, "analysis_host_cpu_wait_seconds_count") == 2.0
+    assert sample(metrics, "analysis_host_cpu_wait_seconds_bucket", le="0.01") == 1.0
+    assert sample(metrics, "analysis_host_cpu_wait_seconds_bucket", le="60.0") == 2.0
 
 
 def test_last_success_is_zero_until_the_first_success() -> None:

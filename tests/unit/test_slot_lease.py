@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import cast
 
 import pytest
 
 from analysis_service.errors import WorkerCrashed
 from analysis_service.worker import slots as slots_module
+from analysis_service.worker.host_cpus import HostCpuTokens
 from analysis_service.worker.slots import Slot, SlotPool
 
 
-def one_slot_pool(monkeypatch: pytest.MonkeyPatch) -> SlotPool:
+def one_slot_pool(monkeypatch: pytest.MonkeyPatch, cpu_tokens: HostCpuTokens | None = None) -> SlotPool:
     """A pool of one slot with no process behind it (the tests only lease)."""
     monkeypatch.setattr(slots_module, "_broken", lambda executor: False)
-    pool = SlotPool(1, max_tasks_per_child=1000)
+    pool = SlotPool(1, max_tasks_per_child=1000, cpu_tokens=cpu_tokens)
     slot = Slot(0, cast(ProcessPoolExecutor, None), warm=True)
     pool._slots.append(slot)
     pool._idle.append(slot)
@@ -119,3 +121,32 @@ async def test_acquire_gives_the_slot_back_when_the_process_keeps_dying(
         await pool.acquire(5)
     assert pool._idle == pool._slots
     assert not pool._slots[0].busy
+
+
+async def test_a_lease_cancelled_while_waiting_for_a_host_cpu_token_holds_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    other_worker = HostCpuTokens(tmp_path, 1, poll_s=0.005)
+    mine = HostCpuTokens(tmp_path, 1, poll_s=0.005)
+    pool = one_slot_pool(monkeypatch, mine)
+    token = await other_worker.acquire()
+
+    async def lease() -> None:
+        async with pool.lease(0):
+            raise AssertionError("ran without a host CPU token")
+
+    waiting = asyncio.create_task(lease())
+    await asyncio.sleep(0.05)
+    assert pool.busy == 1  # it has the slot, and waits for a token
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert waiting.cancelled()
+    assert (pool.busy, mine.held, pool._idle) == (0, 0, pool._slots)
+    other_worker.release(token)
+    async with asyncio.timeout(1), pool.lease(0) as slot:
+        assert mine.held == 1
+        assert slot is pool._slots[0]
+    assert (pool.busy, mine.held) == (0, 0)
+    again = other_worker.try_acquire()
+    assert again is not None
+    other_worker.release(again)

@@ -148,6 +148,10 @@ class Metrics:
         ``analysis_slots``: analysis slots (pool processes) of this worker.
     slots_busy : Gauge
         ``analysis_slots_busy``: analysis slots running an analysis now.
+    host_cpu_wait : Histogram
+        ``analysis_host_cpu_wait_seconds``: seconds each slot lease waited for one of the host's
+        CPU tokens (shared with the host's other workers); buckets as for ``stage_duration``.
+        Nothing is observed while host CPU sharing is off.
     """
 
     def __init__(self, *, time_limit_s: float) -> None:
@@ -246,6 +250,12 @@ class Metrics:
         )
         self.slots = Gauge("analysis_slots", "Analysis slots (pool processes) of this worker.", registry=r)
         self.slots_busy = Gauge("analysis_slots_busy", "Analysis slots running an analysis now.", registry=r)
+        self.host_cpu_wait = Histogram(
+            "analysis_host_cpu_wait_seconds",
+            "Seconds a slot lease waited for one of the host's CPU tokens (shared by its workers).",
+            buckets=geometric_buckets(MIN_BUCKET_S, self.time_limit_s),
+            registry=r,
+        )
         for stage in STAGES:  # export every known stage from the start, at zero
             self.stage_duration.labels(stage=stage)
         self._process: psutil.Process | None = None  # created on the first sample_memory()

@@ -4,6 +4,10 @@ A task in a ``ProcessPoolExecutor`` cannot be cancelled. A time limit therefore 
 process that runs it; with one process per slot that kills exactly the late analysis, and a crash
 (OOM kill, segfault in a codec) breaks only its own slot. The slot is then replaced by a fresh,
 warmed process.
+
+A slot's process works for a request only while the slot holds one of the host's CPU tokens
+(:mod:`~analysis_service.worker.host_cpus`, when the pool has them): the workers of one host then
+never run more analyses at once than its CPUs, whatever their slots.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import structlog
 from analysis_service.errors import AnalysisTimeout, WorkerCrashed
 from analysis_service.pool import create_pool, run_analysis, warm_up
 from analysis_service.settings import EngineSettings
+from analysis_service.worker.host_cpus import CpuToken, HostCpuTokens
 from service_shared.messages import EngineOutput
 
 log = structlog.get_logger(__name__)
@@ -43,6 +48,8 @@ class Slot:
     busy: bool = False
     jobs: int = field(default=0)
     warm: bool = False
+    #: The host CPU token held for the current lease (None: not leased, or the pool has none).
+    cpu_token: CpuToken | None = None
 
 
 class SlotPool:
@@ -56,12 +63,23 @@ class SlotPool:
         Replace a slot's process after this many analyses (bounds leaks in codecs).
     progress_queue : multiprocessing queue, optional
         Where pool processes report ``(key, fraction, stage)``.
+    cpu_tokens : HostCpuTokens, optional
+        The host's CPU tokens, shared with the other workers of the host: a lease holds one from
+        the moment it has its slot until it is released. Slots beyond the tokens wait for one.
     """
 
-    def __init__(self, size: int, *, max_tasks_per_child: int, progress_queue: Any = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        max_tasks_per_child: int,
+        progress_queue: Any = None,
+        cpu_tokens: HostCpuTokens | None = None,
+    ) -> None:
         self.size = size
         self._max_tasks = max_tasks_per_child
         self._progress_queue = progress_queue
+        self._tokens = cpu_tokens
         self._slots: list[Slot] = []
         self._idle: list[Slot] = []
         #: Leases waiting for a slot: a heap of (-priority, arrival, future), so a free slot goes to
@@ -138,11 +156,14 @@ class SlotPool:
 
         While every slot is busy, callers wait; a slot that frees goes to the waiting caller of the
         highest ``priority`` (the request's AMQP priority), the longest waiting first among equals.
-        Give the slot back with :meth:`release`.
+        With host CPU tokens, the slot then waits for one before its process does anything (a
+        replacement or a warm-up included). Give the slot back with :meth:`release`.
         """
         slot = await self._acquire(priority)
         slot.busy = True
         try:
+            if self._tokens is not None:
+                slot.cpu_token = await self._tokens.acquire()
             for attempt in range(1, _READY_ATTEMPTS + 1):
                 try:
                     await self._make_ready(slot)
@@ -166,9 +187,15 @@ class SlotPool:
             await self._warm(slot)
 
     def release(self, slot: Slot) -> None:
-        """Give back a slot taken by :meth:`acquire`."""
+        """Give back a slot taken by :meth:`acquire` (and its host CPU token)."""
+        self._release_token(slot)
         slot.busy = False
         self._release(slot)
+
+    def _release_token(self, slot: Slot) -> None:
+        token, slot.cpu_token = slot.cpu_token, None
+        if token is not None and self._tokens is not None:
+            self._tokens.release(token)
 
     @asynccontextmanager
     async def lease(self, priority: int = 0) -> AsyncIterator[Slot]:
@@ -181,6 +208,9 @@ class SlotPool:
 
     async def call(self, slot: Slot, fn: Callable[..., _T], *args: Any, time_limit_s: float, path: str) -> _T:
         """Run ``fn(*args)`` (a module-level function) in ``slot``'s process within ``time_limit_s``.
+
+        The limit counts from the submission: the waits for the slot and its host CPU token, in
+        :meth:`acquire`, are over by then.
 
         Raises
         ------
@@ -253,6 +283,7 @@ class SlotPool:
         self._closed = True
         for s in self._slots:
             _kill(s.executor)
+            self._release_token(s)  # its process is gone: the other workers may have the CPU
         self._slots.clear()
 
 

@@ -43,13 +43,14 @@ from analysis_service.http.server import HttpServer
 from analysis_service.media import resolve_media_path
 from analysis_service.metrics import Metrics
 from analysis_service.pool import close_progress_queue
-from analysis_service.settings import Settings, available_cpus
+from analysis_service.settings import Settings, available_cpus, cpu_set
 from analysis_service.sinks.cache import ResultCache
 from analysis_service.sinks.graph import GraphSink
 from analysis_service.sinks.postgres import PostgresLedger
 from analysis_service.sinks.progress import ProgressStore
 from analysis_service.sinks.resilience import Guard
 from analysis_service.worker.hooks import LogContextHook, MetricsHook, PrefetchHook, ProgressHook
+from analysis_service.worker.host_cpus import HostCpuTokens
 from analysis_service.worker.pipeline import (
     GIVEN_BACK_HEADER,
     REQUEUES_HEADER,
@@ -210,6 +211,7 @@ class Worker:
             self.concurrency,
             max_tasks_per_child=self.settings.worker.max_tasks_per_child,
             progress_queue=self._progress_queue,
+            cpu_tokens=self._host_cpu_tokens(),
         )
         self.metrics.slots.set(self.concurrency)
         t = time.perf_counter()
@@ -222,6 +224,21 @@ class Worker:
             target=self._pump_progress, args=(loop, self._progress_queue), name="progress-pump", daemon=True
         )
         self._pump.start()
+
+    def _host_cpu_tokens(self) -> HostCpuTokens | None:
+        """The host's CPU tokens for the slots (None: sharing is off), logged once."""
+        w = self.settings.worker
+        if not w.share_host_cpus:
+            log.info("host cpu tokens off", slots=self.concurrency)
+            return None
+        tokens = HostCpuTokens.for_cpus(
+            w.host_cpus_base(), cpu_set(), on_wait=self.metrics.host_cpu_wait.observe
+        )
+        # Slots above the tokens only wait for one (more slots than CPUs buy nothing then).
+        log.info(
+            "host cpu tokens", directory=str(tokens.directory), tokens=tokens.count, slots=self.concurrency
+        )
+        return tokens
 
     async def _connect(self) -> None:
         s = self.settings.rabbitmq

@@ -1,0 +1,248 @@
+"""Host CPU tokens: workers of one host share its cores (lock files, real processes, no services)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from analysis_service.worker import slots
+from analysis_service.worker.host_cpus import HostCpuTokens, token_dir
+from analysis_service.worker.slots import SlotPool
+
+#: A short poll, so that the tests wait little; jitter still applies.
+POLL_S = 0.005
+
+#: Holds ``argv[1]``'s exclusive flock until killed (a worker holding a token).
+HOLDER = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def tokens(directory: Path, count: int = 1, waits: list[float] | None = None) -> HostCpuTokens:
+    return HostCpuTokens(directory, count, poll_s=POLL_S, on_wait=None if waits is None else waits.append)
+
+
+async def test_a_second_worker_waits_until_the_first_releases(tmp_path: Path) -> None:
+    first, second = tokens(tmp_path), tokens(tmp_path)
+    held = await first.acquire()
+    assert not os.get_inheritable(held.fd)  # analysis processes must not inherit the lock
+    got_it = asyncio.Event()
+    acquired_at: list[float] = []
+
+    async def take() -> None:
+        token = await second.acquire()
+        acquired_at.append(time.monotonic())
+        got_it.set()
+        second.release(token)
+
+    waiter = asyncio.create_task(take())
+    for _ in range(20):  # many polls while the token is held: none may succeed
+        await asyncio.sleep(POLL_S)
+        assert not got_it.is_set()
+    released_at = time.monotonic()
+    first.release(held)
+    async with asyncio.timeout(2):
+        await waiter
+    assert acquired_at[0] >= released_at
+    assert first.held == second.held == 0
+
+
+async def test_a_token_of_a_killed_process_is_free_again(tmp_path: Path) -> None:
+    pool = tokens(tmp_path)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, str(pool.paths[0]), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"locked\n"
+        assert pool.try_acquire() is None
+        waiting = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(10 * POLL_S)
+        assert not waiting.done()
+        holder.send_signal(signal.SIGKILL)  # no clean-up of any kind: the kernel drops the lock
+        await holder.wait()
+        async with asyncio.timeout(2):
+            token = await waiting
+        assert pool.held == 1
+        pool.release(token)
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+
+
+async def test_cancelling_a_waiting_acquire_leaves_nothing_held(tmp_path: Path) -> None:
+    holder, cancelled, third = tokens(tmp_path), tokens(tmp_path), tokens(tmp_path)
+    held = await holder.acquire()
+    waiting = asyncio.create_task(cancelled.acquire())
+    await asyncio.sleep(10 * POLL_S)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    holder.release(held)
+    assert cancelled.held == 0
+    # The token is free, and nobody is left counted as waiting: a fresh acquire takes it at once.
+    waits: list[float] = []
+    fresh = tokens(tmp_path, waits=waits)
+    token = await fresh.acquire()
+    assert waits[0] < POLL_S / 2
+    assert third.try_acquire() is None
+    fresh.release(token)
+    again = third.try_acquire()
+    assert again is not None
+    third.release(again)
+
+
+async def test_a_worker_that_takes_its_token_back_at_once_does_not_starve_a_waiting_one(
+    tmp_path: Path,
+) -> None:
+    # A worker with a backlog releases a token and its next lease asks for one in the same
+    # instant; a worker polling every few ms would never see the token free.
+    busy, other = tokens(tmp_path), tokens(tmp_path)
+
+    async def wait_for_a_token() -> None:
+        other.release(await other.acquire())
+
+    token = await busy.acquire()
+    waiting = asyncio.create_task(wait_for_a_token())
+    await asyncio.sleep(3 * POLL_S)  # other is now polling
+    turns = 0
+    while turns < 50:
+        turns += 1
+        busy.release(token)
+        token = await busy.acquire()  # its first attempt comes in the instant of the release
+        if waiting.done():
+            break
+        await asyncio.sleep(4 * POLL_S)  # holds it for an "analysis"
+    busy.release(token)
+    assert waiting.done(), "the waiting worker never got the token"
+    assert turns <= 10, turns
+
+
+async def test_every_acquire_reports_its_wait(tmp_path: Path) -> None:
+    waits: list[float] = []
+    pool = tokens(tmp_path, count=2, waits=waits)
+    a, b = await pool.acquire(), await pool.acquire()
+    assert {a.index, b.index} == {0, 1}
+    assert pool.held == 2
+    third = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(10 * POLL_S)
+    pool.release(a)
+    c = await third
+    assert c.index == a.index
+    assert len(waits) == 3
+    assert max(waits[:2]) < POLL_S
+    assert waits[2] >= 10 * POLL_S
+    for token in (b, c):
+        pool.release(token)
+    assert pool.held == 0
+
+
+def test_different_cpu_sets_use_different_folders(tmp_path: Path) -> None:
+    assert token_dir(tmp_path, [1, 0]) == token_dir(tmp_path, {0, 1}) == tmp_path / "cpus-0-1"
+    assert token_dir(tmp_path, {2, 3}) != token_dir(tmp_path, {0, 1})
+    big = token_dir(tmp_path, range(64))
+    assert big.parent == tmp_path
+    assert big.name.startswith("cpus-")
+    assert len(big.name) < 40
+    assert big != token_dir(tmp_path, range(1, 65))
+    pool = HostCpuTokens.for_cpus(tmp_path, {4, 5, 6})
+    assert (pool.directory, pool.count) == (tmp_path / "cpus-4-5-6", 3)
+    assert [p.name for p in pool.paths] == ["cpu-0.lock", "cpu-1.lock", "cpu-2.lock"]
+
+
+# ---------------------------------------------------------------------------- with analysis slots
+
+
+def warm_up() -> None:
+    """Runs in a slot's process at start-up, instead of a whole analysis: imports this module."""
+
+
+def timed_sleep(seconds: float) -> tuple[float, float]:
+    """Runs in a slot's process: sleep, return when it started and ended (the host's monotonic clock)."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    return start, time.monotonic()
+
+
+def deepest_overlap(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant (an end at the instant of a start closes first)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    depth = deepest = 0
+    for _, step in events:
+        depth += step
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def two_workers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[SlotPool]]:
+    """Two slot pools of 2 slots (two workers on one host) sharing 2 host CPU tokens; started once
+    for the module (4 spawned processes take seconds)."""
+    directory = tmp_path_factory.mktemp("cpus")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(slots, "warm_up", warm_up)
+        async with AsyncExitStack() as stack:
+            pools = []
+            for _ in range(2):
+                pool = SlotPool(2, max_tasks_per_child=50, cpu_tokens=tokens(directory, count=2))
+                stack.push_async_callback(pool.close)
+                pools.append(pool)
+            await asyncio.gather(*(pool.start() for pool in pools))
+            yield pools
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.timeout(60)
+async def test_two_workers_sharing_two_tokens_never_run_more_than_two_analyses_at_once(
+    two_workers: list[SlotPool],
+) -> None:
+    async def lease(pool: SlotPool) -> tuple[float, float]:
+        async with pool.lease() as slot:
+            return await pool.call(slot, timed_sleep, 0.3, time_limit_s=10.0, path="-")
+
+    intervals = await asyncio.gather(*(lease(pool) for pool in two_workers for _ in range(3)))
+    assert deepest_overlap(list(intervals)) == 2, intervals
+    assert all(pool.busy == 0 for pool in two_workers)
+    assert all(pool._tokens is not None and pool._tokens.held == 0 for pool in two_workers)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.timeout(60)
+async def test_the_wait_for_a_token_does_not_count_against_the_time_limit(
+    two_workers: list[SlotPool],
+) -> None:
+    first, second = two_workers
+    leased, done = asyncio.Event(), asyncio.Event()
+    holding: list[int] = []
+
+    async def hold(pool: SlotPool) -> None:
+        async with pool.lease() as slot:
+            holding.append(slot.index)
+            if len(holding) == 2:
+                leased.set()
+            await pool.call(slot, timed_sleep, 0.6, time_limit_s=10.0, path="-")
+            done.set()
+
+    holders = [asyncio.create_task(hold(first)) for _ in range(2)]  # both tokens, for 0.6 s
+    await leased.wait()
+    waited_from = time.monotonic()
+    async with second.lease() as slot:
+        assert done.is_set()  # the lease waited for a token
+        _, end = await second.call(slot, timed_sleep, 0.2, time_limit_s=0.5, path="-")
+    assert end - waited_from > 0.5  # more than the limit in all, yet no time-out
+    await asyncio.gather(*holders)
+    assert second.restarts == 0
