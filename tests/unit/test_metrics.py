@@ -33,6 +33,7 @@ EXPECTED_NAMES = (
     "analysis_slots",
     "analysis_slots_busy",
     "analysis_host_cpu_wait_seconds",
+    "analysis_host_cpu_waiters",
 )
 
 

@@ -137,11 +137,11 @@ async def test_a_lease_cancelled_while_waiting_for_a_host_cpu_token_holds_nothin
 
     waiting = asyncio.create_task(lease())
     await asyncio.sleep(0.05)
-    assert pool.busy == 1  # it has the slot, and waits for a token
+    assert (pool.busy, pool.waiting_for_cpu) == (1, 1)  # it has the slot, and waits for a token
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
     assert waiting.cancelled()
-    assert (pool.busy, mine.held, pool._idle) == (0, 0, pool._slots)
+    assert (pool.busy, pool.waiting_for_cpu, mine.held, pool._idle) == (0, 0, 0, pool._slots)
     other_worker.release(token)
     async with asyncio.timeout(1), pool.lease(0) as slot:
         assert mine.held == 1

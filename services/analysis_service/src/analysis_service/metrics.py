@@ -152,6 +152,8 @@ class Metrics:
         ``analysis_host_cpu_wait_seconds``: seconds each slot lease waited for one of the host's
         CPU tokens (shared with the host's other workers); buckets as for ``stage_duration``.
         Nothing is observed while host CPU sharing is off.
+    host_cpu_waiters : Gauge
+        ``analysis_host_cpu_waiters``: slot leases waiting for a host CPU token now.
     """
 
     def __init__(self, *, time_limit_s: float) -> None:
@@ -255,6 +257,9 @@ class Metrics:
             "Seconds a slot lease waited for one of the host's CPU tokens (shared by its workers).",
             buckets=geometric_buckets(MIN_BUCKET_S, self.time_limit_s),
             registry=r,
+        )
+        self.host_cpu_waiters = Gauge(
+            "analysis_host_cpu_waiters", "Slot leases waiting for a host CPU token now.", registry=r
         )
         for stage in STAGES:  # export every known stage from the start, at zero
             self.stage_duration.labels(stage=stage)

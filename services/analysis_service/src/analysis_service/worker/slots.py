@@ -80,6 +80,7 @@ class SlotPool:
         self._max_tasks = max_tasks_per_child
         self._progress_queue = progress_queue
         self._tokens = cpu_tokens
+        self._cpu_waits = 0
         self._slots: list[Slot] = []
         self._idle: list[Slot] = []
         #: Leases waiting for a slot: a heap of (-priority, arrival, future), so a free slot goes to
@@ -117,6 +118,11 @@ class SlotPool:
     def waiting(self) -> int:
         """Leases waiting for a free slot now."""
         return sum(1 for _, _, future in self._waiting if not future.done())
+
+    @property
+    def waiting_for_cpu(self) -> int:
+        """Leases that have their slot and wait for a host CPU token now."""
+        return self._cpu_waits
 
     def pids(self) -> list[int]:
         """Process ids of the slots' live processes (for memory accounting)."""
@@ -163,7 +169,11 @@ class SlotPool:
         slot.busy = True
         try:
             if self._tokens is not None:
-                slot.cpu_token = await self._tokens.acquire()
+                self._cpu_waits += 1
+                try:
+                    slot.cpu_token = await self._tokens.acquire()
+                finally:
+                    self._cpu_waits -= 1
             for attempt in range(1, _READY_ATTEMPTS + 1):
                 try:
                     await self._make_ready(slot)

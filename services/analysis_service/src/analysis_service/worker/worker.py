@@ -570,6 +570,7 @@ class Worker:
             if self._slots is not None:
                 self.metrics.slots_busy.set(self._slots.busy)
                 self.metrics.semaphore_waiters.set(self._slots.waiting)
+                self.metrics.host_cpu_waiters.set(self._slots.waiting_for_cpu)
                 slot_pids = self._slots.pids()
             # The slots' processes by id, not a scan of the host's process table for children.
             rss = proc.memory_info().rss + sum(_rss(slot_processes, pid) for pid in slot_pids)
