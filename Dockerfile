@@ -45,11 +45,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libsndfile1 ffmpeg \
     && rm -rf /var/lib/apt/lists/*
 
+# /run/analysis-service-cpus: where to mount one folder of host CPU tokens shared by the worker
+# containers of a host (a fresh named volume takes this owner; docs/tuning.md).
 RUN groupadd --system --gid 10001 analysis \
     && useradd --system --uid 10001 --gid analysis --home-dir /home/analysis --create-home \
         --shell /usr/sbin/nologin analysis \
-    && mkdir -p /var/cache/numba /media \
-    && chown analysis:analysis /var/cache/numba
+    && mkdir -p /var/cache/numba /media /run/analysis-service-cpus \
+    && chown analysis:analysis /var/cache/numba /run/analysis-service-cpus
 
 COPY --from=builder /app/.venv /app/.venv
 
