@@ -32,7 +32,39 @@ HOLDER = (
 
 
 def tokens(directory: Path, count: int = 1, waits: list[float] | None = None) -> HostCpuTokens:
-    return HostCpuTokens(directory, count, poll_s=POLL_S, on_wait=None if waits is None else waits.append)
+    return HostCpuTokens(directory, count, sweep_s=POLL_S, on_wait=None if waits is None else waits.append)
+
+
+async def test_a_release_wakes_a_waiting_worker_at_once_without_polling(tmp_path: Path) -> None:
+    # Waiting must cost no CPU: the waiter sleeps in the kernel on a token file and the release
+    # wakes it. Its sweep of the other files is set far beyond the test's patience.
+    holder = tokens(tmp_path)
+    waiter = HostCpuTokens(tmp_path, 1, sweep_s=60.0)
+    held = await holder.acquire()
+    waiting = asyncio.create_task(waiter.acquire())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    released_at = time.monotonic()
+    holder.release(held)
+    async with asyncio.timeout(2):
+        token = await waiting
+    assert time.monotonic() - released_at < 0.5
+    waiter.release(token)
+
+
+async def test_a_waiter_takes_any_token_that_frees_not_only_its_preferred_one(tmp_path: Path) -> None:
+    holder = tokens(tmp_path, count=2)
+    a, b = await holder.acquire(), await holder.acquire()
+    waiter = tokens(tmp_path, count=2)
+    waiting = asyncio.create_task(waiter.acquire(prefer=a.index))
+    await asyncio.sleep(10 * POLL_S)
+    holder.release(b)  # not the one it sleeps on: the sweep finds it
+    async with asyncio.timeout(2):
+        token = await waiting
+    assert token.index == b.index
+    holder.release(a)
+    waiter.release(token)
+    assert holder.held == waiter.held == 0
 
 
 async def test_a_second_worker_waits_until_the_first_releases(tmp_path: Path) -> None:

@@ -12,13 +12,17 @@ do not share theirs. The kernel drops a flock when the process holding it dies (
 killer): a dead worker never keeps a token. Tokens are taken by the worker's main process; its
 analysis processes inherit none (Python opens files non-inheritable, i.e. ``O_CLOEXEC``).
 
-Waiting is polling (``LOCK_NB`` on each file, then a jittered ``poll_s`` sleep), so it can be
-cancelled at any point and costs nothing while tokens are free. A poller would lose every race to
-a worker that gives a token back and asks for one in the same instant (its next lease, when it has
-a backlog), so waiters make themselves known: each holds a shared flock on ``waiting.lock`` while
-it waits, and an acquire that finds one there (its exclusive probe fails) does not take a free
-token at once but polls with them. Among waiters the first to poll after a release wins: no strict
-order (nor priority), but no one starves.
+Waiting costs no CPU: a waiter sleeps in the kernel, in a blocking ``flock`` on its preferred
+token file (a daemon thread per waiting lease; a slot prefers the file of its own index, so the
+slots of workers of equal size pair up), and the release of that file wakes it at once. Every
+``sweep_s`` it also tries the other files (``LOCK_NB``), so a token that frees where nobody sleeps
+is not left idle for long. An abandoned wait (cancelled, or served by the sweep) leaves its thread
+blocked; the thread gives the lock back the moment it gets it.
+
+A worker with a backlog gives a token back and asks for one in the same instant, before the
+waiter the release woke has run; it would win every race. So waiters make themselves known: each
+holds a shared flock on ``waiting.lock`` while it waits, and an acquire that finds one there first
+yields for ``YIELD_S`` (the woken waiter takes the token meanwhile), then waits like them.
 """
 
 from __future__ import annotations
@@ -28,14 +32,18 @@ import fcntl
 import hashlib
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-#: Seconds between two attempts of a waiting acquire (each drawn from 0.5-1.5 times this).
-POLL_S: Final = 0.005
+#: Seconds between two sweeps of the token files by a waiting acquire (each drawn from 0.5-1.5
+#: times this); the release of the file it sleeps on wakes it at once.
+SWEEP_S: Final = 0.05
+#: Seconds an acquire that finds others waiting lets them go first.
+YIELD_S: Final = 0.002
 #: CPU sets whose ids, joined, are longer than this name their folder by a hash.
 _LONGEST_NAME: Final = 32
 
@@ -67,8 +75,8 @@ class HostCpuTokens:
     count : int
         Number of tokens; every process sharing ``directory`` must use the same (see
         :meth:`for_cpus`, which derives both from the CPU set).
-    poll_s : float
-        Mean seconds between two attempts while waiting.
+    sweep_s : float
+        Mean seconds between two sweeps of every token file while waiting.
     on_wait : callable, optional
         Called with the seconds each :meth:`acquire` waited (0.0-ish when a token was free).
     """
@@ -78,7 +86,7 @@ class HostCpuTokens:
         directory: Path,
         count: int,
         *,
-        poll_s: float = POLL_S,
+        sweep_s: float = SWEEP_S,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
         if count < 1:
@@ -87,7 +95,7 @@ class HostCpuTokens:
         self.count = count
         self.paths = tuple(directory / f"cpu-{i}.lock" for i in range(count))
         self._waiting = directory / "waiting.lock"
-        self._poll_s = poll_s
+        self._sweep_s = sweep_s
         self._on_wait = on_wait
         self._held: set[int] = set()
         directory.mkdir(parents=True, exist_ok=True)
@@ -100,7 +108,7 @@ class HostCpuTokens:
         base: Path,
         cpus: Iterable[int],
         *,
-        poll_s: float = POLL_S,
+        sweep_s: float = SWEEP_S,
         on_wait: Callable[[float], None] | None = None,
     ) -> HostCpuTokens:
         """One token per CPU of the set ``cpus``, in its own folder under ``base``.
@@ -109,7 +117,7 @@ class HostCpuTokens:
         the host has share the host's cores, and each one's quota bounds its own slots.
         """
         ids = frozenset(cpus)
-        return cls(token_dir(base, ids), len(ids), poll_s=poll_s, on_wait=on_wait)
+        return cls(token_dir(base, ids), len(ids), sweep_s=sweep_s, on_wait=on_wait)
 
     @property
     def held(self) -> int:
@@ -128,15 +136,17 @@ class HostCpuTokens:
             os.close(fd)
         return None
 
-    async def acquire(self) -> CpuToken:
+    async def acquire(self, prefer: int = 0) -> CpuToken:
         """Take a token, waiting while none is free or others wait. Give it back with :meth:`release`.
 
-        Cancelling the wait leaves nothing held.
+        ``prefer`` picks the token file a wait sleeps on (modulo the count). Cancelling the wait
+        leaves nothing held.
         """
         started = time.monotonic()
-        token = None if self._others_waiting() else self.try_acquire()
+        polite = self._others_waiting()
+        token = None if polite else self.try_acquire()
         if token is None:
-            token = await self._wait()
+            token = await self._wait(prefer % self.count, polite=polite)
         if self._on_wait is not None:
             self._on_wait(time.monotonic() - started)
         return token
@@ -144,22 +154,30 @@ class HostCpuTokens:
     def release(self, token: CpuToken) -> None:
         """Give back a token taken by :meth:`acquire` or :meth:`try_acquire`."""
         self._held.discard(token.index)
-        try:
-            fcntl.flock(token.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(token.fd)
+        _unlock(token.fd)
 
-    async def _wait(self) -> CpuToken:
+    async def _wait(self, prefer: int, *, polite: bool) -> CpuToken:
         known: int | None = None  # the shared lock on waiting.lock that says this one waits
+        sleeper: _Sleeper | None = None
         try:
+            if polite:
+                await asyncio.sleep(YIELD_S)
             while True:
                 if known is None:
                     known = self._announce()
-                await asyncio.sleep(self._poll_s * random.uniform(0.5, 1.5))
                 token = self.try_acquire()
                 if token is not None:
                     return token
+                if sleeper is None:
+                    sleeper = _Sleeper(self.paths[prefer], prefer, asyncio.get_running_loop())
+                await asyncio.wait({sleeper.woken}, timeout=self._sweep_s * random.uniform(0.5, 1.5))
+                if sleeper.woken.done():
+                    token, sleeper = sleeper.woken.result(), None
+                    self._held.add(token.index)
+                    return token
         finally:
+            if sleeper is not None:
+                sleeper.abandon()
             if known is not None:
                 os.close(known)
 
@@ -178,6 +196,58 @@ class HostCpuTokens:
             return fd
         os.close(fd)
         return None
+
+
+class _Sleeper:
+    """A daemon thread blocked in ``flock`` on one token file; ``woken`` gets the token it takes.
+
+    Abandoned (:meth:`abandon`), it gives the lock back as soon as it has it.
+    """
+
+    def __init__(self, path: Path, index: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.woken: asyncio.Future[CpuToken] = loop.create_future()
+        self._loop = loop
+        self._mutex = threading.Lock()
+        self._abandoned = False
+        thread = threading.Thread(
+            target=self._sleep, args=(path, index), name=f"cpu-token-{index}", daemon=True
+        )
+        thread.start()
+
+    def _sleep(self, path: Path, index: int) -> None:
+        fd = _open(path)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks in the kernel until the holder lets go (or dies)
+        with self._mutex:
+            wanted = not self._abandoned
+        if wanted:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, CpuToken(index, fd))
+                return
+            except RuntimeError:  # the event loop is closed: nobody will take it
+                pass
+        _unlock(fd)
+
+    def _deliver(self, token: CpuToken) -> None:
+        if self.woken.done():  # abandoned after the thread looked
+            _unlock(token.fd)
+        else:
+            self.woken.set_result(token)
+
+    def abandon(self) -> None:
+        """Stop waiting: a token already taken is given back, one taken later too."""
+        with self._mutex:
+            self._abandoned = True
+        if self.woken.done() and not self.woken.cancelled():
+            _unlock(self.woken.result().fd)
+        else:
+            self.woken.cancel()
+
+
+def _unlock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _open(path: Path) -> int:
