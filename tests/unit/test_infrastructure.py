@@ -353,6 +353,22 @@ def test_worker_stop_grace_exceeds_shutdown_grace(
     assert seconds(worker["stop_grace_period"]) > settings.worker.shutdown_grace_s
 
 
+def test_worker_replicas_share_one_host_cpu_token_folder(
+    compose: dict[str, Any], worker: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each container has its own /tmp: the replicas share the host's cores only through a named
+    # volume mounted where the setting points.
+    settings = settings_from(environment_of(worker), monkeypatch)
+    assert settings.worker.share_host_cpus
+    folder = str(settings.worker.host_cpus_base())
+    mounts = {
+        target: source
+        for source, target in (interpolate(v).split(":")[:2] for v in worker["volumes"] if isinstance(v, str))
+    }
+    assert folder in mounts, f"{folder} is not mounted into the worker"
+    assert mounts[folder] in set(compose.get("volumes") or {}), "the token folder must be a named volume"
+
+
 def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
     declared = set(compose.get("volumes") or {})
     used = set()

@@ -126,8 +126,8 @@ async def test_acquire_gives_the_slot_back_when_the_process_keeps_dying(
 async def test_a_lease_cancelled_while_waiting_for_a_host_cpu_token_holds_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    other_worker = HostCpuTokens(tmp_path, 1, sweep_s=0.005)
-    mine = HostCpuTokens(tmp_path, 1, sweep_s=0.005)
+    other_worker = HostCpuTokens(tmp_path, 1)
+    mine = HostCpuTokens(tmp_path, 1)
     pool = one_slot_pool(monkeypatch, mine)
     token = await other_worker.acquire()
 

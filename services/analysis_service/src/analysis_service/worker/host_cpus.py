@@ -12,26 +12,28 @@ do not share theirs. The kernel drops a flock when the process holding it dies (
 killer): a dead worker never keeps a token. Tokens are taken by the worker's main process; its
 analysis processes inherit none (Python opens files non-inheritable, i.e. ``O_CLOEXEC``).
 
-Waiting costs no CPU: a waiter sleeps in the kernel, in a blocking ``flock`` on its preferred
-token file (a daemon thread per waiting lease; a slot prefers the file of its own index, so the
-slots of workers of equal size pair up), and the release of that file wakes it at once. Every
-``sweep_s`` it also tries the other files (``LOCK_NB``), so a token that frees where nobody sleeps
-is not left idle for long. An abandoned wait (cancelled, or served by the sweep) leaves its thread
-blocked; the thread gives the lock back the moment it gets it.
+Waiting costs no CPU: each token file has one daemon thread per process (made on first need),
+which, while some wait of that process wants a token, sleeps in the kernel in a blocking ``flock``
+on its file. A wait is offered to every file's thread; the release of any file wakes its thread,
+which hands the lock to the longest-waiting wait still open, or gives it straight back when none
+is. Threads and descriptors are therefore bounded by the number of tokens, however many waits
+were cancelled while a file stayed held (a stopped worker's, say).
 
 A worker with a backlog gives a token back and asks for one in the same instant, before the
 waiter the release woke has run; it would win every race. So waiters make themselves known: each
 holds a shared flock on ``waiting.lock`` while it waits, and an acquire that finds one there first
 yields for ``YIELD_S`` (the woken waiter takes the token meanwhile), then waits like them.
+
+If the folder disappears (a temporary-file cleaner), it is made again on the next open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import hashlib
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -39,9 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-#: Seconds between two sweeps of the token files by a waiting acquire (each drawn from 0.5-1.5
-#: times this); the release of the file it sleeps on wakes it at once.
-SWEEP_S: Final = 0.05
 #: Seconds an acquire that finds others waiting lets them go first.
 YIELD_S: Final = 0.002
 #: CPU sets whose ids, joined, are longer than this name their folder by a hash.
@@ -75,8 +74,6 @@ class HostCpuTokens:
     count : int
         Number of tokens; every process sharing ``directory`` must use the same (see
         :meth:`for_cpus`, which derives both from the CPU set).
-    sweep_s : float
-        Mean seconds between two sweeps of every token file while waiting.
     on_wait : callable, optional
         Called with the seconds each :meth:`acquire` waited (0.0-ish when a token was free).
     """
@@ -86,7 +83,6 @@ class HostCpuTokens:
         directory: Path,
         count: int,
         *,
-        sweep_s: float = SWEEP_S,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
         if count < 1:
@@ -95,7 +91,7 @@ class HostCpuTokens:
         self.count = count
         self.paths = tuple(directory / f"cpu-{i}.lock" for i in range(count))
         self._waiting = directory / "waiting.lock"
-        self._sweep_s = sweep_s
+        self._sleepers: dict[int, _Sleeper] = {}
         self._on_wait = on_wait
         self._held: set[int] = set()
         directory.mkdir(parents=True, exist_ok=True)
@@ -108,7 +104,6 @@ class HostCpuTokens:
         base: Path,
         cpus: Iterable[int],
         *,
-        sweep_s: float = SWEEP_S,
         on_wait: Callable[[float], None] | None = None,
     ) -> HostCpuTokens:
         """One token per CPU of the set ``cpus``, in its own folder under ``base``.
@@ -117,7 +112,7 @@ class HostCpuTokens:
         the host has share the host's cores, and each one's quota bounds its own slots.
         """
         ids = frozenset(cpus)
-        return cls(token_dir(base, ids), len(ids), sweep_s=sweep_s, on_wait=on_wait)
+        return cls(token_dir(base, ids), len(ids), on_wait=on_wait)
 
     @property
     def held(self) -> int:
@@ -136,17 +131,16 @@ class HostCpuTokens:
             os.close(fd)
         return None
 
-    async def acquire(self, prefer: int = 0) -> CpuToken:
+    async def acquire(self) -> CpuToken:
         """Take a token, waiting while none is free or others wait. Give it back with :meth:`release`.
 
-        ``prefer`` picks the token file a wait sleeps on (modulo the count). Cancelling the wait
-        leaves nothing held.
+        Cancelling the wait leaves nothing held.
         """
         started = time.monotonic()
         polite = self._others_waiting()
         token = None if polite else self.try_acquire()
         if token is None:
-            token = await self._wait(prefer % self.count, polite=polite)
+            token = await self._wait(polite=polite)
         if self._on_wait is not None:
             self._on_wait(time.monotonic() - started)
         return token
@@ -156,30 +150,42 @@ class HostCpuTokens:
         self._held.discard(token.index)
         _unlock(token.fd)
 
-    async def _wait(self, prefer: int, *, polite: bool) -> CpuToken:
+    def close(self) -> None:
+        """Stop the sleeper threads (a lock one of them takes later is given straight back)."""
+        for sleeper in self._sleepers.values():
+            sleeper.close()
+        self._sleepers.clear()
+
+    async def _wait(self, *, polite: bool) -> CpuToken:
         known: int | None = None  # the shared lock on waiting.lock that says this one waits
-        sleeper: _Sleeper | None = None
+        woken: asyncio.Future[CpuToken] | None = None
         try:
             if polite:
                 await asyncio.sleep(YIELD_S)
-            while True:
-                if known is None:
-                    known = self._announce()
-                token = self.try_acquire()
-                if token is not None:
-                    return token
-                if sleeper is None:
-                    sleeper = _Sleeper(self.paths[prefer], prefer, asyncio.get_running_loop())
-                await asyncio.wait({sleeper.woken}, timeout=self._sweep_s * random.uniform(0.5, 1.5))
-                if sleeper.woken.done():
-                    token, sleeper = sleeper.woken.result(), None
-                    self._held.add(token.index)
-                    return token
+            known = self._announce()
+            token = self.try_acquire()
+            if token is not None:
+                return token
+            woken = asyncio.get_running_loop().create_future()
+            for index in range(self.count):
+                self._sleeper(index).offer(woken)
+            token = await woken
+            self._held.add(token.index)
+            return token
         finally:
-            if sleeper is not None:
-                sleeper.abandon()
+            if woken is not None and not woken.done():
+                woken.cancel()  # the sleepers skip it: a lock they take later goes back at once
             if known is not None:
                 os.close(known)
+
+    def _sleeper(self, index: int) -> _Sleeper:
+        loop = asyncio.get_running_loop()
+        sleeper = self._sleepers.get(index)
+        if sleeper is None or sleeper.loop is not loop:
+            if sleeper is not None:
+                sleeper.close()
+            sleeper = self._sleepers[index] = _Sleeper(self.paths[index], index, loop)
+        return sleeper
 
     def _others_waiting(self) -> bool:
         """Whether a process (this one included) waits for a token: its shared lock blocks ours."""
@@ -189,58 +195,73 @@ class HostCpuTokens:
         finally:
             os.close(fd)  # and with it the probe's lock
 
-    def _announce(self) -> int | None:
-        """A descriptor holding a shared lock on ``waiting.lock``; None while a probe holds it."""
+    def _announce(self) -> int:
+        """A descriptor holding a shared lock on ``waiting.lock`` (a probe holds it exclusively
+        only for an instant: the blocking lock waits that out)."""
         fd = _open(self._waiting)
-        if _lock(fd, fcntl.LOCK_SH):
-            return fd
-        os.close(fd)
-        return None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
 
 
 class _Sleeper:
-    """A daemon thread blocked in ``flock`` on one token file; ``woken`` gets the token it takes.
-
-    Abandoned (:meth:`abandon`), it gives the lock back as soon as it has it.
-    """
+    """The daemon thread of one token file: while an offered wait is open, it sleeps in a blocking
+    ``flock`` on the file and hands the lock to the longest-waiting open wait (on the event loop),
+    or gives it straight back when none is left."""
 
     def __init__(self, path: Path, index: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.woken: asyncio.Future[CpuToken] = loop.create_future()
-        self._loop = loop
-        self._mutex = threading.Lock()
-        self._abandoned = False
-        thread = threading.Thread(
-            target=self._sleep, args=(path, index), name=f"cpu-token-{index}", daemon=True
-        )
+        self.loop = loop
+        self._path = path
+        self._index = index
+        self._waits: collections.deque[asyncio.Future[CpuToken]] = collections.deque()
+        self._wanted = threading.Event()  # some offered wait may still be open
+        self._handed = threading.Semaphore(0)  # the loop has dealt with the last lock taken
+        self._closed = False
+        thread = threading.Thread(target=self._run, name=f"cpu-token-{index}", daemon=True)
         thread.start()
 
-    def _sleep(self, path: Path, index: int) -> None:
-        fd = _open(path)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks in the kernel until the holder lets go (or dies)
-        with self._mutex:
-            wanted = not self._abandoned
-        if wanted:
-            try:
-                self._loop.call_soon_threadsafe(self._deliver, CpuToken(index, fd))
+    def offer(self, wait: asyncio.Future[CpuToken]) -> None:
+        """Give ``wait`` the next lock this file's thread takes, unless it is done by then."""
+        self._waits.append(wait)
+        self._wanted.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.set()
+        self._handed.release()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._closed:
                 return
+            try:
+                fd = _open(self._path)
+            except OSError:  # the waits still sweep nothing: try again shortly
+                time.sleep(0.05)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)  # sleeps in the kernel until the holder lets go (or dies)
+            try:
+                self.loop.call_soon_threadsafe(self._hand, fd)
             except RuntimeError:  # the event loop is closed: nobody will take it
-                pass
-        _unlock(fd)
+                _unlock(fd)
+                return
+            self._handed.acquire()
 
-    def _deliver(self, token: CpuToken) -> None:
-        if self.woken.done():  # abandoned after the thread looked
-            _unlock(token.fd)
-        else:
-            self.woken.set_result(token)
-
-    def abandon(self) -> None:
-        """Stop waiting: a token already taken is given back, one taken later too."""
-        with self._mutex:
-            self._abandoned = True
-        if self.woken.done() and not self.woken.cancelled():
-            _unlock(self.woken.result().fd)
-        else:
-            self.woken.cancel()
+    def _hand(self, fd: int) -> None:
+        """On the loop: the lock on ``fd`` to the first open wait, else back."""
+        try:
+            while self._waits:
+                wait = self._waits.popleft()
+                if not wait.done() and not self._closed:
+                    wait.set_result(CpuToken(self._index, fd))
+                    break
+            else:
+                _unlock(fd)
+            if not any(not w.done() for w in self._waits):
+                self._waits.clear()
+                self._wanted.clear()
+        finally:
+            self._handed.release()
 
 
 def _unlock(fd: int) -> None:
@@ -253,7 +274,11 @@ def _unlock(fd: int) -> None:
 def _open(path: Path) -> int:
     # Read-only is enough for flock, and lets a process open a file another user created. Python
     # makes the descriptor non-inheritable: no analysis process holds a lock it does not know of.
-    return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except FileNotFoundError:  # the folder was removed (a temporary-file cleaner): make it again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
 
 
 def _lock(fd: int, operation: int) -> bool:

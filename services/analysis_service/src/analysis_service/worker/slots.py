@@ -171,7 +171,7 @@ class SlotPool:
             if self._tokens is not None:
                 self._cpu_waits += 1
                 try:
-                    slot.cpu_token = await self._tokens.acquire(prefer=slot.index)
+                    slot.cpu_token = await self._tokens.acquire()
                 finally:
                     self._cpu_waits -= 1
             for attempt in range(1, _READY_ATTEMPTS + 1):
@@ -295,6 +295,8 @@ class SlotPool:
             _kill(s.executor)
             self._release_token(s)  # its process is gone: the other workers may have the CPU
         self._slots.clear()
+        if self._tokens is not None:
+            self._tokens.close()
 
 
 def _call(
