@@ -43,6 +43,8 @@ from typing import Final
 
 #: Seconds an acquire that finds others waiting lets them go first.
 YIELD_S: Final = 0.002
+#: Attempts, 1 ms apart, to announce a wait while another process's probe holds ``waiting.lock``.
+_ANNOUNCE_TRIES: Final = 10
 #: CPU sets whose ids, joined, are longer than this name their folder by a hash.
 _LONGEST_NAME: Final = 32
 
@@ -162,7 +164,7 @@ class HostCpuTokens:
         try:
             if polite:
                 await asyncio.sleep(YIELD_S)
-            known = self._announce()
+            known = await self._announce()
             token = self.try_acquire()
             if token is not None:
                 return token
@@ -195,12 +197,17 @@ class HostCpuTokens:
         finally:
             os.close(fd)  # and with it the probe's lock
 
-    def _announce(self) -> int:
-        """A descriptor holding a shared lock on ``waiting.lock`` (a probe holds it exclusively
-        only for an instant: the blocking lock waits that out)."""
-        fd = _open(self._waiting)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        return fd
+    async def _announce(self) -> int | None:
+        """A descriptor holding a shared lock on ``waiting.lock``, or None when a probe kept it
+        locked for ``_ANNOUNCE_TRIES`` ms (a process stopped inside its probe: the wait goes on
+        unannounced rather than block the event loop)."""
+        for _ in range(_ANNOUNCE_TRIES):
+            fd = _open(self._waiting)
+            if _lock(fd, fcntl.LOCK_SH):
+                return fd
+            os.close(fd)
+            await asyncio.sleep(0.001)
+        return None
 
 
 class _Sleeper:
