@@ -85,6 +85,29 @@ async def test_a_waiter_takes_whichever_token_frees(tmp_path: Path) -> None:
     assert holder.held == waiter.held == 0
 
 
+async def test_within_a_worker_a_freed_token_goes_to_the_highest_priority_first(tmp_path: Path) -> None:
+    other = tokens(tmp_path)
+    held = await other.acquire()
+    worker = tokens(tmp_path)
+    order: list[int] = []
+
+    async def lease(priority: int) -> None:
+        token = await worker.acquire(priority)
+        order.append(priority)
+        await asyncio.sleep(POLL_S)
+        worker.release(token)
+
+    waits = [asyncio.create_task(lease(p)) for p in (0, 1)]
+    await asyncio.sleep(5 * POLL_S)
+    waits.append(asyncio.create_task(lease(9)))  # arrives last
+    await asyncio.sleep(5 * POLL_S)
+    other.release(held)
+    async with asyncio.timeout(5):
+        await asyncio.gather(*waits)
+    assert order == [9, 1, 0]
+    worker.close()
+
+
 async def test_cancelled_waits_against_a_held_token_leave_no_threads_or_locks_behind(tmp_path: Path) -> None:
     # A stopped worker keeps its token; every lease that waits for it and is then cancelled (or
     # served otherwise) must not leave a thread and a descriptor behind.

@@ -15,9 +15,10 @@ analysis processes inherit none (Python opens files non-inheritable, i.e. ``O_CL
 Waiting costs no CPU: each token file has one daemon thread per process (made on first need),
 which, while some wait of that process wants a token, sleeps in the kernel in a blocking ``flock``
 on its file. A wait is offered to every file's thread; the release of any file wakes its thread,
-which hands the lock to the longest-waiting wait still open, or gives it straight back when none
-is. Threads and descriptors are therefore bounded by the number of tokens, however many waits
-were cancelled while a file stayed held (a stopped worker's, say).
+which hands the lock to the open wait of the highest priority (the longest waiting among equals),
+or gives it straight back when none is. Threads and descriptors are therefore bounded by the
+number of tokens, however many waits were cancelled while a file stayed held (a stopped
+worker's, say).
 
 A worker with a backlog gives a token back and asks for one in the same instant, before the
 waiter the release woke has run; it would win every race. So waiters make themselves known: each
@@ -30,9 +31,10 @@ If the folder disappears (a temporary-file cleaner), it is made again on the nex
 from __future__ import annotations
 
 import asyncio
-import collections
 import fcntl
 import hashlib
+import heapq
+import itertools
 import os
 import threading
 import time
@@ -133,16 +135,18 @@ class HostCpuTokens:
             os.close(fd)
         return None
 
-    async def acquire(self) -> CpuToken:
+    async def acquire(self, priority: int = 0) -> CpuToken:
         """Take a token, waiting while none is free or others wait. Give it back with :meth:`release`.
 
-        Cancelling the wait leaves nothing held.
+        Among this process's waits, a token that frees goes to the highest ``priority`` first (the
+        request's AMQP priority; across processes there is no order). Cancelling the wait leaves
+        nothing held.
         """
         started = time.monotonic()
         polite = self._others_waiting()
         token = None if polite else self.try_acquire()
         if token is None:
-            token = await self._wait(polite=polite)
+            token = await self._wait(priority, polite=polite)
         if self._on_wait is not None:
             self._on_wait(time.monotonic() - started)
         return token
@@ -158,7 +162,7 @@ class HostCpuTokens:
             sleeper.close()
         self._sleepers.clear()
 
-    async def _wait(self, *, polite: bool) -> CpuToken:
+    async def _wait(self, priority: int, *, polite: bool) -> CpuToken:
         known: int | None = None  # the shared lock on waiting.lock that says this one waits
         woken: asyncio.Future[CpuToken] | None = None
         try:
@@ -170,7 +174,7 @@ class HostCpuTokens:
                 return token
             woken = asyncio.get_running_loop().create_future()
             for index in range(self.count):
-                self._sleeper(index).offer(woken)
+                self._sleeper(index).offer(woken, priority)
             token = await woken
             self._held.add(token.index)
             return token
@@ -219,16 +223,18 @@ class _Sleeper:
         self.loop = loop
         self._path = path
         self._index = index
-        self._waits: collections.deque[asyncio.Future[CpuToken]] = collections.deque()
+        #: Offered waits: a heap of (-priority, arrival, future).
+        self._waits: list[tuple[int, int, asyncio.Future[CpuToken]]] = []
+        self._arrivals = itertools.count()
         self._wanted = threading.Event()  # some offered wait may still be open
         self._handed = threading.Semaphore(0)  # the loop has dealt with the last lock taken
         self._closed = False
         thread = threading.Thread(target=self._run, name=f"cpu-token-{index}", daemon=True)
         thread.start()
 
-    def offer(self, wait: asyncio.Future[CpuToken]) -> None:
-        """Give ``wait`` the next lock this file's thread takes, unless it is done by then."""
-        self._waits.append(wait)
+    def offer(self, wait: asyncio.Future[CpuToken], priority: int) -> None:
+        """Let ``wait`` have a lock this file's thread takes, by ``priority``, unless it is done by then."""
+        heapq.heappush(self._waits, (-priority, next(self._arrivals), wait))
         self._wanted.set()
 
     def close(self) -> None:
@@ -258,13 +264,13 @@ class _Sleeper:
         """On the loop: the lock on ``fd`` to the first open wait, else back."""
         try:
             while self._waits:
-                wait = self._waits.popleft()
+                _, _, wait = heapq.heappop(self._waits)
                 if not wait.done() and not self._closed:
                     wait.set_result(CpuToken(self._index, fd))
                     break
             else:
                 _unlock(fd)
-            if not any(not w.done() for w in self._waits):
+            if not any(not w.done() for _, _, w in self._waits):
                 self._waits.clear()
                 self._wanted.clear()
         finally:

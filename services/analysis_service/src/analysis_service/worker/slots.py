@@ -171,7 +171,7 @@ class SlotPool:
             if self._tokens is not None:
                 self._cpu_waits += 1
                 try:
-                    slot.cpu_token = await self._tokens.acquire()
+                    slot.cpu_token = await self._tokens.acquire(priority)
                 finally:
                     self._cpu_waits -= 1
             for attempt in range(1, _READY_ATTEMPTS + 1):
