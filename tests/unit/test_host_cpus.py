@@ -108,6 +108,25 @@ async def test_within_a_worker_a_freed_token_goes_to_the_highest_priority_first(
     worker.close()
 
 
+async def test_a_token_handed_over_as_its_wait_is_cancelled_is_given_back(tmp_path: Path) -> None:
+    # The sleeper hands the lock to the wait (its future gets the token) and, before the waiting
+    # task resumes, the task is cancelled (a request cancelled at that instant): the task ends
+    # with CancelledError and the lock must not stay held by nobody.
+    holder = tokens(tmp_path)
+    held = await holder.acquire()
+    waiter = tokens(tmp_path)
+    waiting = asyncio.create_task(waiter.acquire())
+    await asyncio.sleep(10 * POLL_S)  # offered to the sleeper, which blocks in flock
+    holder.release(held)
+    time.sleep(0.2)  # noqa: ASYNC251 - the loop must be held: the sleeper takes the lock and queues its hand-over
+    asyncio.get_running_loop().call_soon(waiting.cancel)  # after the hand-over, before the task runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await eventually_free(waiter.paths[0])
+    assert waiter.held == 0
+    waiter.close()
+
+
 async def test_cancelled_waits_against_a_held_token_leave_no_threads_or_locks_behind(tmp_path: Path) -> None:
     # A stopped worker keeps its token; every lease that waits for it and is then cancelled (or
     # served otherwise) must not leave a thread and a descriptor behind.
@@ -115,7 +134,7 @@ async def test_cancelled_waits_against_a_held_token_leave_no_threads_or_locks_be
     held = await stopped.acquire()
     waiter = tokens(tmp_path)
     before = threading.active_count()
-    for _ in range(30):
+    for _ in range(80):
         waiting = asyncio.create_task(waiter.acquire())
         await asyncio.sleep(0)
         await asyncio.sleep(POLL_S)
@@ -123,6 +142,7 @@ async def test_cancelled_waits_against_a_held_token_leave_no_threads_or_locks_be
         with pytest.raises(asyncio.CancelledError):
             await waiting
     assert threading.active_count() - before <= waiter.count
+    assert all(len(sleeper._waits) <= 65 for sleeper in waiter._sleepers.values())  # waits over are dropped
     stopped.release(held)
     await eventually_free(waiter.paths[0])  # the sleeper took it and gave it straight back
     assert waiter.held == 0

@@ -47,6 +47,8 @@ from typing import Final
 YIELD_S: Final = 0.002
 #: Attempts, 1 ms apart, to announce a wait while another process's probe holds ``waiting.lock``.
 _ANNOUNCE_TRIES: Final = 10
+#: Entries a file's sleeper keeps before it drops the waits already over.
+_PRUNE_AT: Final = 64
 #: CPU sets whose ids, joined, are longer than this name their folder by a hash.
 _LONGEST_NAME: Final = 32
 
@@ -175,7 +177,12 @@ class HostCpuTokens:
             woken = asyncio.get_running_loop().create_future()
             for index in range(self.count):
                 self._sleeper(index).offer(woken, priority)
-            token = await woken
+            try:
+                token = await woken
+            except BaseException:  # cancelled after the hand-over, before this task resumed
+                if woken.done() and not woken.cancelled():
+                    _unlock(woken.result().fd)
+                raise
             self._held.add(token.index)
             return token
         finally:
@@ -234,11 +241,18 @@ class _Sleeper:
 
     def offer(self, wait: asyncio.Future[CpuToken], priority: int) -> None:
         """Let ``wait`` have a lock this file's thread takes, by ``priority``, unless it is done by then."""
+        if len(self._waits) > _PRUNE_AT:  # waits served by other files while this one stays held
+            self._waits = [entry for entry in self._waits if not entry[2].done()]
+            heapq.heapify(self._waits)
         heapq.heappush(self._waits, (-priority, next(self._arrivals), wait))
         self._wanted.set()
 
     def close(self) -> None:
+        """Stop the thread; waits still open end cancelled (their tasks then clean up)."""
         self._closed = True
+        for _, _, wait in self._waits:
+            wait.cancel()
+        self._waits.clear()
         self._wanted.set()
         self._handed.release()
 
@@ -252,7 +266,12 @@ class _Sleeper:
             except OSError:  # the waits still sweep nothing: try again shortly
                 time.sleep(0.05)
                 continue
-            fcntl.flock(fd, fcntl.LOCK_EX)  # sleeps in the kernel until the holder lets go (or dies)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # sleeps in the kernel until the holder lets go (or dies)
+            except OSError:  # e.g. ENOLCK: try again shortly rather than die silently
+                os.close(fd)
+                time.sleep(0.05)
+                continue
             try:
                 self.loop.call_soon_threadsafe(self._hand, fd)
             except RuntimeError:  # the event loop is closed: nobody will take it
