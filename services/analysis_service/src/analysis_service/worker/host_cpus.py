@@ -223,7 +223,7 @@ class HostCpuTokens:
 
 class _Sleeper:
     """The daemon thread of one token file: while an offered wait is open, it sleeps in a blocking
-    ``flock`` on the file and hands the lock to the longest-waiting open wait (on the event loop),
+    ``flock`` on the file and hands the lock to the open wait of the highest priority (on the event loop),
     or gives it straight back when none is left."""
 
     def __init__(self, path: Path, index: int, loop: asyncio.AbstractEventLoop) -> None:
