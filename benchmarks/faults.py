@@ -74,7 +74,7 @@ from redis.retry import Retry
 
 from analysis_service.audio.synth import demo_song
 from analysis_service.settings import RabbitSettings
-from analysis_service.worker.topology import declare_topology
+from analysis_service.worker.topology import declare_topology, routing_key_for
 
 REPO = Path(__file__).resolve().parents[1]
 #: Every worker process gets this variable (its children inherit it): how leftovers are found.
@@ -609,7 +609,7 @@ async def publish_requests(
                             content_type="application/json",
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         ),
-                        routing_key=rabbit.request_routing_key,
+                        routing_key=routing_key_for(body["priority"], rabbit),
                     )
                     for rid, body in batch
                 )
@@ -829,9 +829,8 @@ def status_line(stack: Stack, n: int) -> tuple[int | None, int | None]:
         terminal = sum(counts.get(s, 0) for s in TERMINAL)
     with contextlib.suppress(Exception):
         depths = stack.rabbit.queue_depths()
-        queued = depths.get(stack.rabbit_settings.request_queue, 0) + depths.get(
-            stack.rabbit_settings.retry_queue, 0
-        )
+        r = stack.rabbit_settings
+        queued = sum(depths.get(name, 0) for name in (r.request_queue, r.urgent_queue, r.retry_queue))
     channels = "?"
     with contextlib.suppress(Exception):
         channels = " ".join(f"{c}c/{u}u" for c, u in stack.rabbit.channels())
@@ -993,7 +992,7 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
     dead = asyncio.run(drain_queue(stack.rabbit.url, r.dead_letter_queue))
     left_queued = [
         m
-        for name in (r.request_queue, r.retry_queue)
+        for name in (r.request_queue, r.urgent_queue, r.retry_queue)
         for m in asyncio.run(drain_queue(stack.rabbit.url, name))
     ]
     progress = progress_status(stack.redis, ids)

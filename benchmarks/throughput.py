@@ -205,6 +205,7 @@ class Stores:
             "DEAD_LETTER_EXCHANGE": f"bench.{t}.dlx",
             "DEAD_LETTER_QUEUE": f"bench.{t}.dead",
             "RETRY_QUEUE": f"bench.{t}.retry",
+            "URGENT_QUEUE": f"bench.{t}.urgent",
             "RESULTS_EXCHANGE": f"bench.{t}.results",
             "RESULTS_QUEUE": f"bench.{t}.results.all",
         }
@@ -302,7 +303,7 @@ async def _cleanup(stores: Stores) -> None:
     async with connection:
         channel = await connection.channel()
         names = stores.names
-        for key in ("REQUEST_QUEUE", "DEAD_LETTER_QUEUE", "RETRY_QUEUE", "RESULTS_QUEUE"):
+        for key in ("REQUEST_QUEUE", "URGENT_QUEUE", "DEAD_LETTER_QUEUE", "RETRY_QUEUE", "RESULTS_QUEUE"):
             await channel.queue_delete(names[key])
         for key in ("REQUEST_EXCHANGE", "DEAD_LETTER_EXCHANGE", "RESULTS_EXCHANGE"):
             await channel.exchange_delete(names[key])
@@ -497,6 +498,7 @@ class Bench:
         self.extra_env = extra_env
         self.connection: Any = None
         self.channel: Any = None
+        self.rabbit: Any = None
         self.arrived: dict[str, tuple[float, dict[str, Any]]] = {}
         self._news = asyncio.Event()
 
@@ -509,7 +511,8 @@ class Bench:
         self.connection = await aio_pika.connect(RABBIT_URL)
         self.channel = await self.connection.channel(publisher_confirms=True)
         names = {k.lower(): v for k, v in self.stores.names.items()}
-        topology = await declare_topology(self.channel, RabbitSettings(url=RABBIT_URL, **names))
+        self.rabbit = RabbitSettings(url=RABBIT_URL, **names)
+        topology = await declare_topology(self.channel, self.rabbit)
         self.exchange = topology.request_exchange
         results_queue = topology.results_queue
         assert results_queue is not None
@@ -530,12 +533,14 @@ class Bench:
     async def publish(self, request_id: str, file: str, *, priority: int = 5) -> float:
         import aio_pika
 
+        from analysis_service.worker.topology import routing_key_for
+
         body = {"request_id": request_id, "file": file, "priority": priority, "options": {"use_cache": False}}
         await self.exchange.publish(
             aio_pika.Message(
                 json.dumps(body).encode(), priority=priority, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
             ),
-            routing_key="analysis.request",
+            routing_key=routing_key_for(priority, self.rabbit),
         )
         return time.time()
 

@@ -49,6 +49,7 @@ def rabbit_settings_for(url: str) -> RabbitSettings:
         request_queue=f"test.api.requests.{suffix}",
         dead_letter_exchange=f"test.api.dlx.{suffix}",
         dead_letter_queue=f"test.api.dead.{suffix}",
+        urgent_queue=f"test.api.urgent.{suffix}",
         results_exchange=f"test.api.results.{suffix}",
         results_queue="",
         publish_timeout_s=5.0,
@@ -68,6 +69,9 @@ async def declare_requests(
         settings.request_queue, durable=True, arguments={"x-max-priority": settings.max_priority}
     )
     await queue.bind(exchange, routing_key=settings.request_routing_key)
+    # Urgent requests too, so that every request the API publishes is read from one queue here
+    # (the worker consumes them from a queue of their own).
+    await queue.bind(exchange, routing_key=settings.urgent_routing_key)
     return queue
 
 

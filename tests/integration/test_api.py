@@ -100,6 +100,19 @@ async def test_submit_records_queued_rows_then_publishes_each_request(stack: Sta
         assert list(row["analyses"]) == ["key", "bpm"]
         assert row["priority"] == 7
         assert json.loads(row["options"]) == request.options.model_dump()
+        assert message.routing_key == stack.settings.rabbitmq.request_routing_key
+
+
+async def test_an_urgent_request_is_published_to_the_urgent_queue(stack: Stack) -> None:
+    rabbit = stack.settings.rabbitmq
+    response = await stack.client.post(
+        "/v1/jobs", json={"files": ["a.wav", "album/c.wav"], "priority": rabbit.urgent_priority}, headers=AUTH
+    )
+    assert response.status_code == 202, response.text
+    messages = await drain(stack.queue, expect=2) if stack.queue else []
+    assert len(messages) == 2
+    assert {m.routing_key for m in messages} == {rabbit.urgent_routing_key}
+    assert {m.priority for m in messages} == {rabbit.urgent_priority}
 
 
 def test_fingerprint_is_the_ledger_canonical_form() -> None:

@@ -79,6 +79,7 @@ async def _setup(db: str, suffix: str) -> None:
             f"test.oas.{suffix}", durable=True, arguments={"x-max-priority": 10}
         )
         await queue.bind(exchange, routing_key="analysis.request")
+        await queue.bind(exchange, routing_key="analysis.request.urgent")  # priority 9
 
 
 async def _teardown(db: str, suffix: str) -> None:

@@ -49,6 +49,7 @@ def rabbit_settings(rabbit_url: str) -> RabbitSettings:
         request_exchange=f"test.requests.{suffix}",
         request_queue=f"test.requests.{suffix}",
         request_routing_key="analysis.request",
+        urgent_queue=f"test.requests.urgent.{suffix}",
         publish_timeout_s=5.0,
     )
 
@@ -71,6 +72,9 @@ async def declare(channel: AbstractChannel, settings: RabbitSettings, *, bound: 
         settings.request_queue, durable=True, arguments={"x-max-priority": settings.max_priority}
     )
     await queue.bind(exchange, routing_key=settings.request_routing_key)
+    # Urgent requests too, so that every request submit publishes is read from one queue here
+    # (the worker consumes them from a queue of their own).
+    await queue.bind(exchange, routing_key=settings.urgent_routing_key)
     return queue
 
 

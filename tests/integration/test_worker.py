@@ -15,7 +15,13 @@ from redis.asyncio import Redis
 from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
 from analysis_service.sinks.postgres import fingerprint
 from service_shared.messages import AnalysisRequest, ResultStatus
-from tests.integration.worker_harness import Broker, make_settings, running_worker, write_song
+from tests.integration.worker_harness import (
+    Broker,
+    make_settings,
+    running_worker,
+    write_long_song,
+    write_song,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +211,36 @@ async def test_backlog_high_priority_first(
             results = await broker.results(8)
     order = [r.request_id for r in results]
     assert all(r.status is ResultStatus.COMPLETED for r in results)
-    assert {o.split("-")[0] for o in order[:3]} == {"high"}, order
+    # The urgent ones come from their own queue: at most the one routine request that took the slot
+    # as the worker started consuming ends before the last of them.
+    last_high = max(order.index(f"high-{i}") for i in range(5, 8))
+    assert sum(1 for o in order[:last_high] if o.startswith("low")) <= 1, order
+
+
+async def test_an_urgent_request_starts_at_once_while_the_slot_is_busy(
+    tmp_path: Path, rabbit_url: str, pg_dsn: str, redis_settings: RedisSettings, bolt_server: Neo4jSettings
+) -> None:
+    settings = make_settings(
+        tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server, concurrency=1
+    )
+    assert settings.worker.urgent_slots == 1
+    media = settings.worker.media_root
+    write_long_song(media / "long.flac", seconds=1200.0)
+    write_song(media / "routine.wav", bpm=100, seconds=8.0)
+    write_song(media / "urgent.wav", bpm=140, seconds=8.0)
+    async with Broker(settings) as broker, running_worker(settings) as worker:
+        await broker.publish(request("long", "long.flac", priority=5), priority=5)
+        assert worker._slots is not None
+        async with asyncio.timeout(30):
+            while worker._slots.busy < 1:  # noqa: ASYNC110 (a test polling the worker's state)
+                await asyncio.sleep(0.02)
+        await broker.publish(request("routine", "routine.wav", priority=8), priority=8)
+        await broker.publish(request("urgent", "urgent.wav", priority=9), priority=9)
+        results = await broker.results(3, timeout_s=120)
+    order = [r.request_id for r in results]
+    assert all(r.status is ResultStatus.COMPLETED for r in results), results
+    # The urgent request did not wait for the long analysis; the routine one, one step lower, did.
+    assert order == ["urgent", "long", "routine"], order
 
 
 async def test_redis_down_results_still_stored(

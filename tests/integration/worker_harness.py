@@ -25,7 +25,7 @@ from analysis_service.settings import (
     Settings,
     WorkerSettings,
 )
-from analysis_service.worker.topology import declare_topology
+from analysis_service.worker.topology import declare_topology, routing_key_for
 from analysis_service.worker.worker import Worker
 from service_shared.messages import AnalysisResultMessage
 
@@ -51,6 +51,7 @@ def make_settings(
             dead_letter_exchange=f"test.{uid}.dlx",
             dead_letter_queue=f"test.{uid}.dead",
             retry_queue=f"test.{uid}.retry",
+            urgent_queue=f"test.{uid}.urgent",
             retry_delay_s=1.0,
             results_exchange=f"test.{uid}.results",
             results_queue=f"test.{uid}.results.all",
@@ -121,19 +122,20 @@ class Broker:
         r = self.settings.rabbitmq
         assert self.channel is not None
         assert self._connection is not None
-        for queue in (r.request_queue, r.dead_letter_queue, r.results_queue, r.retry_queue):
+        for queue in (r.request_queue, r.urgent_queue, r.dead_letter_queue, r.results_queue, r.retry_queue):
             await self.channel.queue_delete(queue)
         for exchange in (r.request_exchange, r.dead_letter_exchange, r.results_exchange):
             await self.channel.exchange_delete(exchange)
         await self._connection.close()
 
     async def publish(self, body: dict[str, Any] | bytes, *, priority: int = 5) -> None:
+        """Publish like a producer: to the urgent queue from ``urgent_priority`` up."""
         assert self.channel is not None
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         exchange = await self.channel.get_exchange(self.settings.rabbitmq.request_exchange)
         await exchange.publish(
             aio_pika.Message(raw, priority=priority, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=self.settings.rabbitmq.request_routing_key,
+            routing_key=routing_key_for(priority, self.settings.rabbitmq),
         )
 
     async def drain(

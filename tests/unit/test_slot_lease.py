@@ -15,14 +15,22 @@ from analysis_service.worker.host_cpus import HostCpuTokens
 from analysis_service.worker.slots import Slot, SlotPool
 
 
-def one_slot_pool(monkeypatch: pytest.MonkeyPatch, cpu_tokens: HostCpuTokens | None = None) -> SlotPool:
-    """A pool of one slot with no process behind it (the tests only lease)."""
+def lease_only_pool(
+    monkeypatch: pytest.MonkeyPatch, *, urgent: int = 0, cpu_tokens: HostCpuTokens | None = None
+) -> SlotPool:
+    """One slot and ``urgent`` urgent slots (for priority 9), with no process behind them (the
+    tests only lease)."""
     monkeypatch.setattr(slots_module, "_broken", lambda executor: False)
-    pool = SlotPool(1, max_tasks_per_child=1000, cpu_tokens=cpu_tokens)
-    slot = Slot(0, cast(ProcessPoolExecutor, None), warm=True)
-    pool._slots.append(slot)
-    pool._idle.append(slot)
+    pool = SlotPool(1, urgent=urgent, urgent_priority=9, max_tasks_per_child=1000, cpu_tokens=cpu_tokens)
+    for i in range(1 + urgent):
+        slot = Slot(i, cast(ProcessPoolExecutor, None), warm=True, urgent=i >= 1)
+        pool._slots.append(slot)
+        (pool._idle_urgent if slot.urgent else pool._idle).append(slot)
     return pool
+
+
+def one_slot_pool(monkeypatch: pytest.MonkeyPatch, cpu_tokens: HostCpuTokens | None = None) -> SlotPool:
+    return lease_only_pool(monkeypatch, cpu_tokens=cpu_tokens)
 
 
 async def test_a_freed_slot_goes_to_the_highest_priority_then_to_the_longest_waiting(
@@ -150,3 +158,91 @@ async def test_a_lease_cancelled_while_waiting_for_a_host_cpu_token_holds_nothin
     again = other_worker.try_acquire()
     assert again is not None
     other_worker.release(again)
+
+
+def pool_with_urgent_slot(
+    monkeypatch: pytest.MonkeyPatch, cpu_tokens: HostCpuTokens | None = None
+) -> SlotPool:
+    return lease_only_pool(monkeypatch, urgent=1, cpu_tokens=cpu_tokens)
+
+
+async def test_an_urgent_lease_starts_in_the_urgent_slot_while_every_slot_is_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = pool_with_urgent_slot(monkeypatch)
+    slot, urgent = pool._slots
+    async with pool.lease(5) as running:
+        assert running is slot
+        async with asyncio.timeout(1), pool.lease(9) as express:
+            assert express is urgent
+        # A lower priority never takes the urgent slot: it waits for the slot.
+        waiting = asyncio.create_task(pool.acquire(8))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        assert pool.waiting == 1
+    assert await waiting is slot
+    pool.release(slot)
+    assert (pool._idle, pool._idle_urgent, pool.busy) == ([slot], [urgent], 0)
+
+
+async def test_an_urgent_lease_takes_a_free_slot_before_the_urgent_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = pool_with_urgent_slot(monkeypatch)
+    async with pool.lease(9) as first:
+        assert first is pool._slots[0]
+        async with pool.lease(9) as second:
+            assert second is pool._slots[1]
+
+
+async def test_a_freed_urgent_slot_goes_to_a_waiting_urgent_lease_never_to_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = pool_with_urgent_slot(monkeypatch)
+    slot, urgent = pool._slots
+    order: list[tuple[str, int]] = []
+    held = [await pool.acquire(5), await pool.acquire(9)]
+    assert held == [slot, urgent]
+
+    async def waiter(name: str, priority: int) -> None:
+        async with pool.lease(priority) as got:
+            order.append((name, got.index))
+            await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(waiter(n, p)) for n, p in (("low", 3), ("urgent-a", 9), ("urgent-b", 9))]
+    await asyncio.sleep(0.01)
+    pool.release(urgent)  # to the first urgent waiter, not to the longer-waiting low one
+    await asyncio.sleep(0.005)
+    assert order == [("urgent-a", 1)]
+    pool.release(slot)  # the slot: to the highest priority still waiting
+    await asyncio.gather(*tasks)
+    assert order[1] == ("urgent-b", 0)
+    # urgent-a's urgent slot, freed with only "low" waiting, stayed for urgent requests.
+    assert order[2] == ("low", 0)
+    assert (pool._idle, pool._idle_urgent) == ([slot], [urgent])
+
+
+async def test_an_urgent_slot_takes_no_host_cpu_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Two workers of a host with one CPU; the other one holds its token.
+    other_worker, mine = HostCpuTokens(tmp_path, 1), HostCpuTokens(tmp_path, 1)
+    token = await other_worker.acquire()
+    pool = pool_with_urgent_slot(monkeypatch, mine)
+    slot, urgent = pool._slots
+    try:
+        waiting = asyncio.create_task(pool.acquire(5))
+        await asyncio.sleep(0.01)
+        assert (pool.busy, pool.waiting_for_cpu) == (1, 1)  # the slot waits for a token
+        async with asyncio.timeout(1), pool.lease(9) as express:
+            assert express is urgent
+            assert express.cpu_token is None
+            assert mine.held == 0
+    finally:
+        other_worker.release(token)
+    assert await waiting is slot
+    assert slot.cpu_token is not None
+    pool.release(slot)
+    assert mine.held == 0
+    mine.close()
+    other_worker.close()

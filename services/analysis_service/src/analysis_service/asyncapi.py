@@ -150,15 +150,13 @@ def asyncapi_document(
         "x-dead-letter-exchange": rabbit.dead_letter_exchange,
         "x-consumer-timeout": rabbit.consumer_timeout_ms,
     }
-    channels: dict[str, Any] = {
-        "requests": {
-            "address": rabbit.request_routing_key,
-            "title": "Requests",
-            "description": (
-                f"Publish requests to the direct exchange `{rabbit.request_exchange}` with routing key "
-                f"`{rabbit.request_routing_key}`; they wait in the priority queue "
-                f"`{rabbit.request_queue}` (arguments {request_queue_args}) that the workers consume."
-            ),
+
+    def request_channel(address: str, title: str, description: str) -> dict[str, Any]:
+        """A channel producers publish requests to, on the request exchange with ``address``."""
+        return {
+            "address": address,
+            "title": title,
+            "description": description,
             "servers": [{"$ref": "#/servers/rabbitmq"}],
             "messages": {"AnalysisRequest": {"$ref": "#/components/messages/AnalysisRequest"}},
             "bindings": {
@@ -168,7 +166,31 @@ def asyncapi_document(
                     "bindingVersion": AMQP_BINDING_VERSION,
                 }
             },
-        },
+        }
+
+    channels: dict[str, Any] = {
+        "requests": request_channel(
+            rabbit.request_routing_key,
+            "Requests",
+            f"Publish requests to the direct exchange `{rabbit.request_exchange}` with routing key "
+            f"`{rabbit.request_routing_key}`; they wait in the priority queue "
+            f"`{rabbit.request_queue}` (arguments {request_queue_args}) that the workers consume.",
+        ),
+        **(
+            {
+                "urgentRequests": request_channel(
+                    rabbit.urgent_routing_key,
+                    "Urgent requests",
+                    f"Requests of priority {rabbit.urgent_priority} or higher: publish them to "
+                    f"`{rabbit.request_exchange}` with routing key `{rabbit.urgent_routing_key}`. "
+                    f"They wait in `{rabbit.urgent_queue}` (the same arguments), which every worker "
+                    "consumes on a channel of its own, so they are delivered while the request "
+                    "queue's deliveries fill the workers, and may start in a worker's urgent slots.",
+                )
+            }
+            if rabbit.urgent_queue
+            else {}
+        ),
         "deadLetters": {
             "address": rabbit.dead_letter_queue,
             "title": "Dead-lettered requests",
@@ -256,6 +278,19 @@ def asyncapi_document(
             "Workers consume requests, highest priority first; each is acked once its outcome is "
             "stored and published.",
             {"ack": True},
+        ),
+        **(
+            {
+                "receiveUrgentRequest": operation(
+                    "receive",
+                    "urgentRequests",
+                    "AnalysisRequest",
+                    "Workers consume urgent requests beside the others, highest priority first.",
+                    {"ack": True},
+                )
+            }
+            if rabbit.urgent_queue
+            else {}
         ),
         "sendDeadLetter": operation(
             "send", "deadLetters", "AnalysisRequest", "A request that failed permanently is dead-lettered."

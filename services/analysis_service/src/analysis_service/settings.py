@@ -35,6 +35,22 @@ class RabbitSettings(BaseModel):
     request_exchange: str = "analysis.requests"
     request_queue: str = "analysis.requests"
     request_routing_key: str = "analysis.request"
+    urgent_queue: str = Field(
+        default="analysis.requests.urgent",
+        description="Queue of the urgent requests (priority >= urgent_priority), consumed by every "
+        "worker on a channel of its own, so that an urgent request is delivered while the request "
+        "queue's window is full; empty: no urgent queue, every request goes to request_queue.",
+    )
+    urgent_routing_key: str = Field(
+        default="analysis.request.urgent", description="Binds the urgent queue to the request exchange."
+    )
+    urgent_priority: int = Field(
+        default=9,
+        ge=1,
+        le=9,
+        description="Requests of this priority or higher are published to the urgent queue and may "
+        "run in the workers' urgent slots.",
+    )
     dead_letter_exchange: str = "analysis.dlx"
     dead_letter_queue: str = "analysis.requests.dead"
     retry_queue: str = Field(
@@ -116,6 +132,14 @@ class WorkerSettings(BaseModel):
         description="Folder of the host CPU tokens, shared by the workers that use it (the same "
         "path in every container; they must be able to open each other's files). Unset: "
         "analysis-service-cpus in the temporary folder, shared on a host, per container.",
+    )
+    urgent_slots: int = Field(
+        default=1,
+        ge=0,
+        description="Analysis processes kept for urgent requests (priority >= "
+        "rabbitmq.urgent_priority) beyond the slots: an urgent request that finds every slot busy "
+        "starts at once in one of these, sharing the CPUs (it takes no host CPU token). 0: urgent "
+        "requests wait for a slot, ahead of the others.",
     )
     max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
     overlap_stores: bool = Field(

@@ -116,17 +116,18 @@ class RequestPublisher:
                 async with limit:
                     if report.failure is not None:
                         return
+                    routing_key = topology.routing_key_for(request.priority, settings)
                     try:
                         await exchange.publish(
                             request_message(request),
-                            settings.request_routing_key,
+                            routing_key,
                             mandatory=True,
                             timeout=settings.publish_timeout_s,
                         )
                     except aio_pika.exceptions.PublishError:
                         report.failure = report.failure or (
                             f"request {request.request_id} was returned unroutable: no queue is bound "
-                            f"to {settings.request_exchange!r} with {settings.request_routing_key!r}"
+                            f"to {settings.request_exchange!r} with {routing_key!r}"
                         )
                     except BROKER_ERRORS as exc:
                         report.failure = report.failure or (

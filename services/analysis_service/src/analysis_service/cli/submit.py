@@ -54,7 +54,7 @@ from analysis_service.errors import (
 from analysis_service.settings import RabbitSettings, Settings
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client
 from analysis_service.sinks.progress import ProgressStore
-from analysis_service.worker.topology import request_message
+from analysis_service.worker.topology import request_message, routing_key_for
 from service_shared.messages import AnalysisKind, AnalysisRequest
 
 #: Exit statuses (the same as ``analysis_service.cli.main``'s).
@@ -279,7 +279,7 @@ async def publish_requests(
         ``publish_timeout_s``. Requests before the failing one were published.
     """
     url = redact_url(settings.url)
-    exchange_name, routing_key = settings.request_exchange, settings.request_routing_key
+    exchange_name = settings.request_exchange
     try:
         connection = await aio_pika.connect_robust(settings.url, timeout=settings.publish_timeout_s)
     except aio_pika.exceptions.ProbableAuthenticationError as exc:
@@ -306,6 +306,7 @@ async def publish_requests(
         except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
             raise SubmitError(f"cannot open a channel on RabbitMQ at {url}: {_describe(exc)}") from exc
         for request in requests:
+            routing_key = routing_key_for(request.priority, settings)
             try:
                 await exchange.publish(
                     request_message(request, app_id=APP_ID),

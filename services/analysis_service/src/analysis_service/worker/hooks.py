@@ -165,10 +165,14 @@ class PrefetchHook:
 
     async def step_started(self, step: str, delivery: Delivery) -> None:
         request = delivery.request
+        if delivery.urgent:  # the urgent queue's channel has a window of its own, never resized
+            return
         if step == "analyse" and request is not None and delivery.outcome is None and delivery.stored is None:
             self._analyses[request.request_id] = _Analysis(id(delivery))
 
     async def step_finished(self, step: str, delivery: Delivery, seconds: float) -> None:
+        if delivery.urgent:
+            return
         if step == "analyse":
             self._learn(delivery)
             if delivery.used_slot:

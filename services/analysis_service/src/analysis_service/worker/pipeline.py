@@ -137,6 +137,8 @@ class Delivery:
     duration_s: float | None = None
     #: The analysis held a slot (and has given it back): the delivery is now only storing.
     used_slot: bool = False
+    #: Delivered from the urgent queue, on its own channel (outside the request queue's window).
+    urgent: bool = False
 
     @property
     def repeat(self) -> bool:

@@ -8,6 +8,10 @@ warmed process.
 A slot's process works for a request only while the slot holds one of the host's CPU tokens
 (:mod:`~analysis_service.worker.host_cpus`, when the pool has them): the workers of one host then
 never run more analyses at once than its CPUs, whatever their slots.
+
+Urgent slots are kept beyond those for urgent requests (priority ``urgent_priority`` or higher): one
+that finds every slot busy starts at once in an urgent slot, which takes no CPU token, instead of
+waiting for a running analysis to end. It shares the CPUs with the running analyses meanwhile.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class Slot:
     warm: bool = False
     #: The host CPU token held for the current lease (None: not leased, or the pool has none).
     cpu_token: CpuToken | None = None
+    #: Kept for urgent requests; never waits for a host CPU token.
+    urgent: bool = False
 
 
 class SlotPool:
@@ -59,6 +65,11 @@ class SlotPool:
     ----------
     size : int
         Number of slots (concurrent analyses).
+    urgent : int
+        Urgent slots beyond ``size``, taken only by leases of priority ``urgent_priority`` or higher
+        when no slot is free; they take no host CPU token.
+    urgent_priority : int
+        The lowest priority that may take an urgent slot.
     max_tasks_per_child : int
         Replace a slot's process after this many analyses (bounds leaks in codecs).
     progress_queue : multiprocessing queue, optional
@@ -72,17 +83,22 @@ class SlotPool:
         self,
         size: int,
         *,
+        urgent: int = 0,
+        urgent_priority: int = 9,
         max_tasks_per_child: int,
         progress_queue: Any = None,
         cpu_tokens: HostCpuTokens | None = None,
     ) -> None:
         self.size = size
+        self.urgent = urgent
+        self._urgent_priority = urgent_priority
         self._max_tasks = max_tasks_per_child
         self._progress_queue = progress_queue
         self._tokens = cpu_tokens
         self._cpu_waits = 0
         self._slots: list[Slot] = []
         self._idle: list[Slot] = []
+        self._idle_urgent: list[Slot] = []
         #: Leases waiting for a slot: a heap of (-priority, arrival, future), so a free slot goes to
         #: the highest priority first and, within one priority, to the longest waiting.
         self._waiting: list[tuple[int, int, asyncio.Future[Slot]]] = []
@@ -92,11 +108,12 @@ class SlotPool:
 
     async def start(self) -> None:
         """Start and warm every slot's process (the first analysis then pays no import cost)."""
-        for i in range(self.size):
-            slot = Slot(i, self._new_executor())
+        for i in range(self.size + self.urgent):
+            slot = Slot(i, self._new_executor(), urgent=i >= self.size)
             self._slots.append(slot)
         await asyncio.gather(*(self._warm(s) for s in self._slots))
-        self._idle.extend(self._slots)
+        self._idle.extend(s for s in self._slots if not s.urgent)
+        self._idle_urgent.extend(s for s in self._slots if s.urgent)
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return create_pool(1, progress_queue=self._progress_queue)
@@ -135,11 +152,14 @@ class SlotPool:
     @property
     def healthy(self) -> bool:
         """True when every slot exists and none is broken."""
-        return len(self._slots) == self.size and all(not _broken(s.executor) for s in self._slots)
+        complete = len(self._slots) == self.size + self.urgent
+        return complete and all(not _broken(s.executor) for s in self._slots)
 
     async def _acquire(self, priority: int) -> Slot:
         if self._idle and not self.waiting:
             return self._idle.pop()
+        if self._idle_urgent and priority >= self._urgent_priority:
+            return self._idle_urgent.pop()
         future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (-priority, next(self._arrivals), future))
         try:
@@ -150,6 +170,14 @@ class SlotPool:
             raise
 
     def _release(self, slot: Slot) -> None:
+        if slot.urgent:  # only for a waiting lease of an urgent priority (the heap's first, if any)
+            while self._waiting and self._waiting[0][2].done():
+                heapq.heappop(self._waiting)
+            if self._waiting and -self._waiting[0][0] >= self._urgent_priority:
+                heapq.heappop(self._waiting)[2].set_result(slot)
+            else:
+                self._idle_urgent.append(slot)
+            return
         while self._waiting:
             _, _, future = heapq.heappop(self._waiting)
             if not future.done():
@@ -162,13 +190,14 @@ class SlotPool:
 
         While every slot is busy, callers wait; a slot that frees goes to the waiting caller of the
         highest ``priority`` (the request's AMQP priority), the longest waiting first among equals.
-        With host CPU tokens, the slot then waits for one before its process does anything (a
+        A lease of an urgent priority takes a free urgent slot when no slot is free. With host CPU
+        tokens, a slot (not an urgent one) then waits for one before its process does anything (a
         replacement or a warm-up included). Give the slot back with :meth:`release`.
         """
         slot = await self._acquire(priority)
         slot.busy = True
         try:
-            if self._tokens is not None:
+            if self._tokens is not None and not slot.urgent:
                 self._cpu_waits += 1
                 try:
                     slot.cpu_token = await self._tokens.acquire(priority)

@@ -4,6 +4,8 @@
 
     analysis.requests (direct exchange) --analysis.request--> analysis.requests (queue: classic with
         x-max-priority 10, or quorum with x-delivery-limit; dead-letters to analysis.dlx)
+    analysis.requests --analysis.request.urgent--> analysis.requests.urgent (queue, the same
+        arguments): requests of priority >= urgent_priority (see routing_key_for)
     analysis.dlx (fanout exchange) --> analysis.requests.dead (queue)
     (default exchange) --> analysis.requests.retry (queue, x-message-ttl retry_delay_s,
         dead-letters back to analysis.requests / analysis.request): requeue with a delay
@@ -39,6 +41,7 @@ class Topology:
     results_exchange: AbstractExchange
     results_queue: AbstractQueue | None
     retry_queue: AbstractQueue
+    urgent_queue: AbstractQueue | None
 
 
 def request_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
@@ -84,6 +87,7 @@ async def declare_topology(channel: AbstractChannel, settings: RabbitSettings) -
         settings.request_queue, durable=True, arguments=request_queue_arguments(settings)
     )
     await queue.bind(requests, routing_key=settings.request_routing_key)
+    urgent = await declare_urgent_queue(channel, settings)
     retry = await channel.declare_queue(
         settings.retry_queue, durable=True, arguments=retry_queue_arguments(settings)
     )
@@ -96,7 +100,30 @@ async def declare_topology(channel: AbstractChannel, settings: RabbitSettings) -
             settings.results_queue, durable=True, arguments=results_queue_arguments(settings)
         )
         await results_queue.bind(results, routing_key="analysis.#")
-    return Topology(requests, queue, dlx, dlq, results, results_queue, retry)
+    return Topology(requests, queue, dlx, dlq, results, results_queue, retry, urgent)
+
+
+async def declare_urgent_queue(channel: AbstractChannel, settings: RabbitSettings) -> AbstractQueue | None:
+    """Declare and bind the urgent queue on ``channel`` (idempotent); None when there is none.
+
+    The worker declares it again on the channel it consumes it from: a queue object consumes on the
+    channel that declared it.
+    """
+    if not settings.urgent_queue:
+        return None
+    queue = await channel.declare_queue(
+        settings.urgent_queue, durable=True, arguments=request_queue_arguments(settings)
+    )
+    await queue.bind(settings.request_exchange, routing_key=settings.urgent_routing_key)
+    return queue
+
+
+def routing_key_for(priority: int, settings: RabbitSettings) -> str:
+    """The routing key a request of ``priority`` is published with: the urgent queue's for
+    ``urgent_priority`` or higher (when there is an urgent queue), the request queue's otherwise."""
+    if settings.urgent_queue and priority >= settings.urgent_priority:
+        return settings.urgent_routing_key
+    return settings.request_routing_key
 
 
 def request_message(request: AnalysisRequest, *, app_id: str) -> aio_pika.Message:

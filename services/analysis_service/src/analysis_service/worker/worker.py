@@ -33,6 +33,7 @@ import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -66,7 +67,7 @@ from analysis_service.worker.pipeline import (
 )
 from analysis_service.worker.publisher import ResultsPublisher
 from analysis_service.worker.slots import SlotPool
-from analysis_service.worker.topology import Topology, declare_topology
+from analysis_service.worker.topology import Topology, declare_topology, declare_urgent_queue
 
 __all__ = ["EXIT_BROKER_LOST", "EXIT_OK", "EXIT_STARTUP_FAILED", "Worker", "resolve_media_path"]
 
@@ -119,6 +120,11 @@ class Worker:
         self._channel: AbstractRobustChannel | None = None
         self._topology: Topology | None = None
         self._consumer_tag: str | None = None
+        #: The urgent queue's consumer, on a channel of its own (its window is never full of the
+        #: request queue's deliveries).
+        self._urgent_channel: AbstractRobustChannel | None = None
+        self._urgent_queue: AbstractQueue | None = None
+        self._urgent_tag: str | None = None
         self._slots: SlotPool | None = None
         self._ledger: PostgresLedger | None = None
         self._graph: GraphSink | None = None
@@ -209,6 +215,8 @@ class Worker:
         self._progress_queue = ctx.Queue()
         self._slots = SlotPool(
             self.concurrency,
+            urgent=self.settings.worker.urgent_slots,
+            urgent_priority=self.settings.rabbitmq.urgent_priority,
             max_tasks_per_child=self.settings.worker.max_tasks_per_child,
             progress_queue=self._progress_queue,
             cpu_tokens=self._host_cpu_tokens(),
@@ -217,7 +225,10 @@ class Worker:
         t = time.perf_counter()
         await self._slots.start()
         log.info(
-            "analysis processes ready", slots=self.concurrency, seconds=round(time.perf_counter() - t, 2)
+            "analysis processes ready",
+            slots=self.concurrency,
+            urgent_slots=self._slots.urgent,
+            seconds=round(time.perf_counter() - t, 2),
         )
         loop = asyncio.get_running_loop()
         self._pump = threading.Thread(
@@ -252,6 +263,19 @@ class Worker:
         await channel.set_qos(prefetch_count=self.concurrency, global_=s.queue_type == "classic")
         self._topology = await declare_topology(channel, s)
         self._publisher = ResultsPublisher(self._topology.results_exchange, channel, s)
+        if s.urgent_queue:
+            urgent = await self._connection.channel(publisher_confirms=False)
+            assert isinstance(urgent, AbstractRobustChannel)
+            self._urgent_channel = urgent
+            # Twice as many deliveries as all slots: a burst of urgent requests fills every slot,
+            # the urgent ones included, and keeps as many waiting, so that a freed slot goes to the
+            # next urgent request (by priority) rather than to a waiting routine one while the
+            # next urgent delivery would still be on its way.
+            await urgent.set_qos(
+                prefetch_count=2 * (self.concurrency + self.settings.worker.urgent_slots),
+                global_=s.queue_type == "classic",
+            )
+            self._urgent_queue = await declare_urgent_queue(urgent, s)
 
     def _build_pipeline(self) -> Pipeline:
         assert self._ledger is not None
@@ -312,23 +336,26 @@ class Worker:
         assert self._topology is not None
         if self._pipeline is None:
             self._pipeline = self._build_pipeline()
+        # Urgent first: queued urgent requests are delivered before the request queue's first ones
+        # and take the free slots.
+        if self._urgent_queue is not None:
+            self._urgent_tag = await self._urgent_queue.consume(self._on_urgent_message)
         self._consumer_tag = await self._topology.request_queue.consume(self._on_message)
         self.metrics.consuming.set(1)
 
     async def _stop_consuming(self) -> None:
-        """Cancel the consumer; also when the channel is closed, so a reconnect does not restore it."""
+        """Cancel the consumers; also when a channel is closed, so a reconnect does not restore them.
+
+        Both at once: on a closed channel each cancel waits out its time-out.
+        """
+        cancels = []
         if self._topology is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-            with contextlib.suppress(
-                aio_pika.exceptions.AMQPError,
-                aio_pika.exceptions.ChannelInvalidStateError,
-                asyncio.TimeoutError,
-                RuntimeError,
-            ):
-                # The robust queue forgets the consumer before the RPC, so even a failed cancel
-                # (channel gone) keeps it from being restored; the broker requeues the channel's
-                # deliveries itself.
-                await asyncio.wait_for(self._topology.request_queue.cancel(tag), timeout=5)
+            cancels.append(_cancel_consumer(self._topology.request_queue, tag))
+        if self._urgent_queue is not None and self._urgent_tag is not None:
+            tag, self._urgent_tag = self._urgent_tag, None
+            cancels.append(_cancel_consumer(self._urgent_queue, tag))
+        await asyncio.gather(*cancels)
         self.metrics.consuming.set(0)
 
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
@@ -363,12 +390,16 @@ class Worker:
         log.info("worker stopped", exit_code=self._exit_code, **self.counters)
 
     # ------------------------------------------------------------------ one delivery
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_urgent_message(self, message: AbstractIncomingMessage) -> None:
+        await self._on_message(message, urgent=True)
+
+    async def _on_message(self, message: AbstractIncomingMessage, *, urgent: bool = False) -> None:
         if self._stopping or self._pipeline is None:
             # A reconnecting channel can deliver during the shutdown: hand it back untouched.
             await _settle(message.nack(requeue=True))
             return
         delivery = parse(message, settings=self.settings, registry=self.registry)
+        delivery.urgent = urgent
         running = self._inflight.get(delivery.request_id)
         if running is not None and _channel_closed(running[0].message):
             # Its first delivery's channel died (a blip): the running work adopts this delivery.
@@ -598,8 +629,9 @@ class Worker:
         grace = self.settings.rabbitmq.reconnect_grace_s
         down_since: float | None = None
         while True:
-            conn, channel = self._connection, self._channel
+            conn, channel, urgent = self._connection, self._channel, self._urgent_channel
             down = conn is None or conn.is_closed or channel is None or channel.is_closed
+            down = down or (urgent is not None and urgent.is_closed)
             if down:
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > grace:
@@ -629,9 +661,10 @@ class Worker:
                     # On the raw channel: the robust one answers a passive declaration of a queue it
                     # knows from its cache, with the counts of the first declaration.
                     raw = await channel.get_underlay_channel()
-                    ok = await asyncio.wait_for(raw.queue_declare(r.request_queue, passive=True), timeout=5)
-                    self.metrics.queue_depth.labels(queue=r.request_queue).set(ok.message_count or 0)
-                    self.metrics.queue_consumers.labels(queue=r.request_queue).set(ok.consumer_count or 0)
+                    for name in (r.request_queue, r.urgent_queue) if r.urgent_queue else (r.request_queue,):
+                        ok = await asyncio.wait_for(raw.queue_declare(name, passive=True), timeout=5)
+                        self.metrics.queue_depth.labels(queue=name).set(ok.message_count or 0)
+                        self.metrics.queue_consumers.labels(queue=name).set(ok.consumer_count or 0)
                     ok = await asyncio.wait_for(
                         raw.queue_declare(r.dead_letter_queue, passive=True), timeout=5
                     )
@@ -685,6 +718,18 @@ def _channel_closed(message: AbstractIncomingMessage) -> bool:
     except aio_pika.exceptions.ChannelInvalidStateError:  # aio-pika's answer for a closed channel
         return True
     return bool(getattr(channel, "is_closed", False))
+
+
+async def _cancel_consumer(queue: AbstractQueue, tag: str) -> None:
+    with contextlib.suppress(
+        aio_pika.exceptions.AMQPError,
+        aio_pika.exceptions.ChannelInvalidStateError,
+        asyncio.TimeoutError,
+        RuntimeError,
+    ):
+        # The robust queue forgets the consumer before the RPC, so even a failed cancel (channel
+        # gone) keeps it from being restored; the broker requeues the channel's deliveries itself.
+        await asyncio.wait_for(queue.cancel(tag), timeout=5)
 
 
 async def _settle(op: Awaitable[Any]) -> None:
