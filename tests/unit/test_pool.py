@@ -13,9 +13,8 @@ import soundfile as sf
 import analysis_service.audio.decode
 import analysis_service.audio.engine
 from analysis_service.audio.synth import demo_song
-from analysis_service.pool import inspect_file, run_analysis
+from analysis_service.pool import create_pool, inspect_file, run_analysis, run_analysis_job, warm_up
 from analysis_service.settings import EngineSettings
-from analysis_service.worker.pipeline import run_analysis_in_slot
 
 SETTINGS = EngineSettings()
 
@@ -42,7 +41,7 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def analyse(path: Path, settings: EngineSettings = SETTINGS) -> Any:
     """What a worker's slot runs after :func:`inspect_file` (the same function, in process)."""
-    return run_analysis_in_slot(str(path), settings, ["bpm"], None, "req-1")
+    return run_analysis_job(str(path), settings, ["bpm"], None, "req-1")
 
 
 def test_a_request_probes_its_file_once(tmp_path: Path, probes: list[str]) -> None:
@@ -94,3 +93,24 @@ def test_the_command_line_path_probes_as_before(tmp_path: Path, probes: list[str
     path = str(write(tmp_path / "a.wav"))
     run_analysis(path, settings=SETTINGS, analyses=["bpm"])
     assert probes == [path]
+
+
+def test_a_slot_process_runs_the_worker_s_jobs_without_importing_the_worker(tmp_path: Path) -> None:
+    """The jobs a worker sends its slots are found in modules a slot process imported at start.
+
+    A job is pickled by reference: a job defined in the worker's pipeline made each fresh process
+    import the pipeline (the broker and store clients, ~0.5 s of CPU) inside its first analysis,
+    which a request then waited for (an urgent slot's first request among them).
+    """
+    path = str(write(tmp_path / "a.wav"))
+    executor = create_pool(1)
+    try:
+        executor.submit(warm_up).result()
+        executor.submit(inspect_file, path, SETTINGS).result()
+        executor.submit(run_analysis_job, path, SETTINGS, ["bpm"], None, "req-1").result()
+        imported = executor.submit(
+            eval, "sorted(set(__import__('sys').modules) & {'aio_pika', 'asyncpg', 'neo4j'})"
+        )
+        assert imported.result() == []
+    finally:
+        executor.shutdown()

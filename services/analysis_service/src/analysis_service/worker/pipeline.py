@@ -64,7 +64,7 @@ from analysis_service.errors import (
     WorkerCrashed,
 )
 from analysis_service.media import resolve_media_path
-from analysis_service.pool import FileFacts, inspect_file, run_analysis
+from analysis_service.pool import FileFacts, inspect_file, run_analysis_job
 from analysis_service.settings import Settings
 from analysis_service.sinks.base import ResultSink
 from analysis_service.sinks.cache import ResultCache
@@ -454,7 +454,7 @@ class Pipeline:
                 d,
                 self.slots.call(
                     slot,
-                    run_analysis_in_slot,
+                    run_analysis_job,
                     path,
                     s.engine,
                     analyses,
@@ -610,15 +610,6 @@ def inspect_limit_s(path: str, base_s: float) -> float:
     except OSError:
         size = 0  # the slot reports why it cannot read it
     return base_s + size / _MIN_READ_BYTES_PER_S
-
-
-def run_analysis_in_slot(
-    path: str, settings: Any, analyses: list[str], timeline: bool | None, progress_key: str
-) -> EngineOutput:
-    """The slot's job (module-level, so it pickles by reference)."""
-    return run_analysis(
-        path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key
-    )
 
 
 async def _bounded(work: Awaitable[_T], seconds: float) -> _T:

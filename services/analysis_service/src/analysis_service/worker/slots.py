@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import structlog
 
 from analysis_service.errors import AnalysisTimeout, WorkerCrashed
-from analysis_service.pool import create_pool, run_analysis, warm_up
+from analysis_service.pool import create_pool, run_analysis_job, warm_up
 from analysis_service.settings import EngineSettings
 from analysis_service.worker.host_cpus import CpuToken, HostCpuTokens
 from service_shared.messages import EngineOutput
@@ -295,7 +295,7 @@ class SlotPool:
         async with self.lease() as slot:
             return await self.call(
                 slot,
-                _call,
+                run_analysis_job,
                 path,
                 settings,
                 analyses,
@@ -326,14 +326,6 @@ class SlotPool:
         self._slots.clear()
         if self._tokens is not None:
             self._tokens.close()
-
-
-def _call(
-    path: str, settings: EngineSettings, analyses: list[str] | None, timeline: bool | None, progress_key: str
-) -> EngineOutput:
-    return run_analysis(
-        path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key
-    )
 
 
 def _broken(executor: ProcessPoolExecutor) -> bool:
