@@ -46,9 +46,9 @@ def short_song(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @asynccontextmanager
 async def started_pool(
-    size: int = 1, *, max_tasks_per_child: int = 50, progress_queue: Any = None
+    size: int = 1, *, max_tasks_per_child: int = 50, progress_queue: Any = None, **options: Any
 ) -> AsyncIterator[SlotPool]:
-    pool = SlotPool(size, max_tasks_per_child=max_tasks_per_child, progress_queue=progress_queue)
+    pool = SlotPool(size, max_tasks_per_child=max_tasks_per_child, progress_queue=progress_queue, **options)
     try:
         await pool.start()
         yield pool
@@ -285,3 +285,38 @@ async def test_process_dying_while_warming_up_after_a_recycle_is_a_worker_crash(
         output = await analyze(pool, short_song)  # the slot heals
         assert output.duration_s == pytest.approx(6.0, abs=0.1)
         assert pool.healthy
+
+
+async def test_the_slots_run_nicer_than_the_urgent_slot_and_their_replacements_too(long_song: Path) -> None:
+    own = os.nice(0)
+    assert own + 7 <= 19, "the test runs too nice to tell the two apart"
+    async with started_pool(1, urgent=1, nice=7) as pool:
+
+        def niceness(index: int) -> set[int]:
+            return {psutil.Process(pid).nice() for pid in slot_pids(pool, index)}
+
+        assert (niceness(0), niceness(1)) == ({own + 7}, {own})
+        with pytest.raises(AnalysisTimeout):  # the slot's process is killed and replaced
+            await analyze(pool, long_song, time_limit_s=0.5)
+        assert pool.restarts == 1
+        assert (niceness(0), niceness(1)) == ({own + 7}, {own})
+
+
+async def test_an_idle_urgent_slot_whose_process_died_is_replaced_warm_by_heal(short_song: Path) -> None:
+    async with started_pool(1, urgent=1) as pool:
+        [old] = slot_pids(pool, 1)
+        os.kill(old, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while pool.healthy:  # noqa: ASYNC110 (the executor notices the death in its own thread)
+                await asyncio.sleep(0.05)
+        await pool.heal()
+        assert pool.healthy
+        assert pool.restarts == 1
+        [new] = slot_pids(pool, 1)
+        assert new != old
+        urgent = pool._slots[1]
+        assert urgent.warm
+        assert not urgent.busy
+        async with pool.lease(9, urgent=True) as slot:
+            assert slot is urgent
+            assert slot_pids(pool, 1) == {new}  # ready: not replaced again on use

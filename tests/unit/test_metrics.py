@@ -32,6 +32,7 @@ EXPECTED_NAMES = (
     "analysis_last_success_timestamp_seconds",
     "analysis_slots",
     "analysis_slots_busy",
+    "analysis_urgent_slots_busy",
     "analysis_host_cpu_wait_seconds",
     "analysis_host_cpu_waiters",
 )

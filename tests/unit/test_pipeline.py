@@ -26,7 +26,7 @@ from tests.unit.test_pool import write
 class InProcessSlots:
     """A :class:`SlotPool` stand-in that runs each slot job in this process (one slot)."""
 
-    async def acquire(self, priority: int = 0) -> object:
+    async def acquire(self, priority: int = 0, *, urgent: bool = False) -> object:
         return self
 
     async def call(

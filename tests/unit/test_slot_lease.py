@@ -18,14 +18,13 @@ from analysis_service.worker.slots import Slot, SlotPool
 def lease_only_pool(
     monkeypatch: pytest.MonkeyPatch, *, urgent: int = 0, cpu_tokens: HostCpuTokens | None = None
 ) -> SlotPool:
-    """One slot and ``urgent`` urgent slots (for priority 9), with no process behind them (the
-    tests only lease)."""
+    """One slot and ``urgent`` urgent slots, with no process behind them (the tests only lease)."""
     monkeypatch.setattr(slots_module, "_broken", lambda executor: False)
-    pool = SlotPool(1, urgent=urgent, urgent_priority=9, max_tasks_per_child=1000, cpu_tokens=cpu_tokens)
+    pool = SlotPool(1, urgent=urgent, max_tasks_per_child=1000, cpu_tokens=cpu_tokens)
     for i in range(1 + urgent):
         slot = Slot(i, cast(ProcessPoolExecutor, None), warm=True, urgent=i >= 1)
         pool._slots.append(slot)
-        (pool._idle_urgent if slot.urgent else pool._idle).append(slot)
+        pool._lane_of(slot.urgent).idle.append(slot)
     return pool
 
 
@@ -60,7 +59,7 @@ async def test_a_freed_slot_goes_to_the_highest_priority_then_to_the_longest_wai
     await asyncio.gather(first, *tasks)
     assert order == ["high", "mid", "low-a", "low-b"]
     assert pool.waiting == 0
-    assert pool._idle == pool._slots
+    assert pool._lane.idle == pool._slots
 
 
 async def test_a_cancelled_waiter_does_not_take_the_slot_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,14 +102,14 @@ async def test_a_process_dying_while_it_warms_up_is_replaced_not_charged_to_the_
         slot.warm = True
 
     monkeypatch.setattr(pool, "_warm", warm)
-    monkeypatch.setattr(pool, "_new_executor", lambda: cast(ProcessPoolExecutor, None))
+    monkeypatch.setattr(pool, "_new_executor", lambda **_: cast(ProcessPoolExecutor, None))
     monkeypatch.setattr(slots_module, "_kill", lambda executor: None)
     slot = await pool.acquire(5)
     assert slot.warm
     assert slot.busy
     assert pool.restarts == 1
     pool.release(slot)
-    assert pool._idle == [slot]
+    assert pool._lane.idle == [slot]
 
 
 async def test_acquire_gives_the_slot_back_when_the_process_keeps_dying(
@@ -123,11 +122,11 @@ async def test_acquire_gives_the_slot_back_when_the_process_keeps_dying(
         raise WorkerCrashed("the analysis process died while starting")
 
     monkeypatch.setattr(pool, "_warm", warm)
-    monkeypatch.setattr(pool, "_new_executor", lambda: cast(ProcessPoolExecutor, None))
+    monkeypatch.setattr(pool, "_new_executor", lambda **_: cast(ProcessPoolExecutor, None))
     monkeypatch.setattr(slots_module, "_kill", lambda executor: None)
     with pytest.raises(WorkerCrashed):
         await pool.acquire(5)
-    assert pool._idle == pool._slots
+    assert pool._lane.idle == pool._slots
     assert not pool._slots[0].busy
 
 
@@ -149,7 +148,7 @@ async def test_a_lease_cancelled_while_waiting_for_a_host_cpu_token_holds_nothin
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
     assert waiting.cancelled()
-    assert (pool.busy, pool.waiting_for_cpu, mine.held, pool._idle) == (0, 0, 0, pool._slots)
+    assert (pool.busy, pool.waiting_for_cpu, mine.held, pool._lane.idle) == (0, 0, 0, pool._slots)
     other_worker.release(token)
     async with asyncio.timeout(1), pool.lease(0) as slot:
         assert mine.held == 1
@@ -166,60 +165,74 @@ def pool_with_urgent_slot(
     return lease_only_pool(monkeypatch, urgent=1, cpu_tokens=cpu_tokens)
 
 
-async def test_an_urgent_lease_starts_in_the_urgent_slot_while_every_slot_is_busy(
+async def test_an_urgent_lease_runs_in_the_urgent_slot_and_only_there(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pool = pool_with_urgent_slot(monkeypatch)
     slot, urgent = pool._slots
+    async with asyncio.timeout(1), pool.lease(9, urgent=True) as express:
+        assert express is urgent  # its lane, although the slot is free
     async with pool.lease(5) as running:
         assert running is slot
-        async with asyncio.timeout(1), pool.lease(9) as express:
-            assert express is urgent
-        # A lower priority never takes the urgent slot: it waits for the slot.
-        waiting = asyncio.create_task(pool.acquire(8))
+        async with asyncio.timeout(1), pool.lease(9, urgent=True) as express:
+            assert express is urgent  # at once, beside the busy slot
+            assert (pool.busy, pool.urgent_busy) == (1, 1)
+        # Any other lease, whatever its priority, waits for the slot.
+        waiting = asyncio.create_task(pool.acquire(9))
         await asyncio.sleep(0.01)
         assert not waiting.done()
         assert pool.waiting == 1
     assert await waiting is slot
     pool.release(slot)
-    assert (pool._idle, pool._idle_urgent, pool.busy) == ([slot], [urgent], 0)
+    assert (pool._lane.idle, pool._urgent_lane.idle, pool.busy, pool.urgent_busy) == ([slot], [urgent], 0, 0)
 
 
-async def test_an_urgent_lease_takes_a_free_slot_before_the_urgent_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    pool = pool_with_urgent_slot(monkeypatch)
-    async with pool.lease(9) as first:
-        assert first is pool._slots[0]
-        async with pool.lease(9) as second:
-            assert second is pool._slots[1]
-
-
-async def test_a_freed_urgent_slot_goes_to_a_waiting_urgent_lease_never_to_another(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_each_kind_of_slot_goes_to_its_own_waiting_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     pool = pool_with_urgent_slot(monkeypatch)
     slot, urgent = pool._slots
     order: list[tuple[str, int]] = []
-    held = [await pool.acquire(5), await pool.acquire(9)]
+    held = [await pool.acquire(5), await pool.acquire(9, urgent=True)]
     assert held == [slot, urgent]
 
-    async def waiter(name: str, priority: int) -> None:
-        async with pool.lease(priority) as got:
+    async def waiter(name: str, priority: int, *, is_urgent: bool) -> None:
+        async with pool.lease(priority, urgent=is_urgent) as got:
             order.append((name, got.index))
             await asyncio.sleep(0.01)
 
-    tasks = [asyncio.create_task(waiter(n, p)) for n, p in (("low", 3), ("urgent-a", 9), ("urgent-b", 9))]
+    tasks = [
+        asyncio.create_task(waiter("low", 3, is_urgent=False)),
+        asyncio.create_task(waiter("urgent-a", 9, is_urgent=True)),
+        asyncio.create_task(waiter("urgent-b", 9, is_urgent=True)),
+    ]
     await asyncio.sleep(0.01)
-    pool.release(urgent)  # to the first urgent waiter, not to the longer-waiting low one
+    pool.release(slot)  # to the routine lease: urgent leases wait for the urgent slot
     await asyncio.sleep(0.005)
-    assert order == [("urgent-a", 1)]
-    pool.release(slot)  # the slot: to the highest priority still waiting
+    assert order == [("low", 0)]
+    pool.release(urgent)
     await asyncio.gather(*tasks)
-    assert order[1] == ("urgent-b", 0)
-    # urgent-a's urgent slot, freed with only "low" waiting, stayed for urgent requests.
-    assert order[2] == ("low", 0)
-    assert (pool._idle, pool._idle_urgent) == ([slot], [urgent])
+    assert order == [("low", 0), ("urgent-a", 1), ("urgent-b", 1)]
+    assert (pool._lane.idle, pool._urgent_lane.idle) == ([slot], [urgent])
+
+
+async def test_without_urgent_slots_an_urgent_lease_takes_a_slot_first_by_priority(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = one_slot_pool(monkeypatch)
+    order: list[str] = []
+    held = await pool.acquire(5)
+
+    async def waiter(name: str, priority: int, *, is_urgent: bool) -> None:
+        async with pool.lease(priority, urgent=is_urgent):
+            order.append(name)
+
+    tasks = [
+        asyncio.create_task(waiter("routine", 5, is_urgent=False)),
+        asyncio.create_task(waiter("urgent", 9, is_urgent=True)),
+    ]
+    await asyncio.sleep(0.01)
+    pool.release(held)
+    await asyncio.gather(*tasks)
+    assert order == ["urgent", "routine"]
 
 
 async def test_an_urgent_slot_takes_no_host_cpu_token(
@@ -234,7 +247,7 @@ async def test_an_urgent_slot_takes_no_host_cpu_token(
         waiting = asyncio.create_task(pool.acquire(5))
         await asyncio.sleep(0.01)
         assert (pool.busy, pool.waiting_for_cpu) == (1, 1)  # the slot waits for a token
-        async with asyncio.timeout(1), pool.lease(9) as express:
+        async with asyncio.timeout(1), pool.lease(9, urgent=True) as express:
             assert express is urgent
             assert express.cpu_token is None
             assert mine.held == 0

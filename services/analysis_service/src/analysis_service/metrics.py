@@ -148,6 +148,8 @@ class Metrics:
         ``analysis_slots``: analysis slots (pool processes) of this worker.
     slots_busy : Gauge
         ``analysis_slots_busy``: analysis slots running an analysis now.
+    urgent_slots_busy : Gauge
+        ``analysis_urgent_slots_busy``: urgent slots running an urgent request now.
     host_cpu_wait : Histogram
         ``analysis_host_cpu_wait_seconds``: seconds each slot lease waited for one of the host's
         CPU tokens (shared with the host's other workers); buckets as for ``stage_duration``.
@@ -252,6 +254,11 @@ class Metrics:
         )
         self.slots = Gauge("analysis_slots", "Analysis slots (pool processes) of this worker.", registry=r)
         self.slots_busy = Gauge("analysis_slots_busy", "Analysis slots running an analysis now.", registry=r)
+        self.urgent_slots_busy = Gauge(
+            "analysis_urgent_slots_busy",
+            "Urgent analysis slots (beyond analysis_slots) running an urgent request now.",
+            registry=r,
+        )
         self.host_cpu_wait = Histogram(
             "analysis_host_cpu_wait_seconds",
             "Seconds a slot lease waited for one of the host's CPU tokens (shared by its workers).",

@@ -67,11 +67,13 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _initialize(progress_queue: ProgressQueue | None, parent_pid: int | None = None) -> None:
-    """Pool process start-up: die with the parent, single-threaded numerics, analyzers loaded once,
-    progress queue kept."""
+def _initialize(progress_queue: ProgressQueue | None, parent_pid: int | None = None, nice: int = 0) -> None:
+    """Pool process start-up: die with the parent, niceness raised by ``nice``, single-threaded
+    numerics, analyzers loaded once, progress queue kept."""
     if parent_pid is not None:
         die_with_parent(parent_pid)
+    if nice:
+        os.nice(nice)
     # A terminal's Ctrl-C reaches the whole process group; the parent decides what stops (and
     # kills this process when it must), so the signal must not kill an analysis half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -255,14 +257,19 @@ def _throttled(queue: ProgressQueue, key: str, min_interval_s: float = 0.25) -> 
 
 
 def create_pool(
-    workers: int, *, max_tasks_per_child: int | None = None, progress_queue: ProgressQueue | None = None
+    workers: int,
+    *,
+    max_tasks_per_child: int | None = None,
+    progress_queue: ProgressQueue | None = None,
+    nice: int = 0,
 ) -> ProcessPoolExecutor:
-    """A spawn-started pool of ``workers`` warmed, single-threaded analysis processes."""
+    """A spawn-started pool of ``workers`` warmed, single-threaded analysis processes, their
+    niceness raised by ``nice`` (a lower CPU share than the processes at this one's)."""
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_initialize,
-        initargs=(progress_queue, os.getpid()),
+        initargs=(progress_queue, os.getpid(), nice),
         max_tasks_per_child=max_tasks_per_child,
     )
 

@@ -39,7 +39,8 @@ class RabbitSettings(BaseModel):
         default="analysis.requests.urgent",
         description="Queue of the urgent requests (priority >= urgent_priority), consumed by every "
         "worker on a channel of its own, so that an urgent request is delivered while the request "
-        "queue's window is full; empty: no urgent queue, every request goes to request_queue.",
+        "queue's window is full; empty: no urgent queue, every request goes to request_queue. Set "
+        "the same value on the workers and the producers (API, submit).",
     )
     urgent_routing_key: str = Field(
         default="analysis.request.urgent", description="Binds the urgent queue to the request exchange."
@@ -48,8 +49,8 @@ class RabbitSettings(BaseModel):
         default=9,
         ge=1,
         le=9,
-        description="Requests of this priority or higher are published to the urgent queue and may "
-        "run in the workers' urgent slots.",
+        description="Requests of this priority or higher are published to the urgent queue (and run "
+        "in the workers' urgent slots).",
     )
     dead_letter_exchange: str = "analysis.dlx"
     dead_letter_queue: str = "analysis.requests.dead"
@@ -136,10 +137,18 @@ class WorkerSettings(BaseModel):
     urgent_slots: int = Field(
         default=1,
         ge=0,
-        description="Analysis processes kept for urgent requests (priority >= "
-        "rabbitmq.urgent_priority) beyond the slots: an urgent request that finds every slot busy "
-        "starts at once in one of these, sharing the CPUs (it takes no host CPU token). 0: urgent "
-        "requests wait for a slot, ahead of the others.",
+        description="Analysis processes kept for the urgent queue's requests beyond the slots: such a "
+        "request runs in one at once, sharing the CPUs (it takes no host CPU token), and the worker "
+        "takes no more urgent requests than these can start. 0: urgent requests run in the slots, "
+        "ahead of the others.",
+    )
+    slot_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="Niceness added to the slots' analysis processes (not the urgent slots'): an urgent "
+        "analysis running beside busy slots gets most of a CPU, and the main process and any store "
+        "on the host are served before the analyses. 0: all at the worker's own niceness.",
     )
     max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
     overlap_stores: bool = Field(

@@ -480,14 +480,15 @@ class Pipeline:
         return output, facts.content_hash, False
 
     async def _slot_for(self, d: Delivery, priority: int) -> Slot:
-        """Wait for a slot (highest priority first) unless the request's cancellation comes first.
+        """Wait for a slot (highest priority first; an urgent slot for the urgent queue's
+        deliveries) unless the request's cancellation comes first.
 
         A delivery taken while another is stored (``overlap_stores``) may wait here; cancelling ends it
         at once, unanalysed, instead of when a slot frees.
         """
         return await self._cancellable(
             d,
-            self.slots.acquire(priority),
+            self.slots.acquire(priority, urgent=d.urgent),
             cancelled="cancelled while waiting for an analysis slot",
             undo=self.slots.release,
         )

@@ -9,9 +9,10 @@ A slot's process works for a request only while the slot holds one of the host's
 (:mod:`~analysis_service.worker.host_cpus`, when the pool has them): the workers of one host then
 never run more analyses at once than its CPUs, whatever their slots.
 
-Urgent slots are kept beyond those for urgent requests (priority ``urgent_priority`` or higher): one
-that finds every slot busy starts at once in an urgent slot, which takes no CPU token, instead of
-waiting for a running analysis to end. It shares the CPUs with the running analyses meanwhile.
+Urgent slots are kept beyond those for the urgent queue's requests: such a request runs in an
+urgent slot (its lane: it never waits for a running routine analysis to end), which takes no CPU
+token and shares the CPUs with the running analyses meanwhile. The slots' processes run nicer, so
+the kernel gives the urgent analysis a whole CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +45,28 @@ _READY_ATTEMPTS = 3
 
 
 @dataclass
+class _Lane:
+    """Free slots of one kind, and the leases waiting for one: a heap of (-priority, arrival,
+    future), so a freed slot goes to the highest priority first and, within one priority, to the
+    longest waiting."""
+
+    idle: list[Slot] = field(default_factory=list)
+    waiting: list[tuple[int, int, asyncio.Future[Slot]]] = field(default_factory=list)
+
+    def waiters(self) -> int:
+        return sum(1 for _, _, future in self.waiting if not future.done())
+
+    def give(self, slot: Slot) -> None:
+        """Hand ``slot`` to the first waiting lease, or keep it free."""
+        while self.waiting:
+            _, _, future = heapq.heappop(self.waiting)
+            if not future.done():
+                future.set_result(slot)
+                return
+        self.idle.append(slot)
+
+
+@dataclass
 class Slot:
     """One analysis process."""
 
@@ -66,10 +89,11 @@ class SlotPool:
     size : int
         Number of slots (concurrent analyses).
     urgent : int
-        Urgent slots beyond ``size``, taken only by leases of priority ``urgent_priority`` or higher
-        when no slot is free; they take no host CPU token.
-    urgent_priority : int
-        The lowest priority that may take an urgent slot.
+        Urgent slots beyond ``size``, for urgent leases only (``acquire(urgent=True)``); they take
+        no host CPU token.
+    nice : int
+        Niceness added to the slots' processes (not the urgent ones'): an urgent analysis running
+        beside them then gets a whole CPU.
     max_tasks_per_child : int
         Replace a slot's process after this many analyses (bounds leaks in codecs).
     progress_queue : multiprocessing queue, optional
@@ -84,24 +108,21 @@ class SlotPool:
         size: int,
         *,
         urgent: int = 0,
-        urgent_priority: int = 9,
+        nice: int = 0,
         max_tasks_per_child: int,
         progress_queue: Any = None,
         cpu_tokens: HostCpuTokens | None = None,
     ) -> None:
         self.size = size
         self.urgent = urgent
-        self._urgent_priority = urgent_priority
+        self._nice = nice
         self._max_tasks = max_tasks_per_child
         self._progress_queue = progress_queue
         self._tokens = cpu_tokens
         self._cpu_waits = 0
         self._slots: list[Slot] = []
-        self._idle: list[Slot] = []
-        self._idle_urgent: list[Slot] = []
-        #: Leases waiting for a slot: a heap of (-priority, arrival, future), so a free slot goes to
-        #: the highest priority first and, within one priority, to the longest waiting.
-        self._waiting: list[tuple[int, int, asyncio.Future[Slot]]] = []
+        self._lane = _Lane()
+        self._urgent_lane = _Lane()
         self._arrivals = itertools.count()
         self.restarts = 0
         self._closed = False
@@ -109,14 +130,17 @@ class SlotPool:
     async def start(self) -> None:
         """Start and warm every slot's process (the first analysis then pays no import cost)."""
         for i in range(self.size + self.urgent):
-            slot = Slot(i, self._new_executor(), urgent=i >= self.size)
+            slot = Slot(i, self._new_executor(urgent=i >= self.size), urgent=i >= self.size)
             self._slots.append(slot)
         await asyncio.gather(*(self._warm(s) for s in self._slots))
-        self._idle.extend(s for s in self._slots if not s.urgent)
-        self._idle_urgent.extend(s for s in self._slots if s.urgent)
+        for slot in self._slots:
+            self._lane_of(slot.urgent).idle.append(slot)
 
-    def _new_executor(self) -> ProcessPoolExecutor:
-        return create_pool(1, progress_queue=self._progress_queue)
+    def _lane_of(self, urgent: bool) -> _Lane:
+        return self._urgent_lane if urgent and self.urgent else self._lane
+
+    def _new_executor(self, *, urgent: bool) -> ProcessPoolExecutor:
+        return create_pool(1, progress_queue=self._progress_queue, nice=0 if urgent else self._nice)
 
     async def _warm(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
@@ -128,13 +152,18 @@ class SlotPool:
 
     @property
     def busy(self) -> int:
-        """Slots held by a running analysis now."""
-        return sum(1 for s in self._slots if s.busy)
+        """Slots (not urgent ones) held by a running analysis now."""
+        return sum(1 for s in self._slots if s.busy and not s.urgent)
+
+    @property
+    def urgent_busy(self) -> int:
+        """Urgent slots held by a running analysis now."""
+        return sum(1 for s in self._slots if s.busy and s.urgent)
 
     @property
     def waiting(self) -> int:
-        """Leases waiting for a free slot now."""
-        return sum(1 for _, _, future in self._waiting if not future.done())
+        """Leases waiting for a free slot (of either kind) now."""
+        return self._lane.waiters() + self._urgent_lane.waiters()
 
     @property
     def waiting_for_cpu(self) -> int:
@@ -155,13 +184,12 @@ class SlotPool:
         complete = len(self._slots) == self.size + self.urgent
         return complete and all(not _broken(s.executor) for s in self._slots)
 
-    async def _acquire(self, priority: int) -> Slot:
-        if self._idle and not self.waiting:
-            return self._idle.pop()
-        if self._idle_urgent and priority >= self._urgent_priority:
-            return self._idle_urgent.pop()
+    async def _acquire(self, priority: int, urgent: bool) -> Slot:
+        lane = self._lane_of(urgent)
+        if lane.idle and not lane.waiters():
+            return lane.idle.pop()
         future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (-priority, next(self._arrivals), future))
+        heapq.heappush(lane.waiting, (-priority, next(self._arrivals), future))
         try:
             return await future
         except asyncio.CancelledError:
@@ -170,31 +198,19 @@ class SlotPool:
             raise
 
     def _release(self, slot: Slot) -> None:
-        if slot.urgent:  # only for a waiting lease of an urgent priority (the heap's first, if any)
-            while self._waiting and self._waiting[0][2].done():
-                heapq.heappop(self._waiting)
-            if self._waiting and -self._waiting[0][0] >= self._urgent_priority:
-                heapq.heappop(self._waiting)[2].set_result(slot)
-            else:
-                self._idle_urgent.append(slot)
-            return
-        while self._waiting:
-            _, _, future = heapq.heappop(self._waiting)
-            if not future.done():
-                future.set_result(slot)
-                return
-        self._idle.append(slot)
+        self._lane_of(slot.urgent).give(slot)
 
-    async def acquire(self, priority: int = 0) -> Slot:
+    async def acquire(self, priority: int = 0, *, urgent: bool = False) -> Slot:
         """Take a free slot, ready to run (replaced if its process died, recycled, warmed).
 
         While every slot is busy, callers wait; a slot that frees goes to the waiting caller of the
         highest ``priority`` (the request's AMQP priority), the longest waiting first among equals.
-        A lease of an urgent priority takes a free urgent slot when no slot is free. With host CPU
-        tokens, a slot (not an urgent one) then waits for one before its process does anything (a
-        replacement or a warm-up included). Give the slot back with :meth:`release`.
+        An ``urgent`` lease takes an urgent slot instead (when the pool has any), in the same order
+        among urgent leases. With host CPU tokens, a slot (not an urgent one) then waits for one
+        before its process does anything (a replacement or a warm-up included). Give the slot back
+        with :meth:`release`.
         """
-        slot = await self._acquire(priority)
+        slot = await self._acquire(priority, urgent)
         slot.busy = True
         try:
             if self._tokens is not None and not slot.urgent:
@@ -217,6 +233,26 @@ class SlotPool:
             raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    async def heal(self) -> None:
+        """Replace the free slots whose process died while idle (the OOM killer), and warm those left
+        cold (replaced after a cancellation). An urgent slot can stay free for hours: it should
+        neither fail the readiness check meanwhile nor make its next request wait for a fresh
+        process."""
+        for slot in list(self._slots):
+            lane = self._lane_of(slot.urgent)
+            if slot.busy or slot not in lane.idle or (slot.warm and not _broken(slot.executor)):
+                continue
+            lane.idle.remove(slot)
+            slot.busy = True
+            try:
+                await self._make_ready(slot)
+            except WorkerCrashed as exc:  # the next lease tries again
+                log.warning("could not replace an idle analysis process", slot=slot.index, error=str(exc))
+            finally:
+                slot.busy = False
+                if not self._closed:
+                    self._release(slot)
+
     async def _make_ready(self, slot: Slot) -> None:
         if _broken(slot.executor):  # its process died while idle (e.g. the OOM killer)
             await self._replace(slot, reason="died while idle")
@@ -237,9 +273,9 @@ class SlotPool:
             self._tokens.release(token)
 
     @asynccontextmanager
-    async def lease(self, priority: int = 0) -> AsyncIterator[Slot]:
+    async def lease(self, priority: int = 0, *, urgent: bool = False) -> AsyncIterator[Slot]:
         """Hold a slot (see :meth:`acquire`) for one or more calls of :meth:`call`."""
-        slot = await self.acquire(priority)
+        slot = await self.acquire(priority, urgent=urgent)
         try:
             yield slot
         finally:
@@ -310,7 +346,7 @@ class SlotPool:
         slot.warm = False
         if self._closed:
             return
-        slot.executor = self._new_executor()
+        slot.executor = self._new_executor(urgent=slot.urgent)
         slot.jobs = 0
         self.restarts += 1
         log.warning("analysis process replaced", slot=slot.index, reason=reason)

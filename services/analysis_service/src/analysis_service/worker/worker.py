@@ -159,6 +159,7 @@ class Worker:
                     asyncio.create_task(self._sample_queue_depth(), name="queue-depth"),
                     asyncio.create_task(self._heartbeat(), name="heartbeat"),
                     asyncio.create_task(self._repair_progress(), name="progress-repair"),
+                    asyncio.create_task(self._heal_slots(), name="slot-heal"),
                 ]
                 log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
                 stop_wait = asyncio.create_task(stop.wait())
@@ -216,7 +217,7 @@ class Worker:
         self._slots = SlotPool(
             self.concurrency,
             urgent=self.settings.worker.urgent_slots,
-            urgent_priority=self.settings.rabbitmq.urgent_priority,
+            nice=self.settings.worker.slot_nice,
             max_tasks_per_child=self.settings.worker.max_tasks_per_child,
             progress_queue=self._progress_queue,
             cpu_tokens=self._host_cpu_tokens(),
@@ -267,15 +268,20 @@ class Worker:
             urgent = await self._connection.channel(publisher_confirms=False)
             assert isinstance(urgent, AbstractRobustChannel)
             self._urgent_channel = urgent
-            # Twice as many deliveries as all slots: a burst of urgent requests fills every slot,
-            # the urgent ones included, and keeps as many waiting, so that a freed slot goes to the
-            # next urgent request (by priority) rather than to a waiting routine one while the
-            # next urgent delivery would still be on its way.
-            await urgent.set_qos(
-                prefetch_count=2 * (self.concurrency + self.settings.worker.urgent_slots),
-                global_=s.queue_type == "classic",
-            )
+            await urgent.set_qos(prefetch_count=self._urgent_window(), global_=s.queue_type == "classic")
             self._urgent_queue = await declare_urgent_queue(urgent, s)
+
+    def _urgent_window(self) -> int:
+        """Prefetch of the urgent queue's channel.
+
+        With urgent slots, as many deliveries as urgent slots: they run there, so a worker takes
+        only the urgent requests it can start at once (another worker starts the others, and none
+        waits here with a start counted against it). Without, they run in the slots ahead of the
+        rest: twice the slots, so that a freed slot finds the next urgent request already here
+        (a request's slot frees before its ack lets the next one come).
+        """
+        urgent = self.settings.worker.urgent_slots
+        return urgent if urgent else 2 * self.concurrency
 
     def _build_pipeline(self) -> Pipeline:
         assert self._ledger is not None
@@ -336,11 +342,14 @@ class Worker:
         assert self._topology is not None
         if self._pipeline is None:
             self._pipeline = self._build_pipeline()
-        # Urgent first: queued urgent requests are delivered before the request queue's first ones
-        # and take the free slots.
+        # Urgent first: without urgent slots, queued urgent requests then take the free slots.
         if self._urgent_queue is not None:
             self._urgent_tag = await self._urgent_queue.consume(self._on_urgent_message)
-        self._consumer_tag = await self._topology.request_queue.consume(self._on_message)
+        try:
+            self._consumer_tag = await self._topology.request_queue.consume(self._on_message)
+        except BaseException:
+            await self._stop_consuming()  # all or nothing: not the urgent queue alone
+            raise
         self.metrics.consuming.set(1)
 
     async def _stop_consuming(self) -> None:
@@ -569,6 +578,14 @@ class Worker:
             if self._progress_hook is not None:
                 await self._progress_hook.repay()
 
+    async def _heal_slots(self) -> None:
+        """Every 5 s: replace or warm the free slots that need it (an urgent slot may be free for
+        hours)."""
+        while True:
+            await asyncio.sleep(5.0)
+            if self._slots is not None:
+                await self._slots.heal()
+
     async def _heartbeat(self) -> None:
         """Renew the leases of in-flight requests, and stop those whose cancellation was requested
         (through the job API)."""
@@ -600,6 +617,7 @@ class Worker:
             slot_pids: list[int] = []
             if self._slots is not None:
                 self.metrics.slots_busy.set(self._slots.busy)
+                self.metrics.urgent_slots_busy.set(self._slots.urgent_busy)
                 self.metrics.semaphore_waiters.set(self._slots.waiting)
                 self.metrics.host_cpu_waiters.set(self._slots.waiting_for_cpu)
                 slot_pids = self._slots.pids()
@@ -620,8 +638,12 @@ class Worker:
                 paused = True
             elif paused and under and not self._stopping:
                 log.info("memory below limit: resuming consumption", rss_mb=round(rss / 2**20))
-                await self._start_consuming()
-                paused = False
+                try:
+                    await self._start_consuming()
+                    paused = False
+                except _AMQP_ERRORS as exc:  # the channel is down: the next round tries again
+                    _raise_if_cancelling(exc)
+                    log.warning("could not resume consumption", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(1.0)
 
     async def _broker_watchdog(self) -> None:
