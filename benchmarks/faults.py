@@ -830,7 +830,10 @@ def status_line(stack: Stack, n: int) -> tuple[int | None, int | None]:
     with contextlib.suppress(Exception):
         depths = stack.rabbit.queue_depths()
         r = stack.rabbit_settings
-        queued = sum(depths.get(name, 0) for name in (r.request_queue, r.urgent_queue, r.retry_queue))
+        queued = sum(
+            depths.get(name, 0)
+            for name in (r.request_queue, r.urgent_queue, r.retry_queue, r.urgent_retry_queue)
+        )
     channels = "?"
     with contextlib.suppress(Exception):
         channels = " ".join(f"{c}c/{u}u" for c, u in stack.rabbit.channels())
@@ -992,7 +995,7 @@ def benchmark(root: Path, logs: Path, teardown: Teardown, args: argparse.Namespa
     dead = asyncio.run(drain_queue(stack.rabbit.url, r.dead_letter_queue))
     left_queued = [
         m
-        for name in (r.request_queue, r.urgent_queue, r.retry_queue)
+        for name in (r.request_queue, r.urgent_queue, r.retry_queue, r.urgent_retry_queue)
         for m in asyncio.run(drain_queue(stack.rabbit.url, name))
     ]
     progress = progress_status(stack.redis, ids)

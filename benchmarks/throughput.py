@@ -206,6 +206,7 @@ class Stores:
             "DEAD_LETTER_QUEUE": f"bench.{t}.dead",
             "RETRY_QUEUE": f"bench.{t}.retry",
             "URGENT_QUEUE": f"bench.{t}.urgent",
+            "URGENT_RETRY_QUEUE": f"bench.{t}.urgent.retry",
             "RESULTS_EXCHANGE": f"bench.{t}.results",
             "RESULTS_QUEUE": f"bench.{t}.results.all",
         }
@@ -303,7 +304,14 @@ async def _cleanup(stores: Stores) -> None:
     async with connection:
         channel = await connection.channel()
         names = stores.names
-        for key in ("REQUEST_QUEUE", "URGENT_QUEUE", "DEAD_LETTER_QUEUE", "RETRY_QUEUE", "RESULTS_QUEUE"):
+        for key in (
+            "REQUEST_QUEUE",
+            "URGENT_QUEUE",
+            "DEAD_LETTER_QUEUE",
+            "RETRY_QUEUE",
+            "URGENT_RETRY_QUEUE",
+            "RESULTS_QUEUE",
+        ):
             await channel.queue_delete(names[key])
         for key in ("REQUEST_EXCHANGE", "DEAD_LETTER_EXCHANGE", "RESULTS_EXCHANGE"):
             await channel.exchange_delete(names[key])

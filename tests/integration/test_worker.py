@@ -274,31 +274,36 @@ async def test_redis_down_results_still_stored(
     assert [r["status"] for r in rows] == ["completed"]
 
 
+@pytest.mark.parametrize("priority", [5, 9], ids=["routine", "urgent"])
 async def test_store_down_request_waits_then_requeues_not_lost(
     tmp_path: Path,
     rabbit_url: str,
     redis_settings: RedisSettings,
     bolt_server: Neo4jSettings,
     closed_port: int,
+    priority: int,
 ) -> None:
     pg_down = f"postgresql://postgres@127.0.0.1:{closed_port}/test"
     settings = make_settings(
         tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_down, redis=redis_settings, graph=bolt_server
     )
+    r = settings.rabbitmq
+    # Back to the queue it came from: an urgent request stays in the urgent lane.
+    home = r.urgent_queue if priority >= r.urgent_priority else r.request_queue
     write_song(settings.worker.media_root / "a.wav")
     async with Broker(settings) as broker:
         async with running_worker(settings) as worker:
-            await broker.publish(request("pg-down", "a.wav"))
+            await broker.publish(request("pg-down", "a.wav", priority=priority), priority=priority)
             while worker.counters["requeued"] == 0:  # noqa: ASYNC110 - polling the worker's counter
                 await asyncio.sleep(0.1)
         # Never acked as done, never dead-lettered: requeued with a delay, then back in its queue.
         for _ in range(100):
-            if await broker.depth(settings.rabbitmq.request_queue) == 1:
+            if await broker.depth(home) == 1:
                 break
             await asyncio.sleep(0.1)
-        assert await broker.depth(settings.rabbitmq.request_queue) == 1
-        assert await broker.depth(settings.rabbitmq.dead_letter_queue) == 0
-        assert await broker.depth(settings.rabbitmq.retry_queue) == 0
+        assert await broker.depth(home) == 1
+        others = (r.request_queue, r.urgent_queue, r.dead_letter_queue, r.retry_queue, r.urgent_retry_queue)
+        assert [await broker.depth(q) for q in others if q != home] == [0, 0, 0, 0]
 
 
 async def test_request_that_keeps_killing_workers_is_failed(settings: Settings) -> None:

@@ -52,6 +52,7 @@ def make_settings(
             dead_letter_queue=f"test.{uid}.dead",
             retry_queue=f"test.{uid}.retry",
             urgent_queue=f"test.{uid}.urgent",
+            urgent_retry_queue=f"test.{uid}.urgent.retry",
             retry_delay_s=1.0,
             results_exchange=f"test.{uid}.results",
             results_queue=f"test.{uid}.results.all",
@@ -122,7 +123,14 @@ class Broker:
         r = self.settings.rabbitmq
         assert self.channel is not None
         assert self._connection is not None
-        for queue in (r.request_queue, r.urgent_queue, r.dead_letter_queue, r.results_queue, r.retry_queue):
+        for queue in (
+            r.request_queue,
+            r.urgent_queue,
+            r.dead_letter_queue,
+            r.results_queue,
+            r.retry_queue,
+            r.urgent_retry_queue,
+        ):
             await self.channel.queue_delete(queue)
         for exchange in (r.request_exchange, r.dead_letter_exchange, r.results_exchange):
             await self.channel.exchange_delete(exchange)

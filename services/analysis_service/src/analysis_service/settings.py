@@ -45,6 +45,11 @@ class RabbitSettings(BaseModel):
     urgent_routing_key: str = Field(
         default="analysis.request.urgent", description="Binds the urgent queue to the request exchange."
     )
+    urgent_retry_queue: str = Field(
+        default="analysis.requests.urgent.retry",
+        description="Holds urgent requests requeued with a delay for retry_delay_s, then dead-letters "
+        "them back to the urgent queue (declared with the urgent queue).",
+    )
     urgent_priority: int = Field(
         default=9,
         ge=1,

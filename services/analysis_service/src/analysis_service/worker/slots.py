@@ -234,20 +234,28 @@ class SlotPool:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def heal(self) -> None:
-        """Replace the free slots whose process died while idle (the OOM killer), and warm those left
-        cold (replaced after a cancellation). An urgent slot can stay free for hours: it should
-        neither fail the readiness check meanwhile nor make its next request wait for a fresh
-        process."""
+        """Make the free urgent slots ready: replace a process that died while idle (the OOM
+        killer), recycle one due for it, warm one left cold (replaced after a cancellation).
+
+        An urgent slot can stay free for hours: it should neither fail the readiness check
+        meanwhile nor make its next request wait for a fresh process. The slots are left to their
+        next lease, which is soon, and which holds a host CPU token for the work.
+        """
         for slot in list(self._slots):
-            lane = self._lane_of(slot.urgent)
-            if slot.busy or slot not in lane.idle or (slot.warm and not _broken(slot.executor)):
+            if not slot.urgent or slot.busy or slot not in self._urgent_lane.idle:
                 continue
-            lane.idle.remove(slot)
+            if slot.warm and not _broken(slot.executor) and slot.jobs < self._max_tasks:
+                continue
+            self._urgent_lane.idle.remove(slot)
             slot.busy = True
             try:
                 await self._make_ready(slot)
-            except WorkerCrashed as exc:  # the next lease tries again
-                log.warning("could not replace an idle analysis process", slot=slot.index, error=str(exc))
+            except Exception as exc:  # WorkerCrashed, or no process could start: the next round
+                log.warning(  # or the next lease tries again
+                    "could not make an idle urgent slot ready",
+                    slot=slot.index,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             finally:
                 slot.busy = False
                 if not self._closed:

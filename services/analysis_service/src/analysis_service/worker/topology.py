@@ -9,6 +9,8 @@
     analysis.dlx (fanout exchange) --> analysis.requests.dead (queue)
     (default exchange) --> analysis.requests.retry (queue, x-message-ttl retry_delay_s,
         dead-letters back to analysis.requests / analysis.request): requeue with a delay
+    (default exchange) --> analysis.requests.urgent.retry (the same, back to
+        analysis.requests / analysis.request.urgent): an urgent request's delay
     analysis.results (topic exchange) --analysis.#--> analysis.results.all (queue, optional,
         bounded by x-max-length and x-message-ttl)
 
@@ -42,6 +44,7 @@ class Topology:
     results_queue: AbstractQueue | None
     retry_queue: AbstractQueue
     urgent_queue: AbstractQueue | None
+    urgent_retry_queue: AbstractQueue | None
 
 
 def request_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
@@ -55,12 +58,13 @@ def request_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
     return {"x-queue-type": "classic", "x-max-priority": settings.max_priority, **common}
 
 
-def retry_queue_arguments(settings: RabbitSettings) -> dict[str, Any]:
-    """Arguments of the delay queue: hold for ``retry_delay_s``, then back to the request exchange."""
+def retry_queue_arguments(settings: RabbitSettings, *, urgent: bool = False) -> dict[str, Any]:
+    """Arguments of a delay queue: hold for ``retry_delay_s``, then back to the request exchange,
+    with the routing key of the request queue (``urgent``: the urgent queue's)."""
     return {
         "x-message-ttl": round(settings.retry_delay_s * 1000),
         "x-dead-letter-exchange": settings.request_exchange,
-        "x-dead-letter-routing-key": settings.request_routing_key,
+        "x-dead-letter-routing-key": settings.urgent_routing_key if urgent else settings.request_routing_key,
     }
 
 
@@ -91,6 +95,11 @@ async def declare_topology(channel: AbstractChannel, settings: RabbitSettings) -
     retry = await channel.declare_queue(
         settings.retry_queue, durable=True, arguments=retry_queue_arguments(settings)
     )
+    urgent_retry = None
+    if settings.urgent_queue:
+        urgent_retry = await channel.declare_queue(
+            settings.urgent_retry_queue, durable=True, arguments=retry_queue_arguments(settings, urgent=True)
+        )
     results = await channel.declare_exchange(
         settings.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
@@ -100,7 +109,7 @@ async def declare_topology(channel: AbstractChannel, settings: RabbitSettings) -
             settings.results_queue, durable=True, arguments=results_queue_arguments(settings)
         )
         await results_queue.bind(results, routing_key="analysis.#")
-    return Topology(requests, queue, dlx, dlq, results, results_queue, retry, urgent)
+    return Topology(requests, queue, dlx, dlq, results, results_queue, retry, urgent, urgent_retry)
 
 
 async def declare_urgent_queue(channel: AbstractChannel, settings: RabbitSettings) -> AbstractQueue | None:

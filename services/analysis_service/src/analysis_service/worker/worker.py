@@ -350,6 +350,9 @@ class Worker:
         except BaseException:
             await self._stop_consuming()  # all or nothing: not the urgent queue alone
             raise
+        if self._stopping:  # the shutdown began while the consumers started: it found none to stop
+            await self._stop_consuming()
+            return
         self.metrics.consuming.set(1)
 
     async def _stop_consuming(self) -> None:
@@ -513,9 +516,13 @@ class Worker:
             content_type=m.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
+        # Back to the queue it came from, after the delay: an urgent request stays in its lane.
+        retry = (
+            topology.urgent_retry_queue if d.urgent and topology.urgent_retry_queue else topology.retry_queue
+        )
         try:
             await asyncio.wait_for(
-                channel.default_exchange.publish(copy, routing_key=topology.retry_queue.name),
+                channel.default_exchange.publish(copy, routing_key=retry.name),
                 timeout=self.settings.rabbitmq.publish_timeout_s,
             )
         except _AMQP_ERRORS as exc:
@@ -579,8 +586,7 @@ class Worker:
                 await self._progress_hook.repay()
 
     async def _heal_slots(self) -> None:
-        """Every 5 s: replace or warm the free slots that need it (an urgent slot may be free for
-        hours)."""
+        """Every 5 s: make the free urgent slots ready (one may be free for hours)."""
         while True:
             await asyncio.sleep(5.0)
             if self._slots is not None:
@@ -702,6 +708,8 @@ class Worker:
         async def rabbitmq() -> None:
             if self._channel is None or self._channel.is_closed:
                 raise ConnectionError("no open channel to RabbitMQ")
+            if self._urgent_channel is not None and self._urgent_channel.is_closed:
+                raise ConnectionError("the urgent queue's channel to RabbitMQ is closed")
             if self._consumer_tag is None:
                 raise RuntimeError("not consuming (starting, paused by the memory guard, or stopping)")
 
