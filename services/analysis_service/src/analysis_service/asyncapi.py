@@ -185,7 +185,7 @@ def asyncapi_document(
                     f"`{rabbit.request_exchange}` with routing key `{rabbit.urgent_routing_key}`. "
                     f"They wait in `{rabbit.urgent_queue}` (the same arguments), which every worker "
                     "consumes on a channel of its own, so they are delivered while the request "
-                    "queue's deliveries fill the workers, and may start in a worker's urgent slots.",
+                    "queue's deliveries fill the workers, and run in the workers' urgent slots.",
                 )
             }
             if rabbit.urgent_queue

@@ -12,7 +12,7 @@ never run more analyses at once than its CPUs, whatever their slots.
 Urgent slots are kept beyond those for the urgent queue's requests: such a request runs in an
 urgent slot (its lane: it never waits for a running routine analysis to end), which takes no CPU
 token and shares the CPUs with the running analyses meanwhile. The slots' processes run nicer, so
-the kernel gives the urgent analysis a whole CPU.
+the kernel gives the urgent analysis most of a CPU.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class SlotPool:
         no host CPU token.
     nice : int
         Niceness added to the slots' processes (not the urgent ones'): an urgent analysis running
-        beside them then gets a whole CPU.
+        beside them then gets most of a CPU.
     max_tasks_per_child : int
         Replace a slot's process after this many analyses (bounds leaks in codecs).
     progress_queue : multiprocessing queue, optional
