@@ -333,6 +333,113 @@ def tempo_confidence(*, clarity: float, strongest: float, rival: float, activity
     return float(np.clip(certainty, 0.0, 1.0))
 
 
+@dataclass(frozen=True)
+class TempoCandidates:
+    """The candidate tempi of a recording and the evidence for each (steps 1-4 of the module
+    docstring), before any choice: what :func:`choose_tempo` weighs.
+
+    Attributes
+    ----------
+    bpm : np.ndarray
+        Candidate tempi (BPM), refined to their salience peaks.
+    salience : np.ndarray
+        Harmonic-comb salience of each candidate.
+    bar : np.ndarray
+        :func:`bar_salience` of each candidate.
+    backbeat : np.ndarray
+        :func:`backbeat_contrast` of the snare curve at each candidate.
+    family : np.ndarray of bool
+        The candidates of the winning pulse family (:func:`_pulse_family`).
+    median_salience : float
+        Median salience of all tempi between ``MIN_BPM`` and ``MAX_BPM``.
+    strongest_salience : float
+        Largest salience of any tempo in that range.
+    activity : float
+        Mean onset strength over ``ACTIVITY_REFERENCE``.
+    bands : np.ndarray
+        The per-band novelty (:func:`band_novelty`) the evidence was read from.
+    rate : float
+        Frames per second of ``bands``.
+    """
+
+    bpm: F64
+    salience: F64
+    bar: F64
+    backbeat: F64
+    family: npt.NDArray[np.bool_]
+    median_salience: float
+    strongest_salience: float
+    activity: float
+    bands: F64
+    rate: float
+
+
+def tempo_candidates(features: Features) -> TempoCandidates | None:
+    """The candidate tempi of a recording with their evidence (``None`` when there is no pulse to
+    read: no frames, under four seconds, or no onsets)."""
+    rate = features.onset_rate
+    if features.onset.shape[1] == 0:
+        return None
+    bands = band_novelty(features)
+    curve = np.asarray(np.asarray(BAND_WEIGHTS) @ bands)
+    if len(curve) < 4 * rate or not np.any(curve):
+        return None
+    max_lag = min(int(4 * 60.0 * rate / (MIN_BPM / 2)) + 2, len(curve) - 1)
+    acf = windowed_acf(curve, rate=rate, max_lag=max_lag)
+    bpms = np.exp(np.linspace(np.log(MIN_BPM / 2), np.log(MAX_BPM * 2), 1600))
+    sal = tempo_salience(acf, rate=rate, bpms=bpms)
+    in_range = (bpms >= MIN_BPM) & (bpms <= MAX_BPM)
+    best = float(bpms[in_range][int(np.argmax(sal[in_range]))])
+    candidates = [best * f for f in RELATIVES]
+    refined = np.array([_refine(bpms, sal, c) for c in candidates if MIN_BPM <= c <= MAX_BPM])
+    sal_at = np.interp(np.log(refined), np.log(bpms), sal)
+    long_lag = min(len(curve) - 1, int(METRE_WINDOW_S * rate))
+    long_acf = windowed_acf(curve, rate=rate, window_s=METRE_WINDOW_S, max_lag=long_lag)
+    bar = np.array([bar_salience(long_acf, rate=rate, bpm=float(b)) for b in refined])
+    snare = np.maximum(bands[1] - SNARE_LOW_WEIGHT * bands[0], 0.0)
+    snare_acf = windowed_acf(snare, rate=rate, max_lag=max_lag) if np.any(snare) else np.zeros(1)
+    contrast = np.array([backbeat_contrast(snare_acf, rate=rate, bpm=float(b)) for b in refined])
+    return TempoCandidates(
+        bpm=refined,
+        salience=sal_at,
+        bar=bar,
+        backbeat=contrast,
+        family=_pulse_family(refined, sal_at, bar),
+        median_salience=float(np.median(sal[in_range])),
+        strongest_salience=float(np.max(sal[in_range])),
+        activity=float(features.onset.mean()) / ACTIVITY_REFERENCE,
+        bands=bands,
+        rate=rate,
+    )
+
+
+def choose_tempo(
+    c: TempoCandidates, *, backbeat: F64 | None = None, extra: F64 | None = None
+) -> TempoEstimate:
+    """Choose the tempo among ``c``'s candidates (steps 3-4 of the module docstring) and rate it.
+
+    ``backbeat`` replaces ``c.backbeat`` and ``extra`` adds a log-score per candidate to the
+    choice between a level and its double or half: the seams through which
+    ``benchmarks/octave_cues.py`` measures other octave cues on the same candidates.
+    """
+    score = c.salience * _prior(c.bpm)
+    contrast = c.backbeat if backbeat is None else backbeat
+    level = c.bpm[int(np.argmax(np.where(c.family, score, 0.0)))]
+    octave = np.isclose(c.bpm / level, np.array([[0.5], [1.0], [2.0]]), rtol=0.02).any(axis=0)
+    evidence = BACKBEAT_WEIGHT * contrast + (0.0 if extra is None else extra)
+    full = np.where(octave, score * np.exp(evidence), score)
+    pick = int(np.argmax(np.where(octave, full, 0.0)))
+    bpm = float(c.bpm[pick])
+    confidence = tempo_confidence(
+        clarity=float(c.salience[pick] - c.median_salience),
+        strongest=float(c.salience[pick] / max(c.strongest_salience, 1e-12)),
+        rival=_rival_ratio(c.bpm, full, pick),
+        activity=c.activity,
+        bpm=bpm,
+    )
+    return TempoEstimate(bpm=round(bpm, 2), confidence=round(confidence, 3))
+
+
 def estimate_tempo(features: Features) -> TempoEstimate:
     """Estimate the global tempo of a recording.
 
@@ -346,40 +453,7 @@ def estimate_tempo(features: Features) -> TempoEstimate:
     TempoEstimate
         Tempo in BPM, between ``MIN_BPM`` and ``MAX_BPM``, and a confidence in [0, 1].
     """
-    rate = features.onset_rate
-    if features.onset.shape[1] == 0:
+    candidates = tempo_candidates(features)
+    if candidates is None:
         return TempoEstimate(bpm=0.0, confidence=0.0)
-    bands = band_novelty(features)
-    curve = np.asarray(np.asarray(BAND_WEIGHTS) @ bands)
-    if len(curve) < 4 * rate or not np.any(curve):
-        return TempoEstimate(bpm=0.0, confidence=0.0)
-    max_lag = min(int(4 * 60.0 * rate / (MIN_BPM / 2)) + 2, len(curve) - 1)
-    acf = windowed_acf(curve, rate=rate, max_lag=max_lag)
-    bpms = np.exp(np.linspace(np.log(MIN_BPM / 2), np.log(MAX_BPM * 2), 1600))
-    sal = tempo_salience(acf, rate=rate, bpms=bpms)
-    in_range = (bpms >= MIN_BPM) & (bpms <= MAX_BPM)
-    best = float(bpms[in_range][int(np.argmax(sal[in_range]))])
-    candidates = [best * f for f in RELATIVES]
-    refined = np.array([_refine(bpms, sal, c) for c in candidates if MIN_BPM <= c <= MAX_BPM])
-    sal_at = np.interp(np.log(refined), np.log(bpms), sal)
-    score = sal_at * _prior(refined)
-    long_lag = min(len(curve) - 1, int(METRE_WINDOW_S * rate))
-    long_acf = windowed_acf(curve, rate=rate, window_s=METRE_WINDOW_S, max_lag=long_lag)
-    bar = np.array([bar_salience(long_acf, rate=rate, bpm=float(b)) for b in refined])
-    level = refined[int(np.argmax(np.where(_pulse_family(refined, sal_at, bar), score, 0.0)))]
-    octave = np.isclose(refined / level, np.array([[0.5], [1.0], [2.0]]), rtol=0.02).any(axis=0)
-    snare = np.maximum(bands[1] - SNARE_LOW_WEIGHT * bands[0], 0.0)
-    snare_acf = windowed_acf(snare, rate=rate, max_lag=max_lag) if np.any(snare) else np.zeros(1)
-    contrast = np.array([backbeat_contrast(snare_acf, rate=rate, bpm=float(b)) for b in refined])
-    full = np.where(octave, score * np.exp(BACKBEAT_WEIGHT * contrast), score)
-    final = np.where(octave, full, 0.0)
-    pick = int(np.argmax(final))
-    bpm = float(refined[pick])
-    confidence = tempo_confidence(
-        clarity=float(sal_at[pick] - np.median(sal[in_range])),
-        strongest=float(sal_at[pick] / max(float(np.max(sal[in_range])), 1e-12)),
-        rival=_rival_ratio(refined, full, pick),
-        activity=float(features.onset.mean()) / ACTIVITY_REFERENCE,
-        bpm=bpm,
-    )
-    return TempoEstimate(bpm=round(bpm, 2), confidence=round(confidence, 3))
+    return choose_tempo(candidates)

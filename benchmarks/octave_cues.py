@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Octave cues measured on real and on synthetic material side by side (issue 7's metrical level).
+
+    uv run python benchmarks/octave_cues.py --work WORK [--sets real,seed1,seed2,demo,loops] [--grid]
+
+Most wrong tempo answers on real recordings are made where ``audio/tempo.py`` chooses between a
+level and its double or half (step 4 of its docstring). This script measures other cues for that
+choice on the same candidates, so that a cue is judged on every kind of material at once:
+
+- ``real``, ``seed1``, ``seed2``: the corpora ``benchmarks/accuracy.py`` builds under WORK
+  (``real/truth_real.csv``, ``corpus-seed1/truth_A.csv``, ``corpus-seed2/truth_A.csv``); the mixes
+  are left out (they are scored per section of their timeline);
+- ``demo`` and ``loops``: the project's own numpy demo songs (``synth.demo_song``: kick on 1 and 3,
+  snare on 2 and 4, eighth hats) at 70-178 BPM, 30 s long, and as loops of 6-22 s
+  (``benchmarks/demo_tempo.py``).
+
+Each file's candidates (``tempo.tempo_candidates``) are computed once and cached in
+``WORK/octave-cues/``. For each variant the script prints how many files of each set get a tempo
+within 4 % of the truth (Acc1). The variants are the cues tried in docs/accuracy.md; ``--grid``
+also searches weights of five cues (with the tempo preference as shipped) and prints the best
+settings for the synthetic sets and for the real set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import pickle
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from analysis_service.audio import tempo
+from analysis_service.audio.decode import iter_mono_blocks, probe
+from analysis_service.audio.features import FeatureExtractor, Features, compute_features
+from analysis_service.audio.synth import demo_song
+from analysis_service.settings import EngineSettings
+
+F64 = npt.NDArray[np.float64]
+CORPORA = {
+    "real": "real/truth_real.csv",
+    "seed1": "corpus-seed1/truth_A.csv",
+    "seed2": "corpus-seed2/truth_A.csv",
+}
+DEMO_SR = 22050
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file: its name, its true tempo, its candidates and the extra cues read from its bands."""
+
+    name: str
+    truth: float
+    candidates: tempo.TempoCandidates
+    cues: dict[str, F64]
+
+
+def contrast(c: tempo.TempoCandidates, curve: F64) -> F64:
+    """:func:`tempo.backbeat_contrast` of ``curve`` at every candidate of ``c``."""
+    if not np.any(curve):
+        return np.zeros(len(c.bpm))
+    max_lag = min(int(4 * 60.0 * c.rate / (tempo.MIN_BPM / 2)) + 2, len(curve) - 1)
+    acf = tempo.windowed_acf(curve, rate=c.rate, max_lag=max_lag)
+    return np.array([tempo.backbeat_contrast(acf, rate=c.rate, bpm=float(b)) for b in c.bpm])
+
+
+def cues(c: tempo.TempoCandidates) -> dict[str, F64]:
+    """Backbeat contrasts of other curves: the snare curve with the high band added (``snare+high``),
+    the high band minus the low one (``high``) and the low band alone (``kick``)."""
+    low, mid, high = c.bands[0], c.bands[1], c.bands[2]
+    w = tempo.SNARE_LOW_WEIGHT
+    return {
+        "snare+high": contrast(c, np.maximum(mid + high - w * low, 0.0)),
+        "high": contrast(c, np.maximum(high - w * low, 0.0)),
+        "kick": contrast(c, low),
+    }
+
+
+def _item(name: str, truth: float, features_of: Callable[[], Features]) -> Item | None:
+    c = tempo.tempo_candidates(features_of())
+    return None if c is None else Item(name, truth, c, cues(c))
+
+
+def _file_item(args: tuple[str, float]) -> Item | None:
+    path, truth = args
+    settings = EngineSettings()
+
+    def features() -> Features:
+        info = probe(path, settings=settings)
+        return compute_features(
+            iter_mono_blocks(info, target_rate=settings.sample_rate), sample_rate=settings.sample_rate
+        )
+
+    return _item(path, truth, features)
+
+
+def _demo_item(args: tuple[float, float, str, int]) -> Item | None:
+    seconds, bpm, mode, seed = args
+
+    def features() -> Features:
+        y = demo_song(
+            bpm=bpm, tonic=int(bpm) % 12, mode=mode, seconds=seconds, sample_rate=DEMO_SR, seed=seed
+        )
+        fx = FeatureExtractor(sample_rate=DEMO_SR)
+        fx.push(y)
+        return fx.finish()
+
+    return _item(f"demo {seconds:.0f} s, {bpm:.0f} BPM {mode}", bpm, features)
+
+
+def _jobs(name: str, work: Path) -> tuple[Callable[..., Item | None], list[object]] | None:
+    if name in CORPORA:
+        truth = work / CORPORA[name]
+        if not truth.exists():
+            return None
+        with truth.open() as fh:
+            rows = [r for r in csv.DictReader(fh) if "A_mix" not in r["path"]]
+        return _file_item, [(str(truth.parent / r["path"]), float(r["bpm"])) for r in rows]
+    lengths = (30.0,) if name == "demo" else (6.0, 8.0, 10.0, 14.0, 18.0, 22.0)
+    step = 4 if name == "demo" else 8
+    modes = (("minor", 0), ("major", 1))
+    return _demo_item, [(s, float(b), m, k) for s in lengths for b in range(70, 181, step) for m, k in modes]
+
+
+def load_set(name: str, work: Path, jobs: int) -> list[Item] | None:
+    """The items of one set, from the cache or computed (``None`` when its corpus is not built)."""
+    cache = work / "octave-cues" / f"{name}.pickle"
+    if cache.exists():
+        with cache.open("rb") as fh:
+            items: list[Item] = pickle.load(fh)
+        return items
+    planned = _jobs(name, work)
+    if planned is None:
+        return None
+    fn, args = planned
+    print(f"computing the candidates of {len(args)} {name} files ...", flush=True)
+    with ProcessPoolExecutor(jobs) as pool:
+        items = [it for it in pool.map(fn, args) if it is not None]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with cache.open("wb") as fh:
+        pickle.dump(items, fh)
+    return items
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An octave choice: the backbeat contrast it uses and log-score terms it adds."""
+
+    name: str
+    backbeat: str = "snare"  # "snare" (as shipped) or a key of :func:`cues`
+    weights: tuple[tuple[str, float], ...] = ()  # (cue, weight); cue "bar" is the bar salience
+    backbeat_weight: float = 1.0
+
+    def choose(self, item: Item) -> float:
+        c = item.candidates
+        base = c.backbeat if self.backbeat == "snare" else item.cues[self.backbeat]
+        extra = sum(
+            (w * (c.bar if k == "bar" else item.cues[k]) for k, w in self.weights), np.zeros(len(c.bpm))
+        )
+        # choose_tempo applies tempo.BACKBEAT_WEIGHT; the variant's own weight is folded in here.
+        scaled = base * (self.backbeat_weight / tempo.BACKBEAT_WEIGHT)
+        return tempo.choose_tempo(c, backbeat=scaled, extra=extra).bpm
+
+
+VARIANTS = (
+    Variant("bpm 1.4.0 as shipped"),
+    Variant("snare curve with the high band added", backbeat="snare+high"),
+    Variant("bar salience in the octave choice (x2.5)", weights=(("bar", 2.5),)),
+    Variant(
+        "fitted on the synthetic sets: backbeat x1.5, high band x1, kick x-1",
+        backbeat_weight=1.5,
+        weights=(("high", 1.0), ("kick", -1.0)),
+    ),
+    Variant(
+        "fitted on the real set: backbeat x0.5, high band x0.5, bar x2, kick x-0.5",
+        backbeat_weight=0.5,
+        weights=(("high", 0.5), ("bar", 2.0), ("kick", -0.5)),
+    ),
+)
+
+
+def right(variant: Variant, items: list[Item]) -> int:
+    """Files whose chosen tempo is within 4 % of the truth."""
+    return sum(abs(variant.choose(it) / it.truth - 1.0) <= 0.04 for it in items)
+
+
+def grid() -> Iterator[Variant]:
+    """Weights of the backbeat, the high band, the bar salience and the kick contrast."""
+    for bb, hi, bar, kick in itertools.product(
+        (0.0, 0.5, 1.0, 1.5, 2.0), (0.0, 0.5, 1.0, 1.5), (0.0, 1.0, 2.0, 3.0), (-1.0, -0.5, 0.0)
+    ):
+        weights = tuple((k, w) for k, w in (("high", hi), ("bar", bar), ("kick", kick)) if w)
+        yield Variant(
+            f"backbeat x{bb}, high x{hi}, bar x{bar}, kick x{kick}", backbeat_weight=bb, weights=weights
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="the folder accuracy.py --work built")
+    ap.add_argument("--sets", default="real,seed1,seed2,demo,loops")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--grid", action="store_true", help="also search cue weights")
+    args = ap.parse_args()
+    sets = {}
+    for name in args.sets.split(","):
+        items = load_set(name, args.work, args.jobs)
+        if items is None:
+            print(f"{name}: not built under {args.work} (run benchmarks/accuracy.py first); left out")
+        else:
+            sets[name] = items
+    header = "".join(f"{n:>14}" for n in sets)
+    print(f"\n{'Acc1 (files right / files)':72}{header}")
+    for v in VARIANTS:
+        print(f"{v.name:72}" + "".join(f"{f'{right(v, its)}/{len(its)}':>14}" for its in sets.values()))
+    if args.grid:
+        synthetic = [n for n in sets if n != "real"]
+        scored = [(v, {n: right(v, its) / len(its) for n, its in sets.items()}) for v in grid()]
+        for title, key in (
+            ("best on the synthetic sets (mean Acc1)", lambda s: (sum(s[n] for n in synthetic), 0.0)),
+            ("best on the real set", lambda s: (s.get("real", 0.0), sum(s[n] for n in synthetic))),
+        ):
+            print(f"\n{title}:")
+            for v, s in sorted(scored, key=lambda vs: key(vs[1]), reverse=True)[:5]:
+                print(f"{v.name:72}" + "".join(f"{s[n]:14.3f}" for n in sets))
+
+
+if __name__ == "__main__":
+    main()
