@@ -7,6 +7,8 @@
 * ``bolt_server``: a fresh FalkorDB (Redis + FalkorDB module with its Bolt endpoint) per test, as
   :class:`Neo4jSettings` (``uri``, ``user``, ``password``); killed afterwards.
 * ``closed_port``: a local TCP port nothing listens on.
+* The exchanges and queues tests name through :func:`tests.integration.broker_names.track` are
+  deleted once the session ends (:func:`_delete_test_topology`).
 
 Each fixture first checks that its service is there: absent locally means skip, absent under CI
 (``CI`` set) means fail — see :func:`tests.conftest.require_service`.
@@ -14,22 +16,26 @@ Each fixture first checks that its service is there: absent locally means skip, 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import secrets
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aio_pika
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from analysis_service.settings import Neo4jSettings, RedisSettings
 from tests.conftest import require_service
+from tests.integration.broker_names import delete_tracked, tracked
 
 PG_HOST, PG_PORT, PG_USER, PG_MAINTENANCE_DB = "127.0.0.1", 5432, "postgres", "test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -109,6 +115,26 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
 def redis_settings(redis_url: str, redis_prefix: str) -> RedisSettings:
     """Settings for the test's keys, with a short socket timeout."""
     return RedisSettings(url=redis_url, key_prefix=redis_prefix, socket_timeout_s=2.0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_test_topology() -> Iterator[None]:
+    """After the last test, delete the test topology left on the broker (see ``broker_names``).
+
+    A broker that cannot be reached then (a fault test left it down) only warns: the tests have
+    passed or failed already, and their queues are empty.
+    """
+    yield
+    queues, exchanges = tracked()
+    if not queues and not exchanges:
+        return
+    try:
+        asyncio.run(delete_tracked(RABBIT_URL))
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        warnings.warn(
+            f"could not delete {len(queues)} test queues and {len(exchanges)} exchanges: {exc!r}",
+            stacklevel=1,
+        )
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from analysis_service.errors import FileMissing, FileUnreadable, PathOutsideMedi
 from analysis_service.settings import RabbitSettings, RedisSettings, Settings, WorkerSettings
 from analysis_service.sinks.progress import ProgressStore
 from service_shared.messages import AnalysisKind, AnalysisRequest
+from tests.integration.broker_names import track
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -44,13 +45,15 @@ class Broker:
 @pytest.fixture
 def rabbit_settings(rabbit_url: str) -> RabbitSettings:
     suffix = secrets.token_hex(6)
-    return RabbitSettings(
-        url=rabbit_url,
-        request_exchange=f"test.requests.{suffix}",
-        request_queue=f"test.requests.{suffix}",
-        request_routing_key="analysis.request",
-        urgent_queue=f"test.requests.urgent.{suffix}",
-        publish_timeout_s=5.0,
+    return track(
+        RabbitSettings(
+            url=rabbit_url,
+            request_exchange=f"test.requests.{suffix}",
+            request_queue=f"test.requests.{suffix}",
+            request_routing_key="analysis.request",
+            urgent_queue=f"test.requests.urgent.{suffix}",
+            publish_timeout_s=5.0,
+        )
     )
 
 

@@ -28,6 +28,7 @@ from analysis_service.settings import (
 from analysis_service.worker.topology import declare_topology, routing_key_for
 from analysis_service.worker.worker import Worker
 from service_shared.messages import AnalysisResultMessage
+from tests.integration.broker_names import track
 
 
 def make_settings(
@@ -44,18 +45,20 @@ def make_settings(
     media = tmp_path / "media"
     media.mkdir(exist_ok=True)
     return Settings(
-        rabbitmq=RabbitSettings(
-            url=rabbit_url,
-            request_exchange=f"test.{uid}.requests",
-            request_queue=f"test.{uid}.requests",
-            dead_letter_exchange=f"test.{uid}.dlx",
-            dead_letter_queue=f"test.{uid}.dead",
-            retry_queue=f"test.{uid}.retry",
-            urgent_queue=f"test.{uid}.urgent",
-            urgent_retry_queue=f"test.{uid}.urgent.retry",
-            retry_delay_s=1.0,
-            results_exchange=f"test.{uid}.results",
-            results_queue=f"test.{uid}.results.all",
+        rabbitmq=track(
+            RabbitSettings(
+                url=rabbit_url,
+                request_exchange=f"test.{uid}.requests",
+                request_queue=f"test.{uid}.requests",
+                dead_letter_exchange=f"test.{uid}.dlx",
+                dead_letter_queue=f"test.{uid}.dead",
+                retry_queue=f"test.{uid}.retry",
+                urgent_queue=f"test.{uid}.urgent",
+                urgent_retry_queue=f"test.{uid}.urgent.retry",
+                retry_delay_s=1.0,
+                results_exchange=f"test.{uid}.results",
+                results_queue=f"test.{uid}.results.all",
+            )
         ),
         redis=redis,
         postgres=PostgresSettings(dsn=pg_dsn),

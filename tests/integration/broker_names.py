@@ -1,0 +1,61 @@
+"""The exchanges and queues integration tests name on the shared broker, deleted when the session ends.
+
+A test that starts a worker without the harness's ``Broker`` context leaves the topology the worker
+declared (empty, uniquely named queues) on the local RabbitMQ, and the CI machine's broker keeps them
+from run to run. :func:`track` records a test's names; :func:`delete_tracked` deletes them all.
+Only names under ``test.`` are tracked, so a default (production) name in a test's settings is never
+deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import aio_pika
+
+from analysis_service.settings import RabbitSettings
+
+PREFIX = "test."
+_queues: set[str] = set()
+_exchanges: set[str] = set()
+
+
+def track(settings: RabbitSettings) -> RabbitSettings:
+    """Record ``settings``' test-named queues and exchanges for :func:`delete_tracked`; return it."""
+    s = settings
+    queues = (
+        s.request_queue,
+        s.urgent_queue,
+        s.dead_letter_queue,
+        s.retry_queue,
+        s.urgent_retry_queue,
+        s.results_queue,
+    )
+    _queues.update(q for q in queues if q.startswith(PREFIX))
+    exchanges = (s.request_exchange, s.dead_letter_exchange, s.results_exchange)
+    _exchanges.update(e for e in exchanges if e.startswith(PREFIX))
+    return settings
+
+
+def tracked() -> tuple[frozenset[str], frozenset[str]]:
+    """``(queues, exchanges)`` recorded so far."""
+    return frozenset(_queues), frozenset(_exchanges)
+
+
+async def delete(url: str, queues: Iterable[str], exchanges: Iterable[str]) -> None:
+    """Delete these queues and exchanges (a missing one is no error: RabbitMQ's deletes are idempotent)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in sorted(queues):
+            await channel.queue_delete(queue)
+        for exchange in sorted(exchanges):
+            await channel.exchange_delete(exchange)
+
+
+async def delete_tracked(url: str) -> None:
+    """Delete every queue and exchange :func:`track` recorded, and forget them."""
+    queues, exchanges = tracked()
+    await delete(url, queues, exchanges)
+    _queues.difference_update(queues)
+    _exchanges.difference_update(exchanges)
