@@ -15,27 +15,33 @@ choice on the same candidates, so that a cue is judged on every kind of material
   (``benchmarks/demo_tempo.py``).
 
 Each file's candidates (``tempo.tempo_candidates``) are computed once and cached in
-``WORK/octave-cues/``. For each variant the script prints how many files of each set get a tempo
-within 4 % of the truth (Acc1). The variants are the cues tried in docs/accuracy.md; ``--grid``
-also searches weights of five cues (with the tempo preference as shipped) and prints the best
-settings for the synthetic sets and for the real set.
+``WORK/octave-cues/``, under a name that changes with the tempo and feature code and with the
+truth file (a change to either computes them again). For each variant the script prints how many
+files of each set get a tempo within 4 % of the truth (Acc1; a file without candidates counts as
+wrong). The variants are the cues tried in docs/accuracy.md; ``--grid`` also searches the weights
+of four cues (backbeat, high band, bar salience, kick; the tempo preference as shipped) and prints
+the best settings for the synthetic sets and for the real set.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from analysis_service.audio import tempo
+from analysis_service.audio import features as features_module
+from analysis_service.audio import synth, tempo
 from analysis_service.audio.decode import iter_mono_blocks, probe
 from analysis_service.audio.features import FeatureExtractor, Features, compute_features
 from analysis_service.audio.synth import demo_song
@@ -47,6 +53,7 @@ CORPORA = {
     "seed1": "corpus-seed1/truth_A.csv",
     "seed2": "corpus-seed2/truth_A.csv",
 }
+DEMO_SETS = ("demo", "loops")
 DEMO_SR = 22050
 
 
@@ -56,7 +63,7 @@ class Item:
 
     name: str
     truth: float
-    candidates: tempo.TempoCandidates
+    candidates: tempo.TempoCandidates | None  # None: no pulse to read (counts as a wrong answer)
     cues: dict[str, F64]
 
 
@@ -81,12 +88,12 @@ def cues(c: tempo.TempoCandidates) -> dict[str, F64]:
     }
 
 
-def _item(name: str, truth: float, features_of: Callable[[], Features]) -> Item | None:
+def _item(name: str, truth: float, features_of: Callable[[], Features]) -> Item:
     c = tempo.tempo_candidates(features_of())
-    return None if c is None else Item(name, truth, c, cues(c))
+    return Item(name, truth, c, {} if c is None else cues(c))
 
 
-def _file_item(args: tuple[str, float]) -> Item | None:
+def _file_item(args: tuple[str, float]) -> Item:
     path, truth = args
     settings = EngineSettings()
 
@@ -99,7 +106,7 @@ def _file_item(args: tuple[str, float]) -> Item | None:
     return _item(path, truth, features)
 
 
-def _demo_item(args: tuple[float, float, str, int]) -> Item | None:
+def _demo_item(args: tuple[float, float, str, int]) -> Item:
     seconds, bpm, mode, seed = args
 
     def features() -> Features:
@@ -113,62 +120,75 @@ def _demo_item(args: tuple[float, float, str, int]) -> Item | None:
     return _item(f"demo {seconds:.0f} s, {bpm:.0f} BPM {mode}", bpm, features)
 
 
-def _jobs(name: str, work: Path) -> tuple[Callable[..., Item | None], list[object]] | None:
+def _jobs(name: str, work: Path) -> tuple[Callable[..., Item], list[Any], bytes] | None:
+    """The item function, its arguments, and what the items depend on besides the code."""
     if name in CORPORA:
         truth = work / CORPORA[name]
         if not truth.exists():
             return None
         with truth.open() as fh:
-            rows = [r for r in csv.DictReader(fh) if "A_mix" not in r["path"]]
-        return _file_item, [(str(truth.parent / r["path"]), float(r["bpm"])) for r in rows]
+            rows = [r for r in csv.DictReader(fh) if not r.get("sections")]  # mixes: scored per section
+        return (
+            _file_item,
+            [(str(truth.parent / r["path"]), float(r["bpm"])) for r in rows],
+            truth.read_bytes(),
+        )
     lengths = (30.0,) if name == "demo" else (6.0, 8.0, 10.0, 14.0, 18.0, 22.0)
     step = 4 if name == "demo" else 8
     modes = (("minor", 0), ("major", 1))
-    return _demo_item, [(s, float(b), m, k) for s in lengths for b in range(70, 181, step) for m, k in modes]
+    args = [(s, float(b), m, k) for s in lengths for b in range(70, 181, step) for m, k in modes]
+    return _demo_item, args, Path(synth.__file__).read_bytes()
 
 
 def load_set(name: str, work: Path, jobs: int) -> list[Item] | None:
     """The items of one set, from the cache or computed (``None`` when its corpus is not built)."""
-    cache = work / "octave-cues" / f"{name}.pickle"
+    planned = _jobs(name, work)
+    if planned is None:
+        return None
+    fn, args, data = planned
+    digest = hashlib.sha256(data)
+    for module in (tempo, features_module):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    cache = work / "octave-cues" / f"{name}-{digest.hexdigest()[:16]}.pickle"
     if cache.exists():
         with cache.open("rb") as fh:
             items: list[Item] = pickle.load(fh)
         return items
-    planned = _jobs(name, work)
-    if planned is None:
-        return None
-    fn, args = planned
     print(f"computing the candidates of {len(args)} {name} files ...", flush=True)
     with ProcessPoolExecutor(jobs) as pool:
-        items = [it for it in pool.map(fn, args) if it is not None]
+        items = list(pool.map(fn, args))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with cache.open("wb") as fh:
+    partial = cache.with_suffix(".partial")
+    with partial.open("wb") as fh:
         pickle.dump(items, fh)
+    os.replace(partial, cache)
     return items
 
 
 @dataclass(frozen=True)
 class Variant:
-    """An octave choice: the backbeat contrast it uses and log-score terms it adds."""
+    """An octave choice: the backbeat contrast it uses, its weight, and other cues' weights."""
 
     name: str
     backbeat: str = "snare"  # "snare" (as shipped) or a key of :func:`cues`
     weights: tuple[tuple[str, float], ...] = ()  # (cue, weight); cue "bar" is the bar salience
-    backbeat_weight: float = 1.0
+    backbeat_weight: float | None = None  # None: tempo.BACKBEAT_WEIGHT (as shipped)
 
     def choose(self, item: Item) -> float:
+        """The tempo this variant chooses for ``item`` (0 where it has no candidates)."""
         c = item.candidates
+        if c is None:
+            return 0.0
         base = c.backbeat if self.backbeat == "snare" else item.cues[self.backbeat]
-        extra = sum(
-            (w * (c.bar if k == "bar" else item.cues[k]) for k, w in self.weights), np.zeros(len(c.bpm))
-        )
-        # choose_tempo applies tempo.BACKBEAT_WEIGHT; the variant's own weight is folded in here.
-        scaled = base * (self.backbeat_weight / tempo.BACKBEAT_WEIGHT)
-        return tempo.choose_tempo(c, backbeat=scaled, extra=extra).bpm
+        weight = tempo.BACKBEAT_WEIGHT if self.backbeat_weight is None else self.backbeat_weight
+        evidence = weight * base
+        for cue, w in self.weights:
+            evidence = evidence + w * (c.bar if cue == "bar" else item.cues[cue])
+        return tempo.choose_tempo(c, octave_evidence=evidence).bpm
 
 
 VARIANTS = (
-    Variant("bpm 1.4.0 as shipped"),
+    Variant("as shipped"),
     Variant("snare curve with the high band added", backbeat="snare+high"),
     Variant("bar salience in the octave choice (x2.5)", weights=(("bar", 2.5),)),
     Variant(
@@ -203,10 +223,14 @@ def grid() -> Iterator[Variant]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="the folder accuracy.py --work built")
-    ap.add_argument("--sets", default="real,seed1,seed2,demo,loops")
+    names = (*CORPORA, *DEMO_SETS)
+    ap.add_argument("--sets", default=",".join(names), help=f"comma-separated, of: {', '.join(names)}")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--grid", action="store_true", help="also search cue weights")
     args = ap.parse_args()
+    unknown = sorted(set(args.sets.split(",")) - set(names))
+    if unknown:
+        ap.error(f"unknown sets {', '.join(unknown)} (known: {', '.join(names)})")
     sets = {}
     for name in args.sets.split(","):
         items = load_set(name, args.work, args.jobs)

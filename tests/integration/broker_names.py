@@ -44,7 +44,7 @@ def tracked() -> tuple[frozenset[str], frozenset[str]]:
 
 async def delete(url: str, queues: Iterable[str], exchanges: Iterable[str]) -> None:
     """Delete these queues and exchanges (a missing one is no error: RabbitMQ's deletes are idempotent)."""
-    connection = await aio_pika.connect(url)
+    connection = await aio_pika.connect(url, timeout=10.0)
     async with connection:
         channel = await connection.channel()
         for queue in sorted(queues):

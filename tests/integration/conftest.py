@@ -129,8 +129,8 @@ def _delete_test_topology() -> Iterator[None]:
     if not queues and not exchanges:
         return
     try:
-        asyncio.run(delete_tracked(RABBIT_URL))
-    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        asyncio.run(asyncio.wait_for(delete_tracked(RABBIT_URL), timeout=30.0))
+    except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
         warnings.warn(
             f"could not delete {len(queues)} test queues and {len(exchanges)} exchanges: {exc!r}",
             stacklevel=1,

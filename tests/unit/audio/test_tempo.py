@@ -234,17 +234,19 @@ def test_bar_salience_finds_the_bar_of_a_slightly_inexact_beat(monkeypatch: pyte
 
 
 def test_choose_tempo_weighs_other_octave_cues_on_the_same_candidates(song_features: FeaturesOf) -> None:
-    # The seams benchmarks/octave_cues.py measures other cues through: the shipped choice by
-    # default, another backbeat curve, or an extra log-score per candidate.
+    # The seam benchmarks/octave_cues.py measures other cues through: the shipped choice by
+    # default, or another log-score per candidate for the choice between a level and its double.
     features = song_features(bpm=170.0, tonic=2, mode="minor")
     candidates = tempo.tempo_candidates(features)
     assert candidates is not None
     assert tempo.choose_tempo(candidates) == estimate_tempo(features)
     assert tempo.choose_tempo(candidates).bpm == pytest.approx(170.0, rel=0.04)
+    shipped = tempo.BACKBEAT_WEIGHT * candidates.backbeat
+    assert tempo.choose_tempo(candidates, octave_evidence=shipped) == estimate_tempo(features)
     no_backbeat = np.zeros_like(candidates.backbeat)
-    assert tempo.choose_tempo(candidates, backbeat=no_backbeat).bpm == pytest.approx(85.0, rel=0.04)
+    assert tempo.choose_tempo(candidates, octave_evidence=no_backbeat).bpm == pytest.approx(85.0, rel=0.04)
     half = np.where(np.isclose(candidates.bpm, 85.0, rtol=0.04), 5.0, 0.0)
-    assert tempo.choose_tempo(candidates, extra=half).bpm == pytest.approx(85.0, rel=0.04)
+    assert tempo.choose_tempo(candidates, octave_evidence=shipped + half).bpm == pytest.approx(85.0, rel=0.04)
 
 
 def test_no_candidates_without_a_pulse_to_read() -> None:

@@ -413,20 +413,17 @@ def tempo_candidates(features: Features) -> TempoCandidates | None:
     )
 
 
-def choose_tempo(
-    c: TempoCandidates, *, backbeat: F64 | None = None, extra: F64 | None = None
-) -> TempoEstimate:
+def choose_tempo(c: TempoCandidates, *, octave_evidence: F64 | None = None) -> TempoEstimate:
     """Choose the tempo among ``c``'s candidates (steps 3-4 of the module docstring) and rate it.
 
-    ``backbeat`` replaces ``c.backbeat`` and ``extra`` adds a log-score per candidate to the
-    choice between a level and its double or half: the seams through which
-    ``benchmarks/octave_cues.py`` measures other octave cues on the same candidates.
+    ``octave_evidence`` is the log-score per candidate that decides between a level and its
+    double or half; by default ``BACKBEAT_WEIGHT`` times the backbeat contrast. It is the seam
+    through which ``benchmarks/octave_cues.py`` measures other cues on the same candidates.
     """
     score = c.salience * _prior(c.bpm)
-    contrast = c.backbeat if backbeat is None else backbeat
+    evidence = BACKBEAT_WEIGHT * c.backbeat if octave_evidence is None else octave_evidence
     level = c.bpm[int(np.argmax(np.where(c.family, score, 0.0)))]
     octave = np.isclose(c.bpm / level, np.array([[0.5], [1.0], [2.0]]), rtol=0.02).any(axis=0)
-    evidence = BACKBEAT_WEIGHT * contrast + (0.0 if extra is None else extra)
     full = np.where(octave, score * np.exp(evidence), score)
     pick = int(np.argmax(np.where(octave, full, 0.0)))
     bpm = float(c.bpm[pick])
