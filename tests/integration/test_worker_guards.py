@@ -79,7 +79,13 @@ def consuming(worker: Worker) -> bool:
 
 
 def paused(worker: Worker) -> bool:
-    return worker._consumer_tag is None and worker.metrics.consuming._value.get() == 0
+    """Paused by the memory guard (not merely not consuming yet: a worker starting has no consumer)."""
+    return (
+        worker._memory_paused
+        and worker._consumer_tag is None
+        and worker._urgent_tag is None
+        and worker.metrics.consuming._value.get() == 0
+    )
 
 
 def connected(worker: Worker) -> bool:
@@ -108,13 +114,24 @@ async def stays_queued(broker: Broker, settings: Settings, *, seconds: float) ->
 
 # ---------------------------------------------------------------------- memory guard
 async def test_memory_guard_above_limit_from_start_does_not_consume(settings: Settings) -> None:
+    """Memory over the limit at start-up: no consumer starts, not even for the guard's first second;
+    the guard starts consuming once memory is back under the limit."""
     settings = with_worker(settings, max_rss_mb=1.0)
     write_song(settings.worker.media_root / "a.wav", seconds=4.0)
-    async with Broker(settings) as broker, WorkerRun(settings) as run:
-        await run.until("connected to the broker", connected)
-        await run.until("paused by the memory guard", paused, timeout_s=5.0)
-        await broker.publish({"request_id": "held", "file": "a.wav"})
-        await stays_queued(broker, settings, seconds=2.0)
+    async with Broker(settings) as broker:
+        await broker.publish({"request_id": "held", "file": "a.wav"})  # waiting when the worker starts
+        async with WorkerRun(settings) as run:
+            worker = run.worker
+            await run.until("connected to the broker", connected)
+            await run.until("paused by the memory guard", paused, timeout_s=5.0)
+            await stays_queued(broker, settings, seconds=2.0)
+            assert worker.counters == {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
+
+            worker.settings.worker.max_rss_mb = 1e9
+            await run.until("consuming", consuming, timeout_s=5.0)
+            [result] = await broker.results(1, timeout_s=30)
+            assert result.request_id == "held"
+            assert result.status is ResultStatus.COMPLETED, result.error
 
 
 async def test_memory_guard_pauses_and_resumes_consumption(settings: Settings) -> None:

@@ -24,6 +24,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,9 @@ class Worker:
         self._prefetch_hook: PrefetchHook | None = None
         self._cache: ResultCache | None = None
         self._pipeline: Pipeline | None = None
+        self._memory_paused = False  # consumption held by the memory guard (see _memory_guard)
+        self._process = psutil.Process()
+        self._slot_processes: dict[int, psutil.Process] = {}
         self._http: HttpServer | None = None
         self._progress_queue: Any = None
         self._pump: threading.Thread | None = None
@@ -161,7 +165,10 @@ class Worker:
                     asyncio.create_task(self._repair_progress(), name="progress-repair"),
                     asyncio.create_task(self._heal_slots(), name="slot-heal"),
                 ]
-                log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
+                if self._memory_paused:
+                    log.info("worker started, not consuming until memory is below its limits")
+                else:
+                    log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
                 stop_wait = asyncio.create_task(stop.wait())
                 fatal_wait = asyncio.create_task(self._fatal.wait())
                 await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -179,7 +186,7 @@ class Worker:
             ("stores", self._start_stores),
             ("analysis processes", self._start_slots),
             ("rabbitmq", self._connect),
-            ("consumer", self._start_consuming),
+            ("consumer", self._start_consuming_unless_over_memory),
         )
         for dependency, start in steps:
             try:
@@ -337,6 +344,21 @@ class Worker:
             await self._ensure_started(self._ledger)
         elif store == "neo4j" and self._graph is not None:
             await self._ensure_started(self._graph)
+
+    async def _start_consuming_unless_over_memory(self) -> None:
+        """Start consuming, unless memory is already above its limits: then the memory guard starts
+        the consumers once it is below them (a consumer started now would take a window of
+        deliveries before the guard's first look)."""
+        memory = self._memory()
+        if memory.over:
+            log.warning(
+                "memory above limit at start-up: not consuming",
+                rss_mb=memory.rss_mb,
+                system_percent=memory.system_percent,
+            )
+            self._memory_paused = True
+            return
+        await self._start_consuming()
 
     async def _start_consuming(self) -> None:
         assert self._topology is not None
@@ -613,40 +635,50 @@ class Worker:
                     entry[0].cancel.set()
 
     # ------------------------------------------------------------------ guards and probes
-    async def _memory_guard(self) -> None:
-        """Stop taking deliveries while memory is above its limits; resume below 90 % of them."""
+    def _memory(self) -> _MemoryReading:
+        """The worker's memory (its main and analysis processes) and the system's, against the limits."""
         w = self.settings.worker
-        proc = psutil.Process()
-        slot_processes: dict[int, psutil.Process] = {}
-        paused = False  # by this guard (shutdown and the watchdog stop consuming for good)
+        slot_pids = self._slots.pids() if self._slots is not None else []
+        # The slots' processes by id, not a scan of the host's process table for children.
+        rss = self._process.memory_info().rss + sum(_rss(self._slot_processes, pid) for pid in slot_pids)
+        for gone in set(self._slot_processes) - set(slot_pids):
+            del self._slot_processes[gone]
+        system = memory_percent()
+        limit = w.max_rss_mb * 2**20
+        return _MemoryReading(
+            rss_mb=round(rss / 2**20),
+            system_percent=system,
+            over=rss > limit or system > w.max_system_memory_percent,
+            under=rss < 0.9 * limit and system < 0.9 * w.max_system_memory_percent,
+        )
+
+    async def _memory_guard(self) -> None:
+        """Stop taking deliveries while memory is above its limits; resume below 90 % of them.
+
+        ``_memory_paused`` says the guard holds consumption (also from start-up, see
+        :meth:`_start_consuming_unless_over_memory`); shutdown and the watchdog stop consuming for
+        good and never set it.
+        """
         while True:
-            slot_pids: list[int] = []
             if self._slots is not None:
                 self.metrics.slots_busy.set(self._slots.busy)
                 self.metrics.urgent_slots_busy.set(self._slots.urgent_busy)
                 self.metrics.semaphore_waiters.set(self._slots.waiting)
                 self.metrics.host_cpu_waiters.set(self._slots.waiting_for_cpu)
-                slot_pids = self._slots.pids()
-            # The slots' processes by id, not a scan of the host's process table for children.
-            rss = proc.memory_info().rss + sum(_rss(slot_processes, pid) for pid in slot_pids)
-            for gone in set(slot_processes) - set(slot_pids):
-                del slot_processes[gone]
-            system = memory_percent()
-            over = rss > w.max_rss_mb * 2**20 or system > w.max_system_memory_percent
-            under = rss < 0.9 * w.max_rss_mb * 2**20 and system < 0.9 * w.max_system_memory_percent
-            if over and not paused and self._consumer_tag is not None:
+            memory = self._memory()
+            if memory.over and not self._memory_paused and self._consumer_tag is not None:
                 log.warning(
                     "memory above limit: pausing consumption",
-                    rss_mb=round(rss / 2**20),
-                    system_percent=system,
+                    rss_mb=memory.rss_mb,
+                    system_percent=memory.system_percent,
                 )
+                self._memory_paused = True
                 await self._stop_consuming()
-                paused = True
-            elif paused and under and not self._stopping:
-                log.info("memory below limit: resuming consumption", rss_mb=round(rss / 2**20))
+            elif self._memory_paused and memory.under and not self._stopping:
+                log.info("memory below limit: resuming consumption", rss_mb=memory.rss_mb)
                 try:
                     await self._start_consuming()
-                    paused = False
+                    self._memory_paused = False
                 except _AMQP_ERRORS as exc:  # the channel is down: the next round tries again
                     _raise_if_cancelling(exc)
                     log.warning("could not resume consumption", error=f"{type(exc).__name__}: {exc}")
@@ -789,6 +821,16 @@ def memory_percent(*, cgroup: Path = Path("/sys/fs/cgroup")) -> float:
     except (OSError, ValueError):
         pass  # no cgroup v2 memory controller here: the host's figure is the right one
     return float(psutil.virtual_memory().percent)
+
+
+@dataclass(frozen=True)
+class _MemoryReading:
+    """What :meth:`Worker._memory` read: above the limits (``over``), below 90 % of them (``under``)."""
+
+    rss_mb: int
+    system_percent: float
+    over: bool
+    under: bool
 
 
 def _rss(known: dict[int, psutil.Process], pid: int) -> int:
