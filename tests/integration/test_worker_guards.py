@@ -112,6 +112,18 @@ async def stays_queued(broker: Broker, settings: Settings, *, seconds: float) ->
         await asyncio.sleep(0.25)
 
 
+async def held_then_resumed(run: WorkerRun, broker: Broker, settings: Settings) -> None:
+    """The paused worker leaves the queued request "held" alone; with the limit raised, the guard
+    resumes consuming and the request completes."""
+    await stays_queued(broker, settings, seconds=2.0)
+    assert run.worker.counters == {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
+    run.worker.settings.worker.max_rss_mb = 1e9  # the guard reads its settings every second
+    await run.until("resumed", consuming, timeout_s=5.0)
+    [result] = await broker.results(1, timeout_s=30)
+    assert result.request_id == "held"
+    assert result.status is ResultStatus.COMPLETED, result.error
+
+
 # ---------------------------------------------------------------------- memory guard
 async def test_memory_guard_above_limit_from_start_does_not_consume(settings: Settings) -> None:
     """Memory over the limit at start-up: no consumer starts, not even for the guard's first second;
@@ -121,17 +133,9 @@ async def test_memory_guard_above_limit_from_start_does_not_consume(settings: Se
     async with Broker(settings) as broker:
         await broker.publish({"request_id": "held", "file": "a.wav"})  # waiting when the worker starts
         async with WorkerRun(settings) as run:
-            worker = run.worker
             await run.until("connected to the broker", connected)
             await run.until("paused by the memory guard", paused, timeout_s=5.0)
-            await stays_queued(broker, settings, seconds=2.0)
-            assert worker.counters == {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
-
-            worker.settings.worker.max_rss_mb = 1e9
-            await run.until("consuming", consuming, timeout_s=5.0)
-            [result] = await broker.results(1, timeout_s=30)
-            assert result.request_id == "held"
-            assert result.status is ResultStatus.COMPLETED, result.error
+            await held_then_resumed(run, broker, settings)
 
 
 async def test_memory_guard_pauses_and_resumes_consumption(settings: Settings) -> None:
@@ -149,14 +153,7 @@ async def test_memory_guard_pauses_and_resumes_consumption(settings: Settings) -
         assert "not consuming" in body["checks"]["rabbitmq"]["error"]
 
         await broker.publish({"request_id": "held", "file": "a.wav"})
-        await stays_queued(broker, settings, seconds=2.0)
-        assert worker.counters == {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
-
-        worker.settings.worker.max_rss_mb = 1e9
-        await run.until("resumed", consuming, timeout_s=5.0)
-        [result] = await broker.results(1, timeout_s=30)
-        assert result.request_id == "held"
-        assert result.status is ResultStatus.COMPLETED, result.error
+        await held_then_resumed(run, broker, settings)
         assert await broker.depth(settings.rabbitmq.request_queue) == 0
         assert await run.stopped() == EXIT_OK
 
