@@ -10,9 +10,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from analysis_service.settings import Neo4jSettings, RedisSettings, Settings
-from analysis_service.worker.worker import EXIT_BROKER_LOST, EXIT_OK, Worker
+from analysis_service.worker.worker import EXIT_BROKER_LOST, EXIT_OK, EXIT_STARTUP_FAILED, Worker
 from service_shared.messages import ResultStatus
 from tests.integration.worker_harness import Broker, make_settings, write_song
 
@@ -37,9 +38,10 @@ class WorkerRun:
     never start; use :meth:`until` to wait for whatever state the test needs.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, exits: tuple[int, ...] = (EXIT_OK, EXIT_BROKER_LOST)) -> None:
         self.worker = Worker(settings)
         self.stop = asyncio.Event()
+        self.exits = exits
         self._task: asyncio.Task[int] | None = None
 
     @property
@@ -56,7 +58,7 @@ class WorkerRun:
             self.stop.set()
         status = await asyncio.wait_for(self.task, timeout=60)
         if exc[0] is None:  # a failing test's own error matters more than its exit status
-            assert status in (EXIT_OK, EXIT_BROKER_LOST), status
+            assert status in self.exits, status
 
     async def until(self, what: str, condition: Callable[[Worker], bool], *, timeout_s: float = 60.0) -> None:
         """Poll ``condition(worker)`` every 50 ms until it holds; fail on timeout or early exit."""
@@ -126,16 +128,43 @@ async def held_then_resumed(run: WorkerRun, broker: Broker, settings: Settings) 
 
 # ---------------------------------------------------------------------- memory guard
 async def test_memory_guard_above_limit_from_start_does_not_consume(settings: Settings) -> None:
-    """Memory over the limit at start-up: no consumer starts, not even for the guard's first second;
-    the guard starts consuming once memory is back under the limit."""
+    """Memory over the limit at start-up: no consumer starts, not even for the guard's first look;
+    the guard starts consuming once memory is back under the limit, and says "worker consuming"
+    then (the line launchers wait for)."""
     settings = with_worker(settings, max_rss_mb=1.0)
     write_song(settings.worker.media_root / "a.wav", seconds=4.0)
-    async with Broker(settings) as broker:
-        await broker.publish({"request_id": "held", "file": "a.wav"})  # waiting when the worker starts
-        async with WorkerRun(settings) as run:
-            await run.until("connected to the broker", connected)
-            await run.until("paused by the memory guard", paused, timeout_s=5.0)
-            await held_then_resumed(run, broker, settings)
+    saved = structlog.get_config()
+    structlog.reset_defaults()  # capture_logs needs the default configuration
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with Broker(settings) as broker:
+                await broker.publish({"request_id": "held", "file": "a.wav"})  # waiting at start-up
+                async with WorkerRun(settings) as run:
+                    await run.until("connected to the broker", connected)
+                    await run.until("paused by the memory guard", paused, timeout_s=5.0)
+                    assert "worker consuming" not in [e["event"] for e in logs]
+                    await held_then_resumed(run, broker, settings)
+    finally:
+        structlog.configure(**saved)
+    events = [e["event"] for e in logs]
+    assert events.index("memory above limit at start-up: not consuming") < events.index("worker consuming")
+
+
+async def test_a_consumer_that_cannot_start_after_a_start_up_pause_ends_the_worker(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first start of the consumers, left to the memory guard, fails like a start-up step: the
+    worker exits with EXIT_STARTUP_FAILED instead of idling with the guard gone."""
+    settings = with_worker(settings, max_rss_mb=1.0)
+    async with Broker(settings), WorkerRun(settings, exits=(EXIT_STARTUP_FAILED,)) as run:
+        await run.until("paused by the memory guard", paused, timeout_s=5.0)
+
+        def broken() -> None:
+            raise ValueError("the pipeline could not be built")
+
+        monkeypatch.setattr(run.worker, "_build_pipeline", broken)
+        run.worker.settings.worker.max_rss_mb = 1e9
+        assert await asyncio.wait_for(run.task, timeout=10) == EXIT_STARTUP_FAILED
 
 
 async def test_memory_guard_pauses_and_resumes_consumption(settings: Settings) -> None:

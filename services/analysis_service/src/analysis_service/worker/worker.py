@@ -168,7 +168,7 @@ class Worker:
                 if self._memory_paused:
                     log.info("worker started, not consuming until memory is below its limits")
                 else:
-                    log.info("worker consuming", queue=s.rabbitmq.request_queue, prefetch=self.concurrency)
+                    self._log_consuming()
                 stop_wait = asyncio.create_task(stop.wait())
                 fatal_wait = asyncio.create_task(self._fatal.wait())
                 await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -347,8 +347,8 @@ class Worker:
 
     async def _start_consuming_unless_over_memory(self) -> None:
         """Start consuming, unless memory is already above its limits: then the memory guard starts
-        the consumers once it is below them (a consumer started now would take a window of
-        deliveries before the guard's first look)."""
+        the consumers once it is below them (a consumer started now would be sent a prefetch window
+        of deliveries at once, before the guard could pause it)."""
         memory = self._memory()
         if memory.over:
             log.warning(
@@ -635,6 +635,11 @@ class Worker:
                     entry[0].cancel.set()
 
     # ------------------------------------------------------------------ guards and probes
+    def _log_consuming(self) -> None:
+        """The line launchers wait for: at start-up, and whenever the memory guard resumes
+        consumption (for a worker that started above its limits, that is when it begins)."""
+        log.info("worker consuming", queue=self.settings.rabbitmq.request_queue, prefetch=self.concurrency)
+
     def _memory(self) -> _MemoryReading:
         """The worker's memory (its main and analysis processes) and the system's, against the limits."""
         w = self.settings.worker
@@ -656,8 +661,9 @@ class Worker:
         """Stop taking deliveries while memory is above its limits; resume below 90 % of them.
 
         ``_memory_paused`` says the guard holds consumption (also from start-up, see
-        :meth:`_start_consuming_unless_over_memory`); shutdown and the watchdog stop consuming for
-        good and never set it.
+        :meth:`_start_consuming_unless_over_memory`); a shutdown stops consuming for good and never
+        sets it. A resume that fails on the broker is tried again a second later; any other failure
+        ends the worker with ``EXIT_STARTUP_FAILED``, as a failed start-up step would.
         """
         while True:
             if self._slots is not None:
@@ -678,10 +684,20 @@ class Worker:
                 log.info("memory below limit: resuming consumption", rss_mb=memory.rss_mb)
                 try:
                     await self._start_consuming()
-                    self._memory_paused = False
                 except _AMQP_ERRORS as exc:  # the channel is down: the next round tries again
                     _raise_if_cancelling(exc)
                     log.warning("could not resume consumption", error=f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # not a broker blip: a worker that cannot consume exits
+                    log.error(
+                        "worker start-up failed", dependency="consumer", error=f"{type(exc).__name__}: {exc}"
+                    )
+                    self._exit_code = EXIT_STARTUP_FAILED
+                    self._fatal.set()
+                    return
+                else:
+                    self._memory_paused = False
+                    if self._consumer_tag is not None:
+                        self._log_consuming()
             await asyncio.sleep(1.0)
 
     async def _broker_watchdog(self) -> None:
