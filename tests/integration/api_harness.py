@@ -35,7 +35,7 @@ from analysis_service.settings import (
 )
 from analysis_service.sinks.progress import ProgressStatus, ProgressStore
 from service_shared.messages import AnalysisResultMessage, EngineOutput, ErrorInfo, ResultStatus, TempoResult
-from tests.integration.broker_names import track
+from tests.integration.broker_names import unique_settings
 
 KEYS = ("key-one-" + secrets.token_hex(8), "key-two-" + secrets.token_hex(8))
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
@@ -43,20 +43,7 @@ AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 
 def rabbit_settings_for(url: str) -> RabbitSettings:
     """Uniquely named exchanges and queues on the shared broker."""
-    suffix = secrets.token_hex(6)
-    return track(
-        RabbitSettings(
-            url=url,
-            request_exchange=f"test.api.requests.{suffix}",
-            request_queue=f"test.api.requests.{suffix}",
-            dead_letter_exchange=f"test.api.dlx.{suffix}",
-            dead_letter_queue=f"test.api.dead.{suffix}",
-            urgent_queue=f"test.api.urgent.{suffix}",
-            results_exchange=f"test.api.results.{suffix}",
-            results_queue="",
-            publish_timeout_s=5.0,
-        )
-    )
+    return unique_settings(url, results_queue="", publish_timeout_s=5.0)
 
 
 async def declare_requests(

@@ -26,35 +26,34 @@ def test_only_test_names_are_tracked() -> None:
     assert settings.dead_letter_exchange not in exchanges
 
 
+def test_unique_settings_name_every_queue_and_exchange_apart() -> None:
+    a = broker_names.unique_settings("amqp://x/")
+    b = broker_names.unique_settings("amqp://x/", retry_delay_s=1.0)
+    queues, exchanges = broker_names.tracked()
+    for settings in (a, b):
+        own_queues, own_exchanges = broker_names.names(settings)
+        assert len(set(own_queues)) == 6
+        assert set(own_queues) <= queues
+        assert len(set(own_exchanges)) == 3
+        assert set(own_exchanges) <= exchanges
+    assert not set(broker_names.names(a)[0]) & set(broker_names.names(b)[0])
+    assert b.retry_delay_s == 1.0
+
+
 async def test_delete_removes_what_a_worker_declared(rabbit_url: str) -> None:
-    uid = uuid.uuid4().hex[:10]
-    names = {
-        f: f"test.{uid}.{f}" for f in ("requests", "urgent", "dead", "retry", "urgent.retry", "results.all")
-    }
-    settings = RabbitSettings(
-        url=rabbit_url,
-        request_exchange=f"test.{uid}.requests",
-        request_queue=names["requests"],
-        urgent_queue=names["urgent"],
-        dead_letter_exchange=f"test.{uid}.dlx",
-        dead_letter_queue=names["dead"],
-        retry_queue=names["retry"],
-        urgent_retry_queue=names["urgent.retry"],
-        results_exchange=f"test.{uid}.results",
-        results_queue=names["results.all"],
-    )
+    settings = broker_names.unique_settings(rabbit_url)
+    queues, exchanges = broker_names.names(settings)
     connection = await aio_pika.connect(rabbit_url)
     async with connection:
         channel = await connection.channel()
         await declare_topology(channel, settings)
-        await channel.declare_queue(names["requests"], passive=True)  # it is there
-    exchanges = {settings.request_exchange, settings.dead_letter_exchange, settings.results_exchange}
+        await channel.declare_queue(settings.request_queue, passive=True)  # it is there
     # Names that were never declared are no error (a test may track more than it declares).
-    never = f"test.{uid}.never-declared"
-    await broker_names.delete(rabbit_url, set(names.values()) | {never}, exchanges | {never})
+    never = f"{settings.request_queue}.never-declared"
+    await broker_names.delete(rabbit_url, {*queues, never}, {*exchanges, never})
     connection = await aio_pika.connect(rabbit_url)
     async with connection:
-        for queue in names.values():
+        for queue in queues:
             channel = await connection.channel()
             with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
                 await channel.declare_queue(queue, passive=True)

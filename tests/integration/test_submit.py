@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from analysis_service.errors import FileMissing, FileUnreadable, PathOutsideMedi
 from analysis_service.settings import RabbitSettings, RedisSettings, Settings, WorkerSettings
 from analysis_service.sinks.progress import ProgressStore
 from service_shared.messages import AnalysisKind, AnalysisRequest
-from tests.integration.broker_names import track
+from tests.integration.broker_names import unique_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -44,17 +43,7 @@ class Broker:
 
 @pytest.fixture
 def rabbit_settings(rabbit_url: str) -> RabbitSettings:
-    suffix = secrets.token_hex(6)
-    return track(
-        RabbitSettings(
-            url=rabbit_url,
-            request_exchange=f"test.requests.{suffix}",
-            request_queue=f"test.requests.{suffix}",
-            request_routing_key="analysis.request",
-            urgent_queue=f"test.requests.urgent.{suffix}",
-            publish_timeout_s=5.0,
-        )
-    )
+    return unique_settings(rabbit_url, request_routing_key="analysis.request", publish_timeout_s=5.0)
 
 
 @pytest.fixture

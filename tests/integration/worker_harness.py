@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +19,6 @@ from analysis_service.settings import (
     HttpSettings,
     Neo4jSettings,
     PostgresSettings,
-    RabbitSettings,
     RedisSettings,
     Settings,
     WorkerSettings,
@@ -28,7 +26,7 @@ from analysis_service.settings import (
 from analysis_service.worker.topology import declare_topology, routing_key_for
 from analysis_service.worker.worker import Worker
 from service_shared.messages import AnalysisResultMessage
-from tests.integration.broker_names import track
+from tests.integration.broker_names import names, unique_settings
 
 
 def make_settings(
@@ -41,25 +39,10 @@ def make_settings(
     concurrency: int = 2,
     **engine: float,
 ) -> Settings:
-    uid = uuid.uuid4().hex[:10]
     media = tmp_path / "media"
     media.mkdir(exist_ok=True)
     return Settings(
-        rabbitmq=track(
-            RabbitSettings(
-                url=rabbit_url,
-                request_exchange=f"test.{uid}.requests",
-                request_queue=f"test.{uid}.requests",
-                dead_letter_exchange=f"test.{uid}.dlx",
-                dead_letter_queue=f"test.{uid}.dead",
-                retry_queue=f"test.{uid}.retry",
-                urgent_queue=f"test.{uid}.urgent",
-                urgent_retry_queue=f"test.{uid}.urgent.retry",
-                retry_delay_s=1.0,
-                results_exchange=f"test.{uid}.results",
-                results_queue=f"test.{uid}.results.all",
-            )
-        ),
+        rabbitmq=unique_settings(rabbit_url, retry_delay_s=1.0),
         redis=redis,
         postgres=PostgresSettings(dsn=pg_dsn),
         neo4j=graph,
@@ -123,19 +106,12 @@ class Broker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        r = self.settings.rabbitmq
         assert self.channel is not None
         assert self._connection is not None
-        for queue in (
-            r.request_queue,
-            r.urgent_queue,
-            r.dead_letter_queue,
-            r.results_queue,
-            r.retry_queue,
-            r.urgent_retry_queue,
-        ):
+        queues, exchanges = names(self.settings.rabbitmq)
+        for queue in queues:
             await self.channel.queue_delete(queue)
-        for exchange in (r.request_exchange, r.dead_letter_exchange, r.results_exchange):
+        for exchange in exchanges:
             await self.channel.exchange_delete(exchange)
         await self._connection.close()
 
