@@ -76,21 +76,61 @@ def contrast(c: tempo.TempoCandidates, curve: F64) -> F64:
     return np.array([tempo.backbeat_contrast(acf, rate=c.rate, bpm=float(b)) for b in c.bpm])
 
 
-def cues(c: tempo.TempoCandidates) -> dict[str, F64]:
-    """Backbeat contrasts of other curves: the snare curve with the high band added (``snare+high``),
-    the high band minus the low one (``high``) and the low band alone (``kick``)."""
+def _acf_at(acf: F64, lags: F64) -> F64:
+    """``acf`` read at fractional ``lags`` (0 beyond its end)."""
+    inside = lags < len(acf) - 1
+    return np.asarray(np.where(inside, np.interp(lags, np.arange(len(acf), dtype=np.float64), acf), 0.0))
+
+
+def chord_changes(chroma36: npt.NDArray[np.floating[Any]], rate: float) -> F64:
+    """Harmonic-change novelty: the rise of the log-compressed, unit-length 12-bin chroma from one
+    frame to the next, summed over pitch classes, minus its one-second moving average, rectified."""
+    c12 = chroma36.astype(np.float64).reshape(12, 3, -1).sum(axis=1)
+    c12 = np.log1p(100.0 * c12 / max(float(c12.max(initial=0.0)), 1e-12))
+    unit = c12 / (np.linalg.norm(c12, axis=0, keepdims=True) + 1e-9)
+    rise = np.concatenate([[0.0], np.maximum(np.diff(unit, axis=1), 0.0).sum(axis=0)])
+    width = max(1, round(rate))
+    return np.asarray(np.maximum(rise - np.convolve(rise, np.ones(width) / width, mode="same"), 0.0))
+
+
+def cues(c: tempo.TempoCandidates, f: Features) -> dict[str, F64]:
+    """Other cues for the octave choice, one value per candidate of ``c``:
+
+    - backbeat contrasts of other curves: the snare curve with the high band added
+      (``snare+high``), the high band minus the low one (``high``), the low band alone (``kick``);
+    - ``harmony``: how much more the chords change every four of the candidate's beats than every
+      two (the autocorrelation of :func:`chord_changes` at 4 beats minus at 2), for music whose
+      chords change once a bar;
+    - ``sub8``: the novelty's autocorrelation peak at an eighth of the candidate's beat over the
+      troughs half a period either side, rectified (a beat of eight onsets is likely two beats).
+    """
     low, mid, high = c.bands[0], c.bands[1], c.bands[2]
     w = tempo.SNARE_LOW_WEIGHT
-    return {
+    out = {
         "snare+high": contrast(c, np.maximum(mid + high - w * low, 0.0)),
         "high": contrast(c, np.maximum(high - w * low, 0.0)),
         "kick": contrast(c, low),
     }
+    changes = chord_changes(f.chroma36, f.chroma_rate)
+    if len(changes) > 2 and np.any(changes):
+        long_lag = min(len(changes) - 1, int(tempo.METRE_WINDOW_S * f.chroma_rate))
+        acf = tempo.windowed_acf(changes, rate=f.chroma_rate, window_s=tempo.METRE_WINDOW_S, max_lag=long_lag)
+        beat = 60.0 * f.chroma_rate / c.bpm
+        out["harmony"] = _acf_at(acf, 4 * beat) - _acf_at(acf, 2 * beat)
+    else:
+        out["harmony"] = np.zeros(len(c.bpm))
+    curve = np.asarray(np.asarray(tempo.BAND_WEIGHTS) @ c.bands)
+    acf = tempo.windowed_acf(curve, rate=c.rate, max_lag=min(400, len(curve) - 1))
+    period = 60.0 * c.rate / (8 * c.bpm)
+    trough = 0.5 * (_acf_at(acf, 0.5 * period) + _acf_at(acf, 1.5 * period))
+    out["sub8"] = np.maximum(_acf_at(acf, period) - trough, 0.0)
+    return out
 
 
 def _item(name: str, truth: float, features_of: Callable[[], Features]) -> Item:
-    c = tempo.tempo_candidates(features_of())
-    return Item(name, truth, c, {} if c is None else cues(c))
+    f = features_of()
+    c = tempo.tempo_candidates(f)
+    return Item(name, truth, c, {} if c is None else cues(c, f))
 
 
 def _file_item(args: tuple[str, float]) -> Item:
@@ -147,8 +187,8 @@ def load_set(name: str, work: Path, jobs: int) -> list[Item] | None:
         return None
     fn, args, data = planned
     digest = hashlib.sha256(data)
-    for module in (tempo, features_module):
-        digest.update(Path(module.__file__ or "").read_bytes())
+    for source in (tempo.__file__, features_module.__file__, __file__):  # the cues are read here
+        digest.update(Path(source or "").read_bytes())
     cache = work / "octave-cues" / f"{name}-{digest.hexdigest()[:16]}.pickle"
     if cache.exists():
         with cache.open("rb") as fh:
@@ -201,6 +241,8 @@ VARIANTS = (
         backbeat_weight=0.5,
         weights=(("high", 0.5), ("bar", 2.0), ("kick", -0.5)),
     ),
+    Variant("chords changing once a bar (harmony x1)", weights=(("harmony", 1.0),)),
+    Variant("no beat of eight onsets (sub8 x-4)", weights=(("sub8", -4.0),)),
 )
 
 
