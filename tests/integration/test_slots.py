@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from analysis_service.errors import AnalysisTimeout, WorkerCrashed
+from analysis_service.pool import inspect_file, run_analysis_job
 from analysis_service.settings import EngineSettings
 from analysis_service.worker import slots
 from analysis_service.worker.slots import SlotPool
@@ -237,6 +238,43 @@ async def test_process_is_recycled_after_max_tasks(short_song: Path) -> None:
         assert alive(pids[2])
         assert pool.restarts == 1  # the recycle counts as a replacement
         assert pool._slots[0].jobs == 1
+
+
+async def test_the_header_probe_of_a_request_does_not_count_toward_recycling(short_song: Path) -> None:
+    # max_tasks_per_child counts analyses. The worker's lease of a request runs two jobs in its
+    # slot, the header probe + hash and the analysis; when both counted, the process was
+    # recycled after half the analyses it was meant to run (a respawn and warm-up per 100
+    # requests instead of 200 by default).
+    settings = EngineSettings()
+    async with started_pool(1, max_tasks_per_child=2) as pool:
+        pids = []
+        for _ in range(3):
+            async with pool.lease() as slot:
+                facts = await pool.call(
+                    slot,
+                    inspect_file,
+                    str(short_song),
+                    settings,
+                    time_limit_s=30.0,
+                    path=str(short_song),
+                    counted=False,
+                )
+                await pool.call(
+                    slot,
+                    run_analysis_job,
+                    str(short_song),
+                    settings,
+                    None,
+                    None,
+                    "test",
+                    time_limit_s=60.0,
+                    path=str(short_song),
+                )
+                assert facts.content_hash
+                pids.append(only_pid(pool))
+        assert pids[0] == pids[1], "recycled after one request's two jobs"
+        assert pids[2] != pids[1]
+        assert pool.restarts == 1
 
 
 async def test_healthy_after_start_and_not_after_close() -> None:

@@ -73,6 +73,7 @@ class Slot:
     index: int
     executor: ProcessPoolExecutor
     busy: bool = False
+    #: Counted calls (analyses) since its process started: it is recycled at ``max_tasks_per_child``.
     jobs: int = field(default=0)
     warm: bool = False
     #: The host CPU token held for the current lease (None: not leased, or the pool has none).
@@ -289,8 +290,20 @@ class SlotPool:
         finally:
             self.release(slot)
 
-    async def call(self, slot: Slot, fn: Callable[..., _T], *args: Any, time_limit_s: float, path: str) -> _T:
+    async def call(
+        self,
+        slot: Slot,
+        fn: Callable[..., _T],
+        *args: Any,
+        time_limit_s: float,
+        path: str,
+        counted: bool = True,
+    ) -> _T:
         """Run ``fn(*args)`` (a module-level function) in ``slot``'s process within ``time_limit_s``.
+
+        ``counted`` says whether the call counts toward ``max_tasks_per_child``: an analysis does;
+        the header probe + hash a worker runs before it (``inspect_file``) does not, or the
+        process would be recycled after half the analyses it is meant to run.
 
         The limit counts from the submission: the waits for the slot and its host CPU token, in
         :meth:`acquire`, are over by then.
@@ -304,7 +317,7 @@ class SlotPool:
         AnalysisServiceError
             What ``fn`` raised for this input.
         """
-        slot.jobs += 1
+        slot.jobs += counted
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(slot.executor, fn, *args)
