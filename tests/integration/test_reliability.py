@@ -99,9 +99,10 @@ async def ledger_status(dsn: str, request_id: str) -> str | None:
 
 
 def analyses_run(worker: Worker) -> int:
-    """Analyses started in the slots, one per analysed request (the header probe before each is
-    not counted); a replaced process's count starts again, so each replacement adds the one it was
-    running."""
+    """Leases of the slots, one per request that reached a slot (its probe + hash and analysis). A
+    replaced process's count starts again; each replacement adds one, which is right for these
+    tests: none runs long enough to recycle, and a kill or a cancellation replaces the process of
+    the lease it interrupts."""
     assert worker._slots is not None
     return sum(slot.jobs for slot in worker._slots._slots) + worker._slots.restarts
 

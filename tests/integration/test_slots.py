@@ -240,24 +240,17 @@ async def test_process_is_recycled_after_max_tasks(short_song: Path) -> None:
         assert pool._slots[0].jobs == 1
 
 
-async def test_the_header_probe_of_a_request_does_not_count_toward_recycling(short_song: Path) -> None:
-    # max_tasks_per_child counts analyses. The worker's lease of a request runs two jobs in its
-    # slot, the header probe + hash and the analysis; when both counted, the process was
-    # recycled after half the analyses it was meant to run (a respawn and warm-up per 100
-    # requests instead of 200 by default).
+async def test_a_lease_counts_once_toward_recycling_however_many_jobs_it_runs(short_song: Path) -> None:
+    # The worker's lease of a request runs two jobs in its slot, the header probe + hash and the
+    # analysis. When each job counted, the process was recycled after half the requests
+    # max_tasks_per_child allows (a respawn and warm-up per 100 requests instead of 200).
     settings = EngineSettings()
     async with started_pool(1, max_tasks_per_child=2) as pool:
         pids = []
         for _ in range(3):
             async with pool.lease() as slot:
                 facts = await pool.call(
-                    slot,
-                    inspect_file,
-                    str(short_song),
-                    settings,
-                    time_limit_s=30.0,
-                    path=str(short_song),
-                    counted=False,
+                    slot, inspect_file, str(short_song), settings, time_limit_s=30.0, path=str(short_song)
                 )
                 await pool.call(
                     slot,

@@ -155,7 +155,11 @@ class WorkerSettings(BaseModel):
         "analysis running beside busy slots gets most of a CPU, and the main process and any store "
         "on the host are served before the analyses. 0: all at the worker's own niceness.",
     )
-    max_tasks_per_child: int = Field(default=200, ge=1, description="Recycle pool processes after N jobs.")
+    max_tasks_per_child: int = Field(
+        default=200,
+        ge=1,
+        description="Recycle an analysis process after N requests (the worker) or files (analyze).",
+    )
     overlap_stores: bool = Field(
         default=True,
         description=(

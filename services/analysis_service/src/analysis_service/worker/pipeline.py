@@ -431,7 +431,6 @@ class Pipeline:
                     s.engine,
                     time_limit_s=inspect_limit_s(path, s.worker.time_limit_base_s),
                     path=path,
-                    counted=False,  # max_tasks_per_child counts analyses
                 ),
             )
             if request.options.use_cache and self.cache is not None and self.best_effort:

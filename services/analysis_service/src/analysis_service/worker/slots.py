@@ -73,7 +73,8 @@ class Slot:
     index: int
     executor: ProcessPoolExecutor
     busy: bool = False
-    #: Counted calls (analyses) since its process started: it is recycled at ``max_tasks_per_child``.
+    #: Leases since its process started (a request's probe + hash and analysis are one): it is
+    #: recycled at ``max_tasks_per_child``.
     jobs: int = field(default=0)
     warm: bool = False
     #: The host CPU token held for the current lease (None: not leased, or the pool has none).
@@ -96,7 +97,9 @@ class SlotPool:
         Niceness added to the slots' processes (not the urgent ones'): an urgent analysis running
         beside them then gets most of a CPU.
     max_tasks_per_child : int
-        Replace a slot's process after this many analyses (bounds leaks in codecs).
+        Replace a slot's process after this many leases (bounds leaks in codecs). A worker's
+        request is one lease: the header probe + hash and the analysis (or the probe alone, for a
+        cached or unreadable file).
     progress_queue : multiprocessing queue, optional
         Where pool processes report ``(key, fraction, stage)``.
     cpu_tokens : HostCpuTokens, optional
@@ -223,6 +226,7 @@ class SlotPool:
             for attempt in range(1, _READY_ATTEMPTS + 1):
                 try:
                     await self._make_ready(slot)
+                    slot.jobs += 1  # a lease is one request: its probe + hash and its analysis
                     return slot
                 except WorkerCrashed as exc:  # the fresh process died while warming: the slot's
                     if attempt == _READY_ATTEMPTS:  # problem, not the request's
@@ -290,20 +294,8 @@ class SlotPool:
         finally:
             self.release(slot)
 
-    async def call(
-        self,
-        slot: Slot,
-        fn: Callable[..., _T],
-        *args: Any,
-        time_limit_s: float,
-        path: str,
-        counted: bool = True,
-    ) -> _T:
+    async def call(self, slot: Slot, fn: Callable[..., _T], *args: Any, time_limit_s: float, path: str) -> _T:
         """Run ``fn(*args)`` (a module-level function) in ``slot``'s process within ``time_limit_s``.
-
-        ``counted`` says whether the call counts toward ``max_tasks_per_child``: an analysis does;
-        the header probe + hash a worker runs before it (``inspect_file``) does not, or the
-        process would be recycled after half the analyses it is meant to run.
 
         The limit counts from the submission: the waits for the slot and its host CPU token, in
         :meth:`acquire`, are over by then.
@@ -317,7 +309,6 @@ class SlotPool:
         AnalysisServiceError
             What ``fn`` raised for this input.
         """
-        slot.jobs += counted
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(slot.executor, fn, *args)
