@@ -15,12 +15,13 @@ choice on the same candidates, so that a cue is judged on every kind of material
   (``benchmarks/demo_tempo.py``).
 
 Each file's candidates (``tempo.tempo_candidates``) are computed once and cached in
-``WORK/octave-cues/``, under a name that changes with the tempo and feature code and with the
-truth file (a change to either computes them again). For each variant the script prints how many
-files of each set get a tempo within 4 % of the truth (Acc1; a file without candidates counts as
-wrong). The variants are the cues tried in docs/accuracy.md; ``--grid`` also searches the weights
-of four cues (backbeat, high band, bar salience, kick; the tempo preference as shipped) and prints
-the best settings for the synthetic sets and for the real set.
+``WORK/octave-cues/``, under a name that changes with the tempo, key and feature code, this
+script and the truth file (a change to any of them computes them again). For each variant the
+script prints how many files of each set get a tempo within 4 % of the truth (Acc1; a file
+without candidates counts as wrong). The variants are the cues tried in docs/accuracy.md;
+``--grid`` also searches the weights of four cues (backbeat, high band, bar salience, kick; the
+tempo preference as shipped) and prints the best settings for the synthetic sets and for the real
+set.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from analysis_service.audio import features as features_module
-from analysis_service.audio import synth, tempo
+from analysis_service.audio import key, synth, tempo
 from analysis_service.audio.decode import iter_mono_blocks, probe
 from analysis_service.audio.features import FeatureExtractor, Features, compute_features
 from analysis_service.audio.synth import demo_song
@@ -59,7 +60,7 @@ DEMO_SR = 22050
 
 @dataclass(frozen=True)
 class Item:
-    """One file: its name, its true tempo, its candidates and the extra cues read from its bands."""
+    """One file: its name, its true tempo, its candidates and the extra cues (:func:`cues`)."""
 
     name: str
     truth: float
@@ -83,9 +84,10 @@ def _acf_at(acf: F64, lags: F64) -> F64:
 
 
 def chord_changes(chroma36: npt.NDArray[np.floating[Any]], rate: float) -> F64:
-    """Harmonic-change novelty: the rise of the log-compressed, unit-length 12-bin chroma from one
-    frame to the next, summed over pitch classes, minus its one-second moving average, rectified."""
-    c12 = chroma36.astype(np.float64).reshape(12, 3, -1).sum(axis=1)
+    """Harmonic-change novelty: the rise of the log-compressed, unit-length 12-bin chroma (folded
+    around the recording's tuning, :func:`key.fold_chroma`) from one frame to the next, summed over
+    pitch classes, minus its one-second moving average, rectified."""
+    c12 = key.fold_chroma(chroma36)
     c12 = np.log1p(100.0 * c12 / max(float(c12.max(initial=0.0)), 1e-12))
     unit = c12 / (np.linalg.norm(c12, axis=0, keepdims=True) + 1e-9)
     rise = np.concatenate([[0.0], np.maximum(np.diff(unit, axis=1), 0.0).sum(axis=0)])
@@ -187,7 +189,7 @@ def load_set(name: str, work: Path, jobs: int) -> list[Item] | None:
         return None
     fn, args, data = planned
     digest = hashlib.sha256(data)
-    for source in (tempo.__file__, features_module.__file__, __file__):  # the cues are read here
+    for source in (tempo.__file__, key.__file__, features_module.__file__, __file__):
         digest.update(Path(source or "").read_bytes())
     cache = work / "octave-cues" / f"{name}-{digest.hexdigest()[:16]}.pickle"
     if cache.exists():
