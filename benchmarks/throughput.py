@@ -26,8 +26,8 @@ same way for the engine (JSON lines as ``analyze`` prints them) and the pipeline
 arrive on the results queue), so start-up (spawning and warming the analysis processes) is left
 out of both. The **ratio** pipeline / engine is the figure that matters: both run on the same
 files, minutes apart, so machine noise mostly cancels. ``--rounds K`` measures runs 1-3 K times,
-each round starting with another of them (a machine that speeds up or slows down during the
-rounds favours none), and prints both ratios per round with their median and range.
+each round starting with another of them (over a multiple of three rounds, a machine that speeds
+up or slows down favours none), and prints both ratios per round with their median and range.
 
 Per-stage latency comes from each request's own timestamps, not from histograms: the engine
 stages from the result's ``timings_s`` and the pipeline steps from the ledger (``requests`` and
