@@ -50,6 +50,7 @@ ledger check, the progress write, the probe + hash, the slot calls (ms per analy
         [--probes 3] [--rounds 1] [--skip-two] [--skip-priority] [--profile] [--trace]
         [--env NAME=VALUE ...]
     uv run python benchmarks/throughput.py --tracks 1 --graph-writes 400   # graph write CPU only
+    uv run python benchmarks/throughput.py --slot-rss 600   # an analysis process's RSS, never recycled
 
 Needs ``ffmpeg`` (with libmp3lame) on ``PATH`` to make the files, and the services above.
 """
@@ -958,6 +959,34 @@ async def priority_run(bench: Bench, files: list[Path], *, backlog: int, probes:
     }
 
 
+def slot_rss(files: list[Path], n: int, every: int = 50) -> None:
+    """Analyse ``files`` ``n`` times in a row in one analysis process that is never recycled (a
+    slot's spawn context, warmed as a slot is) and print its RSS and CPU every ``every`` analyses:
+    does the process grow, so that ``max_tasks_per_child`` must bound it?"""
+    import multiprocessing
+
+    import psutil
+
+    from analysis_service.pool import run_analysis_job, warm_up
+    from analysis_service.settings import EngineSettings
+
+    settings = EngineSettings()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(warm_up).result()
+        proc = psutil.Process(next(iter(pool._processes)))
+        print(f"slot RSS after the warm-up: {proc.memory_info().rss / 2**20:.1f} MB")
+        for i in range(1, n + 1):
+            path = str(files[(i - 1) % len(files)])
+            pool.submit(run_analysis_job, path, settings, None, None, f"rss-{i}").result()
+            if i % every == 0 or i == n:
+                cpu = proc.cpu_times()
+                print(
+                    f"after {i} analyses: RSS {proc.memory_info().rss / 2**20:.1f} MB, "
+                    f"CPU {cpu.user + cpu.system:.1f} s",
+                    flush=True,
+                )
+
+
 async def graph_writes(workdir: Path, sample: dict[str, Any], n: int) -> tuple[float, float]:
     """CPU and wall ms per :meth:`GraphSink.write` of ``n`` completed results (client side)."""
     from analysis_service.settings import Neo4jSettings
@@ -1326,6 +1355,13 @@ def main() -> None:
         help="add a run of one worker with timestamps around each step: where the slots idle",
     )
     parser.add_argument(
+        "--slot-rss",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only analyse the tracks N times in one never-recycled analysis process; print its RSS",
+    )
+    parser.add_argument(
         "--graph-writes",
         type=int,
         default=0,
@@ -1358,6 +1394,9 @@ def main() -> None:
     workdir = args.cache / "runs" / datetime.now().strftime("%Y%m%dT%H%M%S")
     workdir.mkdir(parents=True)
     print(f"worker logs and profiles: {workdir}")
+    if args.slot_rss:
+        slot_rss(files, args.slot_rss)
+        return
     if args.graph_writes:
         analysed = subprocess.run(
             [sys.executable, "-m", "analysis_service.cli", "analyze", "--json", str(files[0])],
