@@ -40,7 +40,9 @@ async def setup(
     media = settings.worker.media_root
     write_song(media / "short.wav", bpm=124.0, seconds=12.0)
     write_song(media / "queued.wav", bpm=100.0, seconds=12.0)
-    write_long_song(media / "long.flac", seconds=900.0)
+    # Long enough to be cancelled while it runs on a fast machine: 900 s was analysed in about a
+    # second on one (366x real time per core) and completed before its cancellation arrived.
+    write_long_song(media / "long.flac", seconds=3600.0)
     async with Broker(settings):
         resources = await Resources.open(settings)
         try:
