@@ -41,8 +41,8 @@ async def setup(
     write_song(media / "short.wav", bpm=124.0, seconds=12.0)
     write_song(media / "queued.wav", bpm=100.0, seconds=12.0)
     # Long enough to be cancelled while it runs on a fast machine: 900 s was analysed in about a
-    # second on one (366x real time per core) and completed before its cancellation arrived.
-    write_long_song(media / "long.flac", seconds=3600.0)
+    # second on one and completed before its cancellation arrived; 2 hours take about 11 s there.
+    write_long_song(media / "long.flac", seconds=7200.0)
     async with Broker(settings):
         resources = await Resources.open(settings)
         try:

@@ -337,7 +337,9 @@ async def test_a_request_cancelled_while_queued_is_never_analysed(settings: Sett
 
 
 async def test_a_running_request_is_cancelled_and_its_slot_killed(settings: Settings) -> None:
-    write_long_song(settings.worker.media_root / "long.flac", seconds=1800.0)
+    # Two hours: about 11 s of analysis on a fast machine, where 30 minutes (2 s) completed before
+    # the cancellation (a 1 s pause, then the worker's cancellation poll) arrived.
+    write_long_song(settings.worker.media_root / "long.flac", seconds=7200.0)
     async with Broker(settings) as broker, running_worker(settings) as worker:
         await broker.publish({"request_id": "cancel-running", "file": "long.flac"})
         await until("analysing", lambda: analyses_run(worker) >= 1, timeout_s=30)
