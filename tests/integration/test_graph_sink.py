@@ -230,6 +230,37 @@ async def test_failed_result_with_hash_links_the_recording_only(sink: GraphSink,
     assert rows == [{"bpm": 124.0, "format": "flac"}]  # what the earlier analysis found is kept
 
 
+async def test_a_terminal_status_is_never_replaced_but_the_recording_is_still_linked(
+    sink: GraphSink, graph: Graph
+) -> None:
+    await sink.write(
+        AnalysisResultMessage(
+            request_id="req-1",
+            status=ResultStatus.FAILED,
+            file="library/gone.mp3",
+            error=ErrorInfo(code="file_not_found", message="no such file"),
+        )
+    )
+    await sink.write(result("req-1", "hash-1", bpm=124.0))  # another outcome for the same id
+    rows = await graph.rows(
+        "MATCH (a:Analysis {request_id: 'req-1'}) RETURN a.status AS status, a.error_code AS code"
+    )
+    assert rows == [{"status": "failed", "code": "file_not_found"}]
+    assert await graph.count("MATCH (:Analysis)-[:OF]->(r:Recording) RETURN count(r) AS n") == 1
+
+
+async def test_an_analysis_written_for_other_content_leaves_its_old_recording(
+    sink: GraphSink, graph: Graph
+) -> None:
+    await sink.write(result("req-1", "hash-1"))
+    await sink.write(result("req-1", "hash-2"))  # the same request, re-analysed content
+    rows = await graph.rows(
+        "MATCH (:Analysis {request_id: 'req-1'})-[:OF]->(r:Recording) RETURN r.content_hash AS hash"
+    )
+    assert rows == [{"hash": "hash-2"}]
+    assert (await graph.labels())["Recording"] == 2  # the old recording stays, unlinked
+
+
 async def test_compatible_recordings(sink: GraphSink) -> None:
     await sink.write(result("r-seed", "seed", camelot="8A", key="A minor", bpm=124.0))
     await sink.write(result("r-same", "same-key", camelot="8A", key="A minor", bpm=126.0))
