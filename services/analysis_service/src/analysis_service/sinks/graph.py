@@ -49,10 +49,10 @@ authentication after a password rotation, ``DatabaseError``, transient server er
 :class:`~analysis_service.errors.SinkUnavailable`.
 
 FalkorDB caveats (test backend only): its Bolt shim acknowledges ``BEGIN``/``COMMIT`` without
-transactions (each statement is applied when run; the statements of a write are ordered so that a
-redelivery completes a half-applied write), inlines parameters into the query text (so string
-parameters are sent with ``\\`` and ``'`` backslash-escaped, which its parser undoes; floats keep 6
-decimals; several KB of parameters crash the server), and has no ``CREATE CONSTRAINT``.
+transactions (each statement is applied when run, atomically: a write is therefore one statement,
+sent in an auto-commit transaction on both servers), inlines parameters into the query text (so
+string parameters are sent with ``\\`` and ``'`` backslash-escaped, which its parser undoes; floats
+keep 6 decimals; several KB of parameters crash the server), and has no ``CREATE CONSTRAINT``.
 """
 
 from __future__ import annotations
@@ -188,27 +188,28 @@ MERGE (a)-[:MIXES_WITH]->(b)
 
 # -- writes ------------------------------------------------------------------------------------------
 
-#: A terminal status, once set, is never replaced by another (the ledger already guarantees it).
+# A write is one statement (one round trip; atomic on both servers): the analysis, the removal of
+# its edge to another recording, then, when the result names its content, that recording and its
+# facets. A terminal status, once set, is never replaced by another (the ledger already
+# guarantees it); the rest of the statement runs either way.
 _MERGE_ANALYSIS: Final = """
 MERGE (a:Analysis {request_id: $request_id})
+FOREACH (_ IN CASE WHEN a.status IS NULL OR a.status = $props.status THEN [1] ELSE [] END |
+    SET a += $props)
 WITH a
-WHERE a.status IS NULL OR a.status = $props.status
-SET a += $props
-"""
-_DETACH_OTHER_RECORDING: Final = """
-MATCH (a:Analysis {request_id: $request_id})-[of:OF]->(r:Recording)
-WHERE $content_hash IS NULL OR r.content_hash <> $content_hash
-DELETE of
+OPTIONAL MATCH (a)-[of:OF]->(other:Recording)
+WHERE $content_hash IS NULL OR other.content_hash <> $content_hash
+WITH a, collect(of) AS stale
+FOREACH (edge IN stale | DELETE edge)
+WITH DISTINCT a
 """
 _MERGE_RECORDING: Final = """
 MERGE (r:Recording {content_hash: $content_hash})
-SET r += $props
-WITH r
-MATCH (a:Analysis {request_id: $request_id})
+SET r += $recording
 MERGE (a)-[:OF]->(r)
 WITH DISTINCT r
 """
-# The facets of a recording, appended to _MERGE_RECORDING (one statement, one round trip): each
+# The facets of a recording, appended to _MERGE_RECORDING: each
 # deletes the recording's edge to another value, if any, then merges the edge to this one. The key
 # comes last: it is the only part that MATCHes (the 24 Key nodes exist from start()).
 _SET_TEMPO_RANGE: Final = """
@@ -388,29 +389,25 @@ class GraphSink:
         recording = {name: value for name, value in recording.items() if value is not None}
         rid, content_hash = result.request_id, result.content_hash
 
-        # The recording and its facets in one statement (FalkorDB applies each statement
-        # atomically; a redelivery repeats them all).
-        query = _MERGE_RECORDING
-        facets: dict[str, Any] = {}
-        if out is not None and out.tempo is not None:
-            query += _SET_TEMPO_RANGE
-            facets["tempo"] = tempo_range(out.tempo.bpm)
-        if out is not None and out.mood is not None:
-            query += _SET_MOOD
-            facets["label"] = out.mood.label
-        if out is not None and out.key is not None:
-            query += _SET_KEY
-            facets["camelot"] = out.key.camelot
-        query += "RETURN count(r) AS n"
+        query = _MERGE_ANALYSIS
+        params: dict[str, Any] = {"request_id": rid, "content_hash": content_hash, "props": analysis}
+        if content_hash is None:
+            query += "RETURN count(a) AS n"
+        else:
+            query += _MERGE_RECORDING
+            params["recording"] = recording
+            if out is not None and out.tempo is not None:
+                query += _SET_TEMPO_RANGE
+                params["tempo"] = tempo_range(out.tempo.bpm)
+            if out is not None and out.mood is not None:
+                query += _SET_MOOD
+                params["label"] = out.mood.label
+            if out is not None and out.key is not None:
+                query += _SET_KEY
+                params["camelot"] = out.key.camelot
+            query += "RETURN count(r) AS n"
 
-        async def work(tx: neo4j.AsyncTransaction) -> None:
-            await _run(tx, _MERGE_ANALYSIS, request_id=rid, props=analysis)
-            await _run(tx, _DETACH_OTHER_RECORDING, request_id=rid, content_hash=content_hash)
-            if content_hash is None:
-                return
-            await _run(tx, query, request_id=rid, content_hash=content_hash, props=recording, **facets)
-
-        await self._execute(f"writing result {rid!r}", work)
+        await self._execute_one(f"writing result {rid!r}", query, params)
 
     async def compatible_recordings(
         self, content_hash: str, *, bpm_tolerance: float = 5.0, limit: int = 50
@@ -489,6 +486,18 @@ class GraphSink:
                 return await self._session_work(work, mode)
         finally:
             _ESCAPE_STRINGS.reset(token)
+
+    async def _execute_one(self, action: str, query: str, parameters: dict[str, Any]) -> None:
+        """Run one write statement in an auto-commit transaction (no BEGIN and COMMIT round trips;
+        a single statement is atomic on both servers), translating transient driver errors."""
+        if self._driver is None:
+            raise RuntimeError(f"GraphSink used before start() (or after close()) while {action}")
+        if self._dialect == "falkordb":
+            parameters = _falkordb_escaped(parameters)
+        with _translated(action):
+            async with self._driver.session(database=self._settings.database) as session:
+                result = await session.run(query, parameters)
+                await result.consume()
 
     async def _session_work(self, work: _Work[_T], mode: str) -> _T:
         assert self._driver is not None
