@@ -33,8 +33,16 @@ TERMINAL = {"completed", "failed", "cancelled"}
 async def setup(
     tmp_path: Path, rabbit_url: str, pg_dsn: str, redis_settings: RedisSettings, bolt_server: Neo4jSettings
 ) -> AsyncIterator[tuple[Settings, httpx.AsyncClient]]:
+    # One slot and no spare one: a second job waits in the queue while the first runs (with a spare
+    # slot it would be read and hashed meanwhile, and might be analysed first: see test_worker.py).
     base = make_settings(
-        tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server, concurrency=1
+        tmp_path,
+        rabbit_url=rabbit_url,
+        pg_dsn=pg_dsn,
+        redis=redis_settings,
+        graph=bolt_server,
+        concurrency=1,
+        spare_slots=0,
     )
     settings = base.model_copy(update={"api": ApiSettings(keys=KEY, stream_poll_s=0.5)})
     media = settings.worker.media_root

@@ -342,9 +342,10 @@ async def test_a_running_request_is_cancelled_and_its_slot_killed(settings: Sett
     write_long_song(settings.worker.media_root / "long.flac", seconds=7200.0)
     async with Broker(settings) as broker, running_worker(settings) as worker:
         await broker.publish({"request_id": "cancel-running", "file": "long.flac"})
-        await until("analysing", lambda: analyses_run(worker) >= 1, timeout_s=30)
         assert worker._slots is not None
-        [slot] = [s for s in worker._slots._slots if not s.urgent]
+        slots = worker._slots
+        await until("analysing", lambda: slots.busy >= 1, timeout_s=30)
+        [slot] = [s for s in slots._slots if s.analysing]
         pids = list(getattr(slot.executor, "_processes", {}) or {})
         await asyncio.sleep(1.0)
         await pg_rows(

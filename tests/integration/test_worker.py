@@ -234,7 +234,7 @@ async def test_an_urgent_request_starts_at_once_while_the_slot_is_busy(
     )
     assert settings.worker.urgent_slots == 1
     media = settings.worker.media_root
-    write_long_song(media / "long.flac", seconds=1200.0)
+    write_long_song(media / "long.flac", seconds=7200.0)  # ~11 s of analysis on a fast machine
     write_song(media / "routine.wav", bpm=100, seconds=8.0)
     write_song(media / "urgent.wav", bpm=140, seconds=8.0)
     async with Broker(settings) as broker, running_worker(settings) as worker:
@@ -247,6 +247,58 @@ async def test_an_urgent_request_starts_at_once_while_the_slot_is_busy(
     assert all(r.status is ResultStatus.COMPLETED for r in results), results
     # The urgent request did not wait for the long analysis; the routine one, one step lower, did.
     assert order == ["urgent", "long", "routine"], order
+
+
+async def waiting_for_cpu(worker: Worker, *, timeout_s: float = 30.0) -> None:
+    """Wait until a request holds a spare slot, read and hashed, and waits for a CPU."""
+    slots = worker._slots
+    assert slots is not None
+    async with asyncio.timeout(timeout_s):
+        while slots.waiting_for_cpu < 1:  # noqa: ASYNC110 (polls the worker)
+            await asyncio.sleep(0.02)
+
+
+async def test_a_spare_slot_reads_the_next_request_while_the_cpu_analyses_and_a_cancellation_frees_it(
+    tmp_path: Path, rabbit_url: str, pg_dsn: str, redis_settings: RedisSettings, bolt_server: Neo4jSettings
+) -> None:
+    """One CPU and one spare slot: the next request is leased, read and hashed while the first is
+    analysed, and waits for the CPU; cancelled there, it ends unanalysed without stopping the
+    running analysis, and the next one takes the spare slot and then the CPU."""
+    settings = make_settings(
+        tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server, concurrency=1
+    )
+    assert settings.worker.spare_slots == 1
+    media = settings.worker.media_root
+    # Two hours: about 11 s of analysis on a fast machine, longer than the steps below.
+    write_long_song(media / "long.flac", seconds=7200.0)
+    write_song(media / "cancelled.wav", bpm=100, seconds=8.0)
+    write_song(media / "next.wav", bpm=140, seconds=8.0)
+    async with Broker(settings) as broker, running_worker(settings) as worker:
+        slots = worker._slots
+        assert slots is not None
+        await broker.publish(request("long", "long.flac"))
+        await analysing(worker, urgent=False)
+        await broker.publish(request("cancelled", "cancelled.wav"))
+        await waiting_for_cpu(worker)
+        assert (slots.leased, slots.busy) == (2, 1)
+        [running] = [s for s in slots._slots if s.analysing]
+        pids = list(getattr(running.executor, "_processes", {}) or {})
+        cancel = "UPDATE requests SET cancel_requested_at = now() WHERE request_id = 'cancelled'"
+        await pg_rows(pg_dsn, cancel)
+        [cancelled] = await broker.results(1, timeout_s=30)
+        assert (slots.leased, slots.busy) == (1, 1)  # the long analysis runs on, in the same process
+        assert list(getattr(running.executor, "_processes", {}) or {}) == pids
+        await broker.publish(request("next", "next.wav"))
+        await waiting_for_cpu(worker)
+        rest = await broker.results(2, timeout_s=120)
+    assert cancelled.request_id == "cancelled"
+    assert cancelled.status is ResultStatus.CANCELLED, cancelled
+    assert cancelled.output is None
+    assert [(r.request_id, r.status) for r in rest] == [
+        ("long", ResultStatus.COMPLETED),
+        ("next", ResultStatus.COMPLETED),
+    ]
+    assert slots.restarts == 0
 
 
 async def test_redis_down_results_still_stored(
@@ -381,7 +433,7 @@ async def test_a_worker_takes_only_the_urgent_requests_it_can_start(
         tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_settings, graph=bolt_server, concurrency=1
     )
     media = settings.worker.media_root
-    write_long_song(media / "long.flac", seconds=1200.0)
+    write_long_song(media / "long.flac", seconds=7200.0)  # ~11 s of analysis on a fast machine
     write_song(media / "short.wav", seconds=8.0)
     urgent_queue = settings.rabbitmq.urgent_queue
     async with Broker(settings) as broker, running_worker(settings) as worker:

@@ -37,6 +37,7 @@ def make_settings(
     redis: RedisSettings,
     graph: Neo4jSettings,
     concurrency: int = 2,
+    spare_slots: int = 1,
     **engine: float,
 ) -> Settings:
     media = tmp_path / "media"
@@ -50,6 +51,7 @@ def make_settings(
         worker=WorkerSettings(
             media_root=media,
             concurrency=concurrency,
+            spare_slots=spare_slots,
             sink_retry_attempts=2,
             sink_retry_max_wait_s=0.5,
             persist_deadline_s=3.0,

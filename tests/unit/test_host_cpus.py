@@ -334,7 +334,7 @@ async def test_two_workers_sharing_two_tokens_never_run_more_than_two_analyses_a
 ) -> None:
     async def lease(pool: SlotPool) -> tuple[float, float]:
         async with pool.lease() as slot:
-            return await pool.call(slot, timed_sleep, 0.3, time_limit_s=10.0, path="-")
+            return await pool.call(slot, timed_sleep, 0.3, time_limit_s=10.0, path="-", cpu_priority=0)
 
     intervals = await asyncio.gather(*(lease(pool) for pool in two_workers for _ in range(3)))
     assert deepest_overlap(list(intervals)) == 2, intervals
@@ -356,15 +356,15 @@ async def test_the_wait_for_a_token_does_not_count_against_the_time_limit(
             holding.append(slot.index)
             if len(holding) == 2:
                 leased.set()
-            await pool.call(slot, timed_sleep, 0.6, time_limit_s=10.0, path="-")
+            await pool.call(slot, timed_sleep, 0.6, time_limit_s=10.0, path="-", cpu_priority=0)
             done.set()
 
     holders = [asyncio.create_task(hold(first)) for _ in range(2)]  # both tokens, for 0.6 s
     await leased.wait()
     waited_from = time.monotonic()
-    async with second.lease() as slot:
-        assert done.is_set()  # the lease waited for a token
-        _, end = await second.call(slot, timed_sleep, 0.2, time_limit_s=0.5, path="-")
+    async with second.lease() as slot:  # a slot at once: the analysis waits for a token
+        _, end = await second.call(slot, timed_sleep, 0.2, time_limit_s=0.5, path="-", cpu_priority=0)
+        assert done.is_set()
     assert end - waited_from > 0.5  # more than the limit in all, yet no time-out
     await asyncio.gather(*holders)
     assert second.restarts == 0

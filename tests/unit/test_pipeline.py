@@ -30,7 +30,13 @@ class InProcessSlots:
         return self
 
     async def call(
-        self, slot: object, fn: Callable[..., Any], *args: Any, time_limit_s: float, path: str
+        self,
+        slot: object,
+        fn: Callable[..., Any],
+        *args: Any,
+        time_limit_s: float,
+        path: str,
+        cpu_priority: int | None = None,
     ) -> Any:
         return fn(*args)
 

@@ -16,13 +16,19 @@ from analysis_service.worker.slots import Slot, SlotPool
 
 
 def lease_only_pool(
-    monkeypatch: pytest.MonkeyPatch, *, urgent: int = 0, cpu_tokens: HostCpuTokens | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    spare: int = 0,
+    urgent: int = 0,
+    cpu_tokens: HostCpuTokens | None = None,
 ) -> SlotPool:
-    """One slot and ``urgent`` urgent slots, with no process behind them (the tests only lease)."""
+    """One slot (one CPU), ``spare`` spare and ``urgent`` urgent slots, with no process behind them
+    (the tests only lease and hold CPUs)."""
     monkeypatch.setattr(slots_module, "_broken", lambda executor: False)
-    pool = SlotPool(1, urgent=urgent, max_tasks_per_child=1000, cpu_tokens=cpu_tokens)
-    for i in range(1 + urgent):
-        slot = Slot(i, cast(ProcessPoolExecutor, None), warm=True, urgent=i >= 1)
+    pool = SlotPool(1, spare=spare, urgent=urgent, max_tasks_per_child=1000, cpu_tokens=cpu_tokens)
+    routine = 1 + spare
+    for i in range(routine + urgent):
+        slot = Slot(i, cast(ProcessPoolExecutor, None), warm=True, urgent=i >= routine)
         pool._slots.append(slot)
         pool._lane_of(slot.urgent).idle.append(slot)
     return pool
@@ -130,7 +136,7 @@ async def test_acquire_gives_the_slot_back_when_the_process_keeps_dying(
     assert not pool._slots[0].busy
 
 
-async def test_a_lease_cancelled_while_waiting_for_a_host_cpu_token_holds_nothing(
+async def test_an_analysis_cancelled_while_waiting_for_a_host_cpu_token_holds_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     other_worker = HostCpuTokens(tmp_path, 1)
@@ -138,25 +144,97 @@ async def test_a_lease_cancelled_while_waiting_for_a_host_cpu_token_holds_nothin
     pool = one_slot_pool(monkeypatch, mine)
     token = await other_worker.acquire()
 
-    async def lease() -> None:
-        async with pool.lease(0):
+    async def analyse() -> None:
+        async with pool.lease(0) as slot, pool.cpu(slot, 0):
             raise AssertionError("ran without a host CPU token")
 
-    waiting = asyncio.create_task(lease())
+    waiting = asyncio.create_task(analyse())
     await asyncio.sleep(0.05)
-    assert (pool.busy, pool.waiting_for_cpu) == (1, 1)  # it has the slot, and waits for a token
+    assert (pool.leased, pool.busy, pool.waiting_for_cpu) == (1, 0, 1)  # its slot, waiting for a token
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
     assert waiting.cancelled()
-    assert (pool.busy, pool.waiting_for_cpu, mine.held, pool._lane.idle) == (0, 0, 0, pool._slots)
+    assert (pool.leased, pool.waiting_for_cpu, mine.held, pool._lane.idle) == (0, 0, 0, pool._slots)
+    assert pool._cpus_held == 0
     other_worker.release(token)
-    async with asyncio.timeout(1), pool.lease(0) as slot:
+    async with asyncio.timeout(1), pool.lease(0) as slot, pool.cpu(slot, 0):
         assert mine.held == 1
-        assert slot is pool._slots[0]
+        assert (slot, pool.busy) == (pool._slots[0], 1)
     assert (pool.busy, mine.held) == (0, 0)
     again = other_worker.try_acquire()
     assert again is not None
     other_worker.release(again)
+
+
+async def test_a_spare_slot_is_leased_at_once_and_its_analysis_waits_for_a_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One CPU, one spare slot: a second request gets its slot (to read and hash its file) while
+    the first analyses; analyses take the CPU one at a time, the highest priority first."""
+    pool = lease_only_pool(monkeypatch, spare=2)
+    order: list[str] = []
+    first_done = asyncio.Event()
+
+    async def analyse(name: str, priority: int, *, hold: asyncio.Event | None = None) -> None:
+        async with pool.lease(priority) as slot:
+            order.append(f"{name} leased")
+            async with pool.cpu(slot, priority):
+                order.append(f"{name} analyses")
+                assert pool.busy == 1
+                if hold is not None:
+                    await hold.wait()
+
+    first = asyncio.create_task(analyse("first", 1, hold=first_done))
+    await asyncio.sleep(0.01)
+    later = [asyncio.create_task(analyse("low", 1)), asyncio.create_task(analyse("high", 9))]
+    await asyncio.sleep(0.01)
+    assert order == ["first leased", "first analyses", "low leased", "high leased"]
+    assert (pool.leased, pool.busy, pool.waiting_for_cpu) == (3, 1, 2)
+    first_done.set()
+    await asyncio.gather(first, *later)
+    assert order[4:] == ["high analyses", "low analyses"]
+    assert (pool.leased, pool.busy, pool.waiting_for_cpu, pool._cpus_held) == (0, 0, 0, 0)
+
+
+async def test_a_freed_cpu_waits_for_a_more_urgent_lease_still_on_its_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One CPU, one spare slot. A low-priority request holds the spare slot and waits for the CPU
+    when a high-priority one arrives with no slot free: the CPU that frees goes to the high one
+    (once it has the slot that freed with it and has read its file), not to the low one, which
+    got there first. A high one that ends without analysing (a cached result) leaves it to them."""
+    pool = lease_only_pool(monkeypatch, spare=1)
+    order: list[str] = []
+
+    async def request(
+        name: str, priority: int, *, analyse: bool = True, hold: asyncio.Event | None = None
+    ) -> None:
+        async with pool.lease(priority) as slot:
+            await asyncio.sleep(0.01)  # reads its file
+            if not analyse:
+                order.append(f"{name} cached")
+                return
+            async with pool.cpu(slot, priority):
+                order.append(name)
+                if hold is not None:
+                    await hold.wait()
+
+    for cached in (False, True):
+        order.clear()
+        first_done = asyncio.Event()
+        first = asyncio.create_task(request("first", 1, hold=first_done))
+        await asyncio.sleep(0.02)
+        low = asyncio.create_task(request("low", 1))
+        await asyncio.sleep(0.02)
+        assert pool.waiting_for_cpu == 1
+        high = asyncio.create_task(request("high", 9, analyse=not cached))
+        await asyncio.sleep(0.01)
+        assert pool.waiting == 1  # no slot for it yet
+        first_done.set()
+        async with asyncio.timeout(1):
+            await asyncio.gather(first, low, high)
+        assert order == (["first", "high cached", "low"] if cached else ["first", "high", "low"]), order
+        assert (pool.leased, pool.busy, pool.waiting_for_cpu, pool._cpus_held) == (0, 0, 0, 0)
 
 
 def pool_with_urgent_slot(
@@ -176,7 +254,7 @@ async def test_an_urgent_lease_runs_in_the_urgent_slot_and_only_there(
         assert running is slot
         async with asyncio.timeout(1), pool.lease(9, urgent=True) as express:
             assert express is urgent  # at once, beside the busy slot
-            assert (pool.busy, pool.urgent_busy) == (1, 1)
+            assert (pool.leased, pool.urgent_busy) == (1, 1)
         # Any other lease, whatever its priority, waits for the slot.
         waiting = asyncio.create_task(pool.acquire(9))
         await asyncio.sleep(0.01)
@@ -243,19 +321,25 @@ async def test_an_urgent_slot_takes_no_host_cpu_token(
     token = await other_worker.acquire()
     pool = pool_with_urgent_slot(monkeypatch, mine)
     slot, urgent = pool._slots
+    held = asyncio.Event()
+
+    async def analyse() -> None:
+        async with pool.lease(5) as leased, pool.cpu(leased, 5):
+            assert leased.cpu_token is not None
+            held.set()
+
     try:
-        waiting = asyncio.create_task(pool.acquire(5))
+        waiting = asyncio.create_task(analyse())
         await asyncio.sleep(0.01)
-        assert (pool.busy, pool.waiting_for_cpu) == (1, 1)  # the slot waits for a token
-        async with asyncio.timeout(1), pool.lease(9, urgent=True) as express:
+        assert (pool.leased, pool.waiting_for_cpu) == (1, 1)  # the slot waits for a token
+        async with asyncio.timeout(1), pool.lease(9, urgent=True) as express, pool.cpu(express, 9):
             assert express is urgent
             assert express.cpu_token is None
-            assert mine.held == 0
+            assert (mine.held, pool.urgent_busy) == (0, 1)
     finally:
         other_worker.release(token)
-    assert await waiting is slot
-    assert slot.cpu_token is not None
-    pool.release(slot)
-    assert mine.held == 0
+    await waiting
+    assert held.is_set()
+    assert (slot.cpu_token, mine.held) == (None, 0)
     mine.close()
     other_worker.close()

@@ -155,7 +155,7 @@ class Metrics:
         CPU tokens (shared with the host's other workers); buckets as for ``stage_duration``.
         Nothing is observed while host CPU sharing is off.
     host_cpu_waiters : Gauge
-        ``analysis_host_cpu_waiters``: slot leases waiting for a host CPU token now.
+        ``analysis_host_cpu_waiters``: analyses waiting for a CPU (the worker's or a host token) now.
     """
 
     def __init__(self, *, time_limit_s: float) -> None:
@@ -266,7 +266,9 @@ class Metrics:
             registry=r,
         )
         self.host_cpu_waiters = Gauge(
-            "analysis_host_cpu_waiters", "Slot leases waiting for a host CPU token now.", registry=r
+            "analysis_host_cpu_waiters",
+            "Analyses waiting for a CPU (a slot's or a host token) now.",
+            registry=r,
         )
         for stage in STAGES:  # export every known stage from the start, at zero
             self.stage_duration.labels(stage=stage)

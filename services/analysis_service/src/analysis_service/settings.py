@@ -127,6 +127,14 @@ class WorkerSettings(BaseModel):
     concurrency: int | None = Field(
         default=None, ge=1, description="Analysis slots; default: the CPUs this process may use."
     )
+    spare_slots: int = Field(
+        default=1,
+        ge=0,
+        description="Analysis processes beyond the slots: the request in one reads its file's header, "
+        "hashes it and checks the cache while the slots' analyses run, then analyses as soon as one "
+        "ends (at most concurrency analyses run at once). 0: a request is inspected in its slot "
+        "right before its analysis, and the slot's CPU waits meanwhile.",
+    )
     share_host_cpus: bool = Field(
         default=True,
         description="An analysis holds one of the host's CPU tokens (lock files in host_cpus_dir, one "

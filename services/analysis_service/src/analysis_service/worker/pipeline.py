@@ -462,6 +462,7 @@ class Pipeline:
                     request.request_id,
                     time_limit_s=limit,
                     path=path,
+                    cpu_priority=request.priority,
                 ),
             )
         finally:

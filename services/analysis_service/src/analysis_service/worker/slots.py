@@ -5,9 +5,13 @@ process that runs it; with one process per slot that kills exactly the late anal
 (OOM kill, segfault in a codec) breaks only its own slot. The slot is then replaced by a fresh,
 warmed process.
 
-A slot's process works for a request only while the slot holds one of the host's CPU tokens
-(:mod:`~analysis_service.worker.host_cpus`, when the pool has them): the workers of one host then
-never run more analyses at once than its CPUs, whatever their slots.
+A slot's process analyses only while it holds one of the pool's CPUs (``size`` of them) and, when
+the pool has them, one of the host's CPU tokens (:mod:`~analysis_service.worker.host_cpus`): a
+worker never runs more analyses at once than its ``size``, and the workers of one host never more
+than its CPUs, whatever their slots. Spare slots (``spare``) are leased like the others: a request
+reads its file's header and hashes it (and the worker checks its cache) in its slot while the CPUs
+analyse other requests, and waits for a CPU only for its analysis. When an analysis ends, the next
+one starts in an already leased, already inspected slot, instead of after that slot's round trips.
 
 Urgent slots are kept beyond those for the urgent queue's requests: such a request runs in an
 urgent slot (its lane: it never waits for a running routine analysis to end), which takes no CPU
@@ -57,12 +61,15 @@ class _Lane:
         return sum(1 for _, _, future in self.waiting if not future.done())
 
     def give(self, slot: Slot) -> None:
-        """Hand ``slot`` to the first waiting lease, or keep it free."""
+        """Hand ``slot`` to the first waiting lease (busy from now on, at its priority), or keep it
+        free."""
         while self.waiting:
-            _, _, future = heapq.heappop(self.waiting)
+            priority, _, future = heapq.heappop(self.waiting)
             if not future.done():
                 future.set_result(slot)
+                slot.busy, slot.priority, slot.analysed = True, -priority, False
                 return
+        slot.busy = False
         self.idle.append(slot)
 
 
@@ -77,19 +84,32 @@ class Slot:
     #: recycled at ``max_tasks_per_child``.
     jobs: int = field(default=0)
     warm: bool = False
-    #: The host CPU token held for the current lease (None: not leased, or the pool has none).
+    #: The host CPU token held for the current analysis (None: not analysing, or the pool has none).
     cpu_token: CpuToken | None = None
+    #: True while it holds one of the pool's CPUs (its analysis runs).
+    analysing: bool = False
+    #: True while its lease waits for one of the pool's CPUs.
+    at_gate: bool = False
+    #: True once its lease has had its CPU (it no longer counts as on its way to one).
+    analysed: bool = False
+    #: The current lease's priority, and its place in the order of leases.
+    priority: int = 0
+    lease_no: int = 0
     #: Kept for urgent requests; never waits for a host CPU token.
     urgent: bool = False
 
 
 class SlotPool:
-    """``size`` warmed analysis processes, handed out one per running analysis.
+    """``size`` + ``spare`` warmed analysis processes, handed out one per request; ``size`` of them
+    analyse at once.
 
     Parameters
     ----------
     size : int
-        Number of slots (concurrent analyses).
+        Concurrent analyses: the pool's CPUs, which :meth:`call` takes for an analysis.
+    spare : int
+        Slots beyond ``size``: the requests holding them read their files' headers and hash them
+        while the CPUs analyse, then wait for a CPU.
     urgent : int
         Urgent slots beyond ``size``, for urgent leases only (``acquire(urgent=True)``); they take
         no host CPU token.
@@ -103,14 +123,15 @@ class SlotPool:
     progress_queue : multiprocessing queue, optional
         Where pool processes report ``(key, fraction, stage)``.
     cpu_tokens : HostCpuTokens, optional
-        The host's CPU tokens, shared with the other workers of the host: a lease holds one from
-        the moment it has its slot until it is released. Slots beyond the tokens wait for one.
+        The host's CPU tokens, shared with the other workers of the host: an analysis holds one
+        (after one of the pool's CPUs) while it runs.
     """
 
     def __init__(
         self,
         size: int,
         *,
+        spare: int = 0,
         urgent: int = 0,
         nice: int = 0,
         max_tasks_per_child: int,
@@ -118,7 +139,11 @@ class SlotPool:
         cpu_tokens: HostCpuTokens | None = None,
     ) -> None:
         self.size = size
+        self.spare = spare
         self.urgent = urgent
+        self._cpus_held = 0
+        #: Analyses waiting for a CPU: (-priority, lease number, future).
+        self._cpu_waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._nice = nice
         self._max_tasks = max_tasks_per_child
         self._progress_queue = progress_queue
@@ -133,8 +158,9 @@ class SlotPool:
 
     async def start(self) -> None:
         """Start and warm every slot's process (the first analysis then pays no import cost)."""
-        for i in range(self.size + self.urgent):
-            slot = Slot(i, self._new_executor(urgent=i >= self.size), urgent=i >= self.size)
+        routine = self.size + self.spare
+        for i in range(routine + self.urgent):
+            slot = Slot(i, self._new_executor(urgent=i >= routine), urgent=i >= routine)
             self._slots.append(slot)
         await asyncio.gather(*(self._warm(s) for s in self._slots))
         for slot in self._slots:
@@ -156,7 +182,12 @@ class SlotPool:
 
     @property
     def busy(self) -> int:
-        """Slots (not urgent ones) held by a running analysis now."""
+        """Slots (not urgent ones) running an analysis now (at most ``size``)."""
+        return sum(1 for s in self._slots if s.analysing and not s.urgent)
+
+    @property
+    def leased(self) -> int:
+        """Slots (not urgent ones) leased now: analysing, inspecting or waiting for a CPU."""
         return sum(1 for s in self._slots if s.busy and not s.urgent)
 
     @property
@@ -171,7 +202,7 @@ class SlotPool:
 
     @property
     def waiting_for_cpu(self) -> int:
-        """Leases that have their slot and wait for a host CPU token now."""
+        """Analyses that have their slot and wait for a CPU (the pool's, or a host CPU token) now."""
         return self._cpu_waits
 
     def pids(self) -> list[int]:
@@ -185,7 +216,7 @@ class SlotPool:
     @property
     def healthy(self) -> bool:
         """True when every slot exists and none is broken."""
-        complete = len(self._slots) == self.size + self.urgent
+        complete = len(self._slots) == self.size + self.spare + self.urgent
         return complete and all(not _broken(s.executor) for s in self._slots)
 
     async def _acquire(self, priority: int, urgent: bool) -> Slot:
@@ -210,19 +241,16 @@ class SlotPool:
         While every slot is busy, callers wait; a slot that frees goes to the waiting caller of the
         highest ``priority`` (the request's AMQP priority), the longest waiting first among equals.
         An ``urgent`` lease takes an urgent slot instead (when the pool has any), in the same order
-        among urgent leases. With host CPU tokens, a slot (not an urgent one) then waits for one
-        before its process does anything (a replacement or a warm-up included). Give the slot back
-        with :meth:`release`.
+        among urgent leases. The slot's analysis waits for a CPU when it is called (:meth:`call`).
+        Give the slot back with :meth:`release`.
         """
-        slot = await self._acquire(priority, urgent)
-        slot.busy = True
         try:
-            if self._tokens is not None and not slot.urgent:
-                self._cpu_waits += 1
-                try:
-                    slot.cpu_token = await self._tokens.acquire(priority)
-                finally:
-                    self._cpu_waits -= 1
+            slot = await self._acquire(priority, urgent)
+        finally:  # a waiting lease that gives up, or gets its slot, may unblock a CPU
+            self._grant_cpus()
+        slot.busy, slot.priority, slot.lease_no = True, priority, next(self._arrivals)
+        slot.analysed = False
+        try:
             for attempt in range(1, _READY_ATTEMPTS + 1):
                 try:
                     await self._make_ready(slot)
@@ -244,7 +272,7 @@ class SlotPool:
 
         An urgent slot can stay free for hours: it should neither fail the readiness check
         meanwhile nor make its next request wait for a fresh process. The slots are left to their
-        next lease, which is soon, and which holds a host CPU token for the work.
+        next lease, which is soon.
         """
         for slot in list(self._slots):
             if not slot.urgent or slot.busy or slot not in self._urgent_lane.idle:
@@ -275,10 +303,91 @@ class SlotPool:
             await self._warm(slot)
 
     def release(self, slot: Slot) -> None:
-        """Give back a slot taken by :meth:`acquire` (and its host CPU token)."""
-        self._release_token(slot)
+        """Give back a slot taken by :meth:`acquire`."""
         slot.busy = False
         self._release(slot)
+        self._grant_cpus()
+
+    @asynccontextmanager
+    async def cpu(self, slot: Slot, priority: int = 0) -> AsyncIterator[None]:
+        """Hold one of the pool's CPUs and, with host CPU tokens, a token, for ``slot``'s work.
+
+        A freed CPU goes to the waiting analysis of the highest ``priority`` first (the earliest
+        lease among equals), and is kept free for a lease of higher priority than every waiting
+        analysis that is still on its way (waiting for a slot, or reading its file): a request
+        that took a spare slot never runs ahead of a more urgent one that came later. An urgent
+        slot takes neither: it shares the CPUs with the running analyses. Cancelling the wait
+        leaves nothing held.
+        """
+        if slot.urgent:
+            yield
+            return
+        self._cpu_waits += 1
+        slot.at_gate = True
+        try:
+            await self._enter_cpu(slot, priority)
+            try:
+                if self._tokens is not None:
+                    slot.cpu_token = await self._tokens.acquire(priority)
+            except BaseException:
+                self._leave_cpu()
+                raise
+        finally:
+            slot.at_gate = False
+            self._cpu_waits -= 1
+        slot.analysing = True
+        try:
+            yield
+        finally:
+            slot.analysing, slot.analysed = False, True
+            self._release_token(slot)
+            self._leave_cpu()
+
+    async def _enter_cpu(self, slot: Slot, priority: int) -> None:
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._cpu_waiting, (-priority, slot.lease_no, granted))
+        self._grant_cpus()
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # granted a CPU as it was cancelled
+                self._leave_cpu()
+            else:
+                granted.cancel()
+                self._grant_cpus()  # it may have been what kept a CPU free
+            raise
+
+    def _leave_cpu(self) -> None:
+        self._cpus_held -= 1
+        self._grant_cpus()
+
+    def _grant_cpus(self) -> None:
+        """Give the free CPUs to the waiting analyses, highest priority first, unless a lease of
+        higher priority still on its way to its analysis should have the CPU instead."""
+        waiting = self._cpu_waiting
+        while waiting and waiting[0][2].done():  # cancelled waits
+            heapq.heappop(waiting)
+        while self._cpus_held < self.size and waiting:
+            best = -waiting[0][0]
+            coming = self._coming_priority()
+            if coming is not None and coming > best:
+                return  # kept free for it
+            _, _, granted = heapq.heappop(waiting)
+            self._cpus_held += 1
+            granted.set_result(None)
+            while waiting and waiting[0][2].done():
+                heapq.heappop(waiting)
+
+    def _coming_priority(self) -> int | None:
+        """The highest priority among the routine leases not yet waiting for a CPU: those waiting
+        for a slot, and those whose slot is reading the file (or starting its process)."""
+        coming = [-p for p, _, future in self._lane.waiting if not future.done()]
+        coming += [
+            s.priority
+            for s in self._slots
+            if s.busy and not (s.urgent or s.analysing or s.at_gate or s.analysed)
+        ]
+        return max(coming, default=None)
 
     def _release_token(self, slot: Slot) -> None:
         token, slot.cpu_token = slot.cpu_token, None
@@ -294,11 +403,20 @@ class SlotPool:
         finally:
             self.release(slot)
 
-    async def call(self, slot: Slot, fn: Callable[..., _T], *args: Any, time_limit_s: float, path: str) -> _T:
+    async def call(
+        self,
+        slot: Slot,
+        fn: Callable[..., _T],
+        *args: Any,
+        time_limit_s: float,
+        path: str,
+        cpu_priority: int | None = None,
+    ) -> _T:
         """Run ``fn(*args)`` (a module-level function) in ``slot``'s process within ``time_limit_s``.
 
-        The limit counts from the submission: the waits for the slot and its host CPU token, in
-        :meth:`acquire`, are over by then.
+        With ``cpu_priority`` (an analysis), the call first waits for a CPU at that priority
+        (:meth:`cpu`) and holds it while ``fn`` runs; without (a header probe), it runs at once.
+        The limit counts from the submission: the waits for the slot and the CPU are over by then.
 
         Raises
         ------
@@ -309,6 +427,9 @@ class SlotPool:
         AnalysisServiceError
             What ``fn`` raised for this input.
         """
+        if cpu_priority is not None:
+            async with self.cpu(slot, cpu_priority):
+                return await self.call(slot, fn, *args, time_limit_s=time_limit_s, path=path)
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(slot.executor, fn, *args)
@@ -351,6 +472,7 @@ class SlotPool:
                 progress_key,
                 time_limit_s=time_limit_s,
                 path=path,
+                cpu_priority=0,
             )
 
     async def _replace(self, slot: Slot, *, reason: str, warm: bool = True) -> None:

@@ -103,6 +103,8 @@ class Worker:
         self.settings = settings
         w = settings.worker
         self.concurrency = w.concurrency or available_cpus()
+        #: Slots (spare ones included): the requests the worker holds in its slots at once.
+        self.slot_count = self.concurrency + w.spare_slots
         self.metrics = metrics or Metrics(time_limit_s=w.time_limit_max_s)
         self.registry = build_registry()
         # One attempt per call: the pipeline retries with backoff until its deadline.
@@ -223,6 +225,7 @@ class Worker:
         self._progress_queue = ctx.Queue()
         self._slots = SlotPool(
             self.concurrency,
+            spare=self.settings.worker.spare_slots,
             urgent=self.settings.worker.urgent_slots,
             nice=self.settings.worker.slot_nice,
             max_tasks_per_child=self.settings.worker.max_tasks_per_child,
@@ -235,6 +238,7 @@ class Worker:
         log.info(
             "analysis processes ready",
             slots=self.concurrency,
+            spare_slots=self._slots.spare,
             urgent_slots=self._slots.urgent,
             seconds=round(time.perf_counter() - t, 2),
         )
@@ -268,7 +272,7 @@ class Worker:
         # global: the limit is the channel's, so a consumer re-created after a pause does not
         # add another window of deliveries on top of those still held. Quorum queues refuse a
         # global limit (the broker closes the connection), so theirs is per consumer.
-        await channel.set_qos(prefetch_count=self.concurrency, global_=s.queue_type == "classic")
+        await channel.set_qos(prefetch_count=self.slot_count, global_=s.queue_type == "classic")
         self._topology = await declare_topology(channel, s)
         self._publisher = ResultsPublisher(self._topology.results_exchange, channel, s)
         if s.urgent_queue:
@@ -326,7 +330,7 @@ class Worker:
         s = self.settings
         if not s.worker.overlap_stores or s.rabbitmq.queue_type != "classic":
             return None
-        return PrefetchHook(self.concurrency, self._set_window, lead_s=s.worker.prefetch_lead_s)
+        return PrefetchHook(self.slot_count, self._set_window, lead_s=s.worker.prefetch_lead_s)
 
     async def _set_window(self, prefetch: int) -> None:
         channel = self._channel
@@ -638,7 +642,7 @@ class Worker:
     def _log_consuming(self) -> None:
         """The line launchers wait for: at start-up, and whenever the memory guard resumes
         consumption (for a worker that started above its limits, that is when it begins)."""
-        log.info("worker consuming", queue=self.settings.rabbitmq.request_queue, prefetch=self.concurrency)
+        log.info("worker consuming", queue=self.settings.rabbitmq.request_queue, prefetch=self.slot_count)
 
     def _memory(self) -> _MemoryReading:
         """The worker's memory (its main and analysis processes) and the system's, against the limits."""
