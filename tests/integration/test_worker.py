@@ -294,6 +294,11 @@ async def test_a_spare_slot_reads_the_next_request_while_the_cpu_analyses_and_a_
     assert cancelled.request_id == "cancelled"
     assert cancelled.status is ResultStatus.CANCELLED, cancelled
     assert cancelled.output is None
+    assert cancelled.error is not None
+    assert (cancelled.error.code, cancelled.error.message) == (
+        "cancelled",
+        "cancelled while waiting for a CPU; not analysed (cancelled.wav)",
+    )
     assert [(r.request_id, r.status) for r in rest] == [
         ("long", ResultStatus.COMPLETED),
         ("next", ResultStatus.COMPLETED),

@@ -169,8 +169,8 @@ async def test_an_analysis_cancelled_while_waiting_for_a_host_cpu_token_holds_no
 async def test_a_spare_slot_is_leased_at_once_and_its_analysis_waits_for_a_cpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One CPU, one spare slot: a second request gets its slot (to read and hash its file) while
-    the first analyses; analyses take the CPU one at a time, the highest priority first."""
+    """One CPU, two spare slots: later requests get their slots (to read and hash their files)
+    while the first analyses; analyses take the CPU one at a time, the highest priority first."""
     pool = lease_only_pool(monkeypatch, spare=2)
     order: list[str] = []
     first_done = asyncio.Event()
@@ -235,6 +235,70 @@ async def test_a_freed_cpu_waits_for_a_more_urgent_lease_still_on_its_way(
             await asyncio.gather(first, low, high)
         assert order == (["first", "high cached", "low"] if cached else ["first", "high", "low"]), order
         assert (pool.leased, pool.busy, pool.waiting_for_cpu, pool._cpus_held) == (0, 0, 0, 0)
+
+
+async def test_no_cpu_is_kept_for_a_more_urgent_lease_that_only_an_analysis_can_give_a_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One CPU, one spare slot, both leased by routine requests waiting for the CPU, and an urgent
+    request (no urgent slots) waiting for a slot: only an analysis frees a slot, so the CPU goes to
+    a routine request at once; the urgent one then takes the slot it frees, and the CPU next."""
+    pool = lease_only_pool(monkeypatch, spare=1)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def request(name: str, priority: int) -> None:
+        async with pool.lease(priority) as slot:
+            await gate.wait()  # reads its file
+            async with pool.cpu(slot, priority):
+                order.append(name)
+                await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(request("a", 0)), asyncio.create_task(request("b", 0))]
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(request("urgent", 9)))
+    await asyncio.sleep(0.01)
+    assert (pool.leased, pool.waiting) == (2, 1)
+    gate.set()
+    async with asyncio.timeout(1):
+        await asyncio.gather(*tasks)
+    assert order == ["a", "urgent", "b"]
+
+
+async def test_only_as_many_cpus_are_kept_as_more_urgent_leases_are_on_their_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two CPUs: two routine requests wait for a CPU while a more urgent one reads its file. One
+    CPU is kept for it, the other analyses a routine request meanwhile."""
+    monkeypatch.setattr(slots_module, "_broken", lambda executor: False)
+    pool = SlotPool(2, spare=1, max_tasks_per_child=1000)
+    for i in range(3):
+        slot = Slot(i, cast(ProcessPoolExecutor, None), warm=True)
+        pool._slots.append(slot)
+        pool._lane.idle.append(slot)
+    order: list[str] = []
+    read, done = asyncio.Event(), asyncio.Event()
+
+    async def request(name: str, priority: int, reading: asyncio.Event | None = None) -> None:
+        async with pool.lease(priority) as slot:
+            if reading is not None:
+                await reading.wait()
+            async with pool.cpu(slot, priority):
+                order.append(name)
+                await done.wait()
+
+    urgent = asyncio.create_task(request("urgent", 3, reading=read))
+    routine = [asyncio.create_task(request(name, 0)) for name in ("a", "b")]
+    await asyncio.sleep(0.01)
+    assert (order, pool.busy, pool.waiting_for_cpu) == (["a"], 1, 1)
+    read.set()
+    await asyncio.sleep(0.01)
+    assert (order, pool.busy) == (["a", "urgent"], 2)
+    done.set()
+    async with asyncio.timeout(1):
+        await asyncio.gather(urgent, *routine)
+    assert order == ["a", "urgent", "b"]
+    assert (pool.leased, pool.busy, pool._cpus_held) == (0, 0, 0)
 
 
 def pool_with_urgent_slot(

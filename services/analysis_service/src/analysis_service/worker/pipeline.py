@@ -450,21 +450,27 @@ class Pipeline:
             limit = min(
                 w.time_limit_max_s, w.time_limit_base_s + w.time_limit_per_audio_minute_s * bound / 60
             )
-            output: EngineOutput = await self._cancellable(
-                d,
-                self.slots.call(
-                    slot,
-                    run_analysis_job,
-                    path,
-                    s.engine,
-                    analyses,
-                    timeline,
-                    request.request_id,
-                    time_limit_s=limit,
-                    path=path,
-                    cpu_priority=request.priority,
-                ),
-            )
+            try:
+                output: EngineOutput = await self._cancellable(
+                    d,
+                    self.slots.call(
+                        slot,
+                        run_analysis_job,
+                        path,
+                        s.engine,
+                        analyses,
+                        timeline,
+                        request.request_id,
+                        time_limit_s=limit,
+                        path=path,
+                        cpu_priority=request.priority,
+                    ),
+                )
+            except Cancelled:
+                if slot.analysed:  # it had its CPU: the analysis was stopped
+                    raise
+                waited = "cancelled while waiting for a CPU; not analysed"
+                raise Cancelled(waited, path=request.file) from None
         finally:
             self.slots.release(slot)
             d.used_slot = True

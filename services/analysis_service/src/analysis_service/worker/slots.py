@@ -111,7 +111,7 @@ class SlotPool:
         Slots beyond ``size``: the requests holding them read their files' headers and hash them
         while the CPUs analyse, then wait for a CPU.
     urgent : int
-        Urgent slots beyond ``size``, for urgent leases only (``acquire(urgent=True)``); they take
+        Urgent slots beyond ``size + spare``, for urgent leases only (``acquire(urgent=True)``); they take
         no host CPU token.
     nice : int
         Niceness added to the slots' processes (not the urgent ones'): an urgent analysis running
@@ -313,11 +313,13 @@ class SlotPool:
         """Hold one of the pool's CPUs and, with host CPU tokens, a token, for ``slot``'s work.
 
         A freed CPU goes to the waiting analysis of the highest ``priority`` first (the earliest
-        lease among equals), and is kept free for a lease of higher priority than every waiting
-        analysis that is still on its way (waiting for a slot, or reading its file): a request
-        that took a spare slot never runs ahead of a more urgent one that came later. An urgent
-        slot takes neither: it shares the CPUs with the running analyses. Cancelling the wait
-        leaves nothing held.
+        lease among equals). It is kept free instead for a more urgent lease on its way: one
+        whose slot is reading its file, or one waiting for the slot that an analysis just ended
+        is about to free (:meth:`_kept_for`). So a request that took a spare slot does not run
+        ahead of a more urgent one that was already there when the CPU freed. With host CPU
+        tokens, the token is waited for after the worker's CPU, in the same priority order within
+        the worker (across workers there is none). An urgent slot takes neither: it shares the
+        CPUs with the running analyses. Cancelling the wait leaves nothing held.
         """
         if slot.urgent:
             yield
@@ -362,32 +364,35 @@ class SlotPool:
         self._grant_cpus()
 
     def _grant_cpus(self) -> None:
-        """Give the free CPUs to the waiting analyses, highest priority first, unless a lease of
-        higher priority still on its way to its analysis should have the CPU instead."""
+        """Give the free CPUs to the waiting analyses, highest priority first, except those kept
+        for more urgent leases on their way (:meth:`_kept_for`)."""
         waiting = self._cpu_waiting
         while waiting and waiting[0][2].done():  # cancelled waits
             heapq.heappop(waiting)
         while self._cpus_held < self.size and waiting:
-            best = -waiting[0][0]
-            coming = self._coming_priority()
-            if coming is not None and coming > best:
-                return  # kept free for it
+            if self.size - self._cpus_held <= self._kept_for(-waiting[0][0]):
+                return
             _, _, granted = heapq.heappop(waiting)
             self._cpus_held += 1
             granted.set_result(None)
             while waiting and waiting[0][2].done():
                 heapq.heappop(waiting)
 
-    def _coming_priority(self) -> int | None:
-        """The highest priority among the routine leases not yet waiting for a CPU: those waiting
-        for a slot, and those whose slot is reading the file (or starting its process)."""
-        coming = [-p for p, _, future in self._lane.waiting if not future.done()]
-        coming += [
-            s.priority
-            for s in self._slots
-            if s.busy and not (s.urgent or s.analysing or s.at_gate or s.analysed)
-        ]
-        return max(coming, default=None)
+    def _kept_for(self, priority: int) -> int:
+        """Free CPUs to keep for routine leases of a higher ``priority`` on their way to their
+        analysis: those whose slot reads the file (or starts its process), and those waiting for
+        a slot, as many as slots that just analysed are about to free (any other slot frees only
+        after an analysis, which needs a CPU: keeping one for them could wait forever)."""
+        reading = freeing = 0
+        for s in self._slots:
+            if not s.busy or s.urgent or s.analysing or s.at_gate:
+                continue
+            if s.analysed:
+                freeing += 1
+            elif s.priority > priority:
+                reading += 1
+        slotless = sum(1 for p, _, future in self._lane.waiting if not future.done() and -p > priority)
+        return reading + min(slotless, freeing)
 
     def _release_token(self, slot: Slot) -> None:
         token, slot.cpu_token = slot.cpu_token, None
