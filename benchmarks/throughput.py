@@ -800,6 +800,12 @@ if hasattr(slots.SlotPool, "_submit"):  # jobs submitted (maybe queued two at on
     async def wait(self, slot, future, **kwargs):
         return ended(names.pop(id(future)), slot, await _wait(self, slot, future, **kwargs))
     slots.SlotPool._submit, slots.SlotPool._wait = submit, wait
+elif hasattr(slots.SlotPool, "_run"):  # one job per call, submitted once it has its CPU
+    _run = slots.SlotPool._run
+    async def run(self, slot, fn, args, **kwargs):
+        mark(fn.__name__ + " start", slot=slot.index)
+        return ended(fn.__name__, slot, await _run(self, slot, fn, args, **kwargs))
+    slots.SlotPool._run = run
 else:  # one job per call
     _call = slots.SlotPool.call
     async def call(self, slot, fn, *args, **kwargs):

@@ -432,9 +432,15 @@ class SlotPool:
         AnalysisServiceError
             What ``fn`` raised for this input.
         """
-        if cpu_priority is not None:
-            async with self.cpu(slot, cpu_priority):
-                return await self.call(slot, fn, *args, time_limit_s=time_limit_s, path=path)
+        if cpu_priority is None:
+            return await self._run(slot, fn, args, time_limit_s=time_limit_s, path=path)
+        async with self.cpu(slot, cpu_priority):
+            return await self._run(slot, fn, args, time_limit_s=time_limit_s, path=path)
+
+    async def _run(
+        self, slot: Slot, fn: Callable[..., _T], args: tuple[Any, ...], *, time_limit_s: float, path: str
+    ) -> _T:
+        """Submit ``fn(*args)`` to ``slot``'s process and wait for it (see :meth:`call`)."""
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(slot.executor, fn, *args)
