@@ -25,6 +25,7 @@ import pytest
 from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
 from analysis_service.sinks.graph import _falkordb_escaped
 from analysis_service.sinks.postgres import fingerprint
+from analysis_service.worker.slots import Phase
 from analysis_service.worker.worker import EXIT_OK, Worker
 from service_shared.messages import AnalysisRequest, AnalysisResultMessage, ResultStatus
 from tests.integration.test_worker import graph_counts, pg_rows
@@ -346,7 +347,7 @@ async def test_a_running_request_is_cancelled_and_its_slot_killed(settings: Sett
         assert worker._slots is not None
         slots = worker._slots
         await until("analysing", lambda: slots.busy >= 1, timeout_s=30)
-        [slot] = [s for s in slots._slots if s.analysing]
+        [slot] = [s for s in slots._slots if s.phase is Phase.ANALYSING]
         pids = list(getattr(slot.executor, "_processes", {}) or {})
         await asyncio.sleep(1.0)
         await pg_rows(

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
 from analysis_service.sinks.postgres import fingerprint
+from analysis_service.worker.slots import Phase
 from analysis_service.worker.worker import Worker
 from service_shared.messages import AnalysisRequest, ResultStatus
 from tests.integration.worker_harness import (
@@ -281,7 +282,7 @@ async def test_a_spare_slot_reads_the_next_request_while_the_cpu_analyses_and_a_
         await broker.publish(request("cancelled", "cancelled.wav"))
         await waiting_for_cpu(worker)
         assert (slots.leased, slots.busy) == (2, 1)
-        [running] = [s for s in slots._slots if s.analysing]
+        [running] = [s for s in slots._slots if s.phase is Phase.ANALYSING]
         pids = list(getattr(running.executor, "_processes", {}) or {})
         cancel = "UPDATE requests SET cancel_requested_at = now() WHERE request_id = 'cancelled'"
         await pg_rows(pg_dsn, cancel)

@@ -77,7 +77,7 @@ from analysis_service.sinks.postgres import (
     Started,
 )
 from analysis_service.sinks.resilience import Guard
-from analysis_service.worker.slots import Slot, SlotPool
+from analysis_service.worker.slots import Phase, Slot, SlotPool
 from service_shared.messages import (
     ID_PATTERN,
     AnalysisRequest,
@@ -467,7 +467,7 @@ class Pipeline:
                     ),
                 )
             except Cancelled:
-                if slot.analysed:  # it had its CPU: the analysis was stopped
+                if slot.phase is Phase.ANALYSED:  # it had its CPU: the analysis was stopped
                     raise
                 waited = "cancelled while waiting for a CPU; not analysed"
                 raise Cancelled(waited, path=request.file) from None

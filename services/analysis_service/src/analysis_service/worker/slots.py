@@ -30,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import structlog
@@ -67,10 +68,23 @@ class _Lane:
             priority, _, future = heapq.heappop(self.waiting)
             if not future.done():
                 future.set_result(slot)
-                slot.busy, slot.priority, slot.analysed = True, -priority, False
+                slot.busy, slot.priority, slot.phase = True, -priority, Phase.READING
                 return
         slot.busy = False
         self.idle.append(slot)
+
+
+class Phase(StrEnum):
+    """Where a leased slot's request is on its way to and through its analysis."""
+
+    #: Reading its file's header and hashing it (or its process starting): not yet at a CPU.
+    READING = "reading"
+    #: Waiting for one of the pool's CPUs (or, holding one, for a host CPU token).
+    WAITING = "waiting"
+    #: Holding a CPU: its analysis runs.
+    ANALYSING = "analysing"
+    #: Its analysis is over (or was stopped); the slot is about to be released.
+    ANALYSED = "analysed"
 
 
 @dataclass
@@ -86,12 +100,8 @@ class Slot:
     warm: bool = False
     #: The host CPU token held for the current analysis (None: not analysing, or the pool has none).
     cpu_token: CpuToken | None = None
-    #: True while it holds one of the pool's CPUs (its analysis runs).
-    analysing: bool = False
-    #: True while its lease waits for one of the pool's CPUs.
-    at_gate: bool = False
-    #: True once its lease has had its CPU (it no longer counts as on its way to one).
-    analysed: bool = False
+    #: The current lease's phase (meaningful while ``busy``).
+    phase: Phase = Phase.READING
     #: The current lease's priority, and its place in the order of leases.
     priority: int = 0
     lease_no: int = 0
@@ -183,7 +193,7 @@ class SlotPool:
     @property
     def busy(self) -> int:
         """Slots (not urgent ones) running an analysis now (at most ``size``)."""
-        return sum(1 for s in self._slots if s.analysing and not s.urgent)
+        return sum(1 for s in self._slots if s.phase is Phase.ANALYSING and not s.urgent)
 
     @property
     def leased(self) -> int:
@@ -249,7 +259,7 @@ class SlotPool:
         finally:  # a waiting lease that gives up, or gets its slot, may unblock a CPU
             self._grant_cpus()
         slot.busy, slot.priority, slot.lease_no = True, priority, next(self._arrivals)
-        slot.analysed = False
+        slot.phase = Phase.READING
         try:
             for attempt in range(1, _READY_ATTEMPTS + 1):
                 try:
@@ -325,7 +335,7 @@ class SlotPool:
             yield
             return
         self._cpu_waits += 1
-        slot.at_gate = True
+        slot.phase = Phase.WAITING
         try:
             await self._enter_cpu(slot, priority)
             try:
@@ -334,14 +344,16 @@ class SlotPool:
             except BaseException:
                 self._leave_cpu()
                 raise
+        except BaseException:
+            slot.phase = Phase.READING  # not analysed; its lease ends
+            raise
         finally:
-            slot.at_gate = False
             self._cpu_waits -= 1
-        slot.analysing = True
+        slot.phase = Phase.ANALYSING
         try:
             yield
         finally:
-            slot.analysing, slot.analysed = False, True
+            slot.phase = Phase.ANALYSED
             self._release_token(slot)
             self._leave_cpu()
 
@@ -367,16 +379,14 @@ class SlotPool:
         """Give the free CPUs to the waiting analyses, highest priority first, except those kept
         for more urgent leases on their way (:meth:`_kept_for`)."""
         waiting = self._cpu_waiting
-        while waiting and waiting[0][2].done():  # cancelled waits
-            heapq.heappop(waiting)
-        while self._cpus_held < self.size and waiting:
-            if self.size - self._cpus_held <= self._kept_for(-waiting[0][0]):
+        while self._cpus_held < self.size:
+            while waiting and waiting[0][2].done():  # cancelled waits
+                heapq.heappop(waiting)
+            if not waiting or self.size - self._cpus_held <= self._kept_for(-waiting[0][0]):
                 return
             _, _, granted = heapq.heappop(waiting)
             self._cpus_held += 1
             granted.set_result(None)
-            while waiting and waiting[0][2].done():
-                heapq.heappop(waiting)
 
     def _kept_for(self, priority: int) -> int:
         """Free CPUs to keep for routine leases of a higher ``priority`` on their way to their
@@ -385,11 +395,11 @@ class SlotPool:
         after an analysis, which needs a CPU: keeping one for them could wait forever)."""
         reading = freeing = 0
         for s in self._slots:
-            if not s.busy or s.urgent or s.analysing or s.at_gate:
+            if not s.busy or s.urgent:
                 continue
-            if s.analysed:
+            if s.phase is Phase.ANALYSED:
                 freeing += 1
-            elif s.priority > priority:
+            elif s.phase is Phase.READING and s.priority > priority:
                 reading += 1
         slotless = sum(1 for p, _, future in self._lane.waiting if not future.done() and -p > priority)
         return reading + min(slotless, freeing)
