@@ -49,8 +49,8 @@ authentication after a password rotation, ``DatabaseError``, transient server er
 :class:`~analysis_service.errors.SinkUnavailable`.
 
 FalkorDB caveats (test backend only): its Bolt shim acknowledges ``BEGIN``/``COMMIT`` without
-transactions (each statement is applied when run, atomically: a write is therefore one statement,
-sent in an auto-commit transaction on both servers), inlines parameters into the query text (so
+transactions (each statement is applied when run, atomically: a write is therefore one
+statement), inlines parameters into the query text (so
 string parameters are sent with ``\\`` and ``'`` backslash-escaped, which its parser undoes; floats
 keep 6 decimals; several KB of parameters crash the server), and has no ``CREATE CONSTRAINT``.
 """
@@ -407,7 +407,7 @@ class GraphSink:
                 params["camelot"] = out.key.camelot
             query += "RETURN count(r) AS n"
 
-        await self._execute_one(f"writing result {rid!r}", query, params)
+        await self._execute(f"writing result {rid!r}", _statement(query, **params))
 
     async def compatible_recordings(
         self, content_hash: str, *, bpm_tolerance: float = 5.0, limit: int = 50
@@ -486,18 +486,6 @@ class GraphSink:
                 return await self._session_work(work, mode)
         finally:
             _ESCAPE_STRINGS.reset(token)
-
-    async def _execute_one(self, action: str, query: str, parameters: dict[str, Any]) -> None:
-        """Run one write statement in an auto-commit transaction (no BEGIN and COMMIT round trips;
-        a single statement is atomic on both servers), translating transient driver errors."""
-        if self._driver is None:
-            raise RuntimeError(f"GraphSink used before start() (or after close()) while {action}")
-        if self._dialect == "falkordb":
-            parameters = _falkordb_escaped(parameters)
-        with _translated(action):
-            async with self._driver.session(database=self._settings.database) as session:
-                result = await session.run(query, parameters)
-                await result.consume()
 
     async def _session_work(self, work: _Work[_T], mode: str) -> _T:
         assert self._driver is not None

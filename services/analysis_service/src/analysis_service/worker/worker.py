@@ -288,11 +288,11 @@ class Worker:
         With urgent slots, as many deliveries as urgent slots: they run there, so a worker takes
         only the urgent requests it can start at once (another worker starts the others, and none
         waits here with a start counted against it). Without, they run in the slots ahead of the
-        rest: twice the slots, so that a freed slot finds the next urgent request already here
-        (a request's slot frees before its ack lets the next one come).
+        rest: twice the slots (spare ones included), so that a freed slot finds the next urgent
+        request already here (a request's slot frees before its ack lets the next one come).
         """
         urgent = self.settings.worker.urgent_slots
-        return urgent if urgent else 2 * self.concurrency
+        return urgent if urgent else 2 * self.slot_count
 
     def _build_pipeline(self) -> Pipeline:
         assert self._ledger is not None
