@@ -17,7 +17,9 @@ Sets (``corpus/<set>/...``) and where each tempo comes from:
     estimate: the player advances one row every ``speed * 2.5 / tempo`` seconds, from the
     ``speed`` and ``tempo`` commands stored in the file, and a beat is ``rows_per_beat`` rows
     (the file's row highlight where the format stores it, IT; four rows otherwise, the tracker
-    convention). libopenmpt reports exactly that figure as it plays
+    convention). A module whose row highlight states a compound measure (6, 9 or 12 of those beats
+    a bar, as in 6/8) is left out, as the MIDI set leaves out compound metres: its beat is a dotted
+    value, three of the notated ones. libopenmpt reports exactly that figure as it plays
     (``openmpt_module_get_current_estimated_bpm``); we sample it every 0.25 s and keep a module only
     when one value holds for at least 95 % of the rendered time (no tempo changes). A stated tempo
     above 200 BPM (a beat notated as few rows at a low speed) is halved until it is not
@@ -42,6 +44,15 @@ Sets (``corpus/<set>/...``) and where each tempo comes from:
     tempo event states the same value and the metre's beat is the quarter note (time signatures
     2/4, 3/4, 4/4, 5/4, or none, which MIDI defines as 4/4); compound metres (6/8, 6/4, 12/8),
     where the beat is a dotted value, and files with no tempo event are left out.
+
+``R_recorded``
+    Recorded songs (drums, bass, distorted guitars; metal and rock at 95-190 BPM) by the bands
+    Muldjord and Sectoid, shipped as the Frets on Fire song packs ``fretsonfire-songs-muldjord`` and
+    ``fretsonfire-songs-sectoid``. Each song is a backing track and a guitar track (Ogg Vorbis),
+    mixed here into one file, and a chart (``notes.mid``) the game plays in time with the audio.
+    Truth: the chart's tempo, under the same rule as ``R_midi`` (one tempo, a simple metre). A
+    chart whose tempo did not match the recording would be unplayable, so it is the song's
+    tempo as the charter counted it; the only set here played by people rather than rendered.
 
 No set has key truth (drum loops have no key; the projects state none), so the ``key`` column is
 empty. Columns: path, duration_s, bpm, key, sections, notes, source, justification.
@@ -70,6 +81,9 @@ SR = 44100
 #: Debian packages whose music is used, by set.
 TRACKER_PACKAGES = ("tecnoballz-data", "pingus-data", "pachi-data", "solarwolf")
 LMMS_PACKAGE = "lmms-common"
+#: Frets on Fire song packs: recorded songs with a chart (notes.mid) timed to the audio.
+RECORDED_PACKAGES = ("fretsonfire-songs-muldjord", "fretsonfire-songs-sectoid")
+RECORDED_FOLDER = "usr/share/games/fretsonfire/data/songs"
 HYDROGEN_PACKAGE = "hydrogen-data"
 #: (package, folder of its MIDI files)
 MIDI_SOURCES = (
@@ -105,6 +119,8 @@ LOOP_SECONDS = 30.0
 #: at speed 2-3 composers write a beat as 8 rows. A stated tempo above this is halved until it is
 #: not (nobody taps faster; the ``x2`` relative still counts for Acc2).
 TAP_MAX_BPM = 200.0
+#: Beats per bar of a compound measure (6/8, 9/8, 12/8): the beat a listener taps is three of them.
+COMPOUND_BEATS = (6, 9, 12)
 #: Renders quieter than this peak level (dBFS) are left out (a module libopenmpt plays near-silent).
 MIN_PEAK_DBFS = -40.0
 
@@ -213,11 +229,31 @@ def render_module(
         lib.openmpt_module_destroy(mod)
 
 
+def it_highlight(path: Path) -> tuple[int, int] | None:
+    """An Impulse Tracker module's row highlight, (rows per beat, rows per measure), from its header
+    (``PHiligt``, bytes 0x1E-0x1F); ``None`` for other formats or an unset highlight."""
+    head = path.read_bytes()[:0x20]
+    if (
+        path.suffix.lower() != ".it"
+        or head[:4] != b"IMPM"
+        or len(head) < 0x20
+        or not head[0x1E]
+        or not head[0x1F]
+    ):
+        return None
+    return head[0x1E], head[0x1F]
+
+
 def tracker_rows(root: Path, out: Path, max_s: float) -> list[dict[str, str]]:
     lib = _openmpt()
     rows = []
     mods = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".mod", ".xm", ".it", ".s3m"})
     for path in mods:
+        measure = it_highlight(path)
+        if measure and measure[1] % measure[0] == 0 and measure[1] // measure[0] in COMPOUND_BEATS:
+            beats = measure[1] // measure[0]
+            print(f"skip {path.name}: compound measure ({beats} beats of {measure[0]} rows)", file=sys.stderr)
+            continue
         audio, states = render_module(lib, path, max_s)
         if len(audio) < 10 * SR:
             print(f"skip {path.name}: shorter than 10 s", file=sys.stderr)
@@ -414,6 +450,45 @@ def midi_rows(root: Path, out: Path, max_s: float) -> list[dict[str, str]]:
     return rows
 
 
+# --------------------------------------------------------------------------------------- recorded
+
+
+def recorded_rows(root: Path, out: Path) -> list[dict[str, str]]:
+    rows = []
+    for song in sorted(p.parent for p in (root / RECORDED_FOLDER).glob("*/*/notes.mid")):
+        bpm, why = midi_tempo(song / "notes.mid")
+        if bpm is None:
+            print(f"skip {song.name}: {why}", file=sys.stderr)
+            continue
+        stems = sorted(song.glob("*.ogg"))
+        dest = (
+            out
+            / "corpus"
+            / "R_recorded"
+            / (re.sub(r"[^\w.-]", "_", f"{song.parent.name}_{song.name}") + ".flac")
+        )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            tracks = [sf.read(stem, dtype="float32", always_2d=True) for stem in stems]
+            if len({sr for _, sr in tracks}) != 1:
+                sys.exit(f"{song}: the stems have different sample rates")
+            mix = np.zeros((max(len(y) for y, _ in tracks), 2), np.float32)
+            for y, _ in tracks:
+                mix[: len(y)] += y if y.shape[1] == 2 else np.repeat(y[:, :1], 2, axis=1)
+            sf.write(dest, mix / max(1.0, float(np.max(np.abs(mix)))), tracks[0][1])
+        package = next(p for p in RECORDED_PACKAGES if p.endswith(song.parent.name))
+        rows.append(
+            _rendered(
+                dest,
+                out,
+                bpm,
+                source=f"Debian {package}: {song.name} ({' + '.join(s.name for s in stems)})",
+                why=f"chart notes.mid set_tempo {bpm:g} quarter notes/min, the only tempo stated; {why}",
+            )
+        )
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ loops
 
 
@@ -463,7 +538,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / ".bench" / "real")
     ap.add_argument("--max-seconds", type=float, default=240.0, help="render at most this much of a module")
-    ap.add_argument("--only", default="tracker,lmms,hydrogen,loops,midi")
+    ap.add_argument("--only", default="tracker,lmms,hydrogen,loops,midi,recorded")
     args = ap.parse_args()
     work = args.work.resolve()
     ensure_renderers()
@@ -482,6 +557,8 @@ def main() -> None:
         if not midi:
             sys.exit(f"no usable MIDI file under {[folder for _, folder in MIDI_SOURCES]}")
         rows += midi
+    if "recorded" in only:
+        rows += recorded_rows(fetch(RECORDED_PACKAGES, work), work)
     truth = work / "truth_real.csv"
     with truth.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, list(rows[0]))
