@@ -18,7 +18,9 @@ Each file's candidates (``tempo.tempo_candidates``) are computed once and cached
 ``WORK/octave-cues/``, under a name that changes with the tempo, key and feature code, this
 script and the truth file (a change to any of them computes them again). For each variant the
 script prints how many files of each set get a tempo within 4 % of the truth (Acc1; a file
-without candidates counts as wrong). The variants are the cues tried in docs/accuracy.md;
+without candidates counts as wrong). The variants are the shipped choice without the onset
+density (step 5 of ``audio/tempo.py``) and with other settings of it, and the cues tried in
+docs/accuracy.md (each on top of the shipped onset density);
 ``--grid`` also searches the weights of four cues (backbeat, high band, bar salience, kick; the
 tempo preference as shipped) and prints the best settings for the synthetic sets and for the real
 set.
@@ -215,6 +217,8 @@ class Variant:
     backbeat: str = "snare"  # "snare" (as shipped) or a key of :func:`cues`
     weights: tuple[tuple[str, float], ...] = ()  # (cue, weight); cue "bar" is the bar salience
     backbeat_weight: float | None = None  # None: tempo.BACKBEAT_WEIGHT (as shipped)
+    density_weight: float | None = None  # None: tempo.DENSITY_WEIGHT (as shipped)
+    events_per_beat: float | None = None  # None: tempo.EVENTS_PER_BEAT (as shipped)
 
     def choose(self, item: Item) -> float:
         """The tempo this variant chooses for ``item`` (0 where it has no candidates)."""
@@ -223,7 +227,9 @@ class Variant:
             return 0.0
         base = c.backbeat if self.backbeat == "snare" else item.cues[self.backbeat]
         weight = tempo.BACKBEAT_WEIGHT if self.backbeat_weight is None else self.backbeat_weight
-        evidence = weight * base
+        evidence = weight * base + tempo.density_evidence(
+            c.bpm, c.density, weight=self.density_weight, per_beat=self.events_per_beat
+        )
         for cue, w in self.weights:
             evidence = evidence + w * (c.bar if cue == "bar" else item.cues[cue])
         return tempo.choose_tempo(c, octave_evidence=evidence).bpm
@@ -231,6 +237,13 @@ class Variant:
 
 VARIANTS = (
     Variant("as shipped"),
+    Variant("without the onset density (bpm 1.4.0)", density_weight=0.0),
+    Variant("onset density: at most 1.5 onsets a beat", events_per_beat=1.5),
+    Variant("onset density: at most 2 onsets a beat", events_per_beat=2.0),
+    Variant("onset density: at most 3 onsets a beat", events_per_beat=3.0),
+    Variant("onset density: at most 3.5 onsets a beat", events_per_beat=3.5),
+    Variant("onset density: weight x0.25", density_weight=0.25),
+    Variant("onset density: weight x1", density_weight=1.0),
     Variant("snare curve with the high band added", backbeat="snare+high"),
     Variant("bar salience in the octave choice (x2.5)", weights=(("bar", 2.5),)),
     Variant(

@@ -44,15 +44,21 @@ def test_a_fast_backbeat_is_not_halved(song_features: FeaturesOf, bpm: float) ->
     assert estimate_tempo(song_features(bpm=bpm, tonic=2, mode="major")).bpm == pytest.approx(bpm, rel=0.04)
 
 
-def test_without_the_backbeat_weight_a_fast_backbeat_is_halved(
+def test_without_the_backbeat_and_density_weights_a_fast_backbeat_is_halved(
     song_features: FeaturesOf, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The minor demo song: with the preference at 115 BPM the major one (whose chords add
-    # onsets on every beat) is read at 170 with or without the backbeat step.
+    # onsets on every beat) is read at 170 with or without these steps. Either cue alone keeps
+    # the minor one at 170: its snare falls on every second beat, and at 85 BPM its beat would
+    # hold four or more onsets (a kick or snare, the eighth-note hats between).
     features = song_features(bpm=170.0, tonic=2, mode="minor")
     assert estimate_tempo(features).bpm == pytest.approx(170.0, rel=0.04)
     monkeypatch.setattr(tempo, "BACKBEAT_WEIGHT", 0.0)
+    assert estimate_tempo(features).bpm == pytest.approx(170.0, rel=0.04)
+    monkeypatch.setattr(tempo, "DENSITY_WEIGHT", 0.0)
     assert estimate_tempo(features).bpm == pytest.approx(85.0, rel=0.04)
+    monkeypatch.setattr(tempo, "BACKBEAT_WEIGHT", 1.0)
+    assert estimate_tempo(features).bpm == pytest.approx(170.0, rel=0.04)
 
 
 def test_backbeat_contrast_is_highest_where_the_snare_falls_on_every_second_beat() -> None:
@@ -241,7 +247,9 @@ def test_choose_tempo_weighs_other_octave_cues_on_the_same_candidates(song_featu
     assert candidates is not None
     assert tempo.choose_tempo(candidates) == estimate_tempo(features)
     assert tempo.choose_tempo(candidates).bpm == pytest.approx(170.0, rel=0.04)
-    shipped = tempo.BACKBEAT_WEIGHT * candidates.backbeat
+    shipped = tempo.BACKBEAT_WEIGHT * candidates.backbeat + tempo.density_evidence(
+        candidates.bpm, candidates.density
+    )
     assert tempo.choose_tempo(candidates, octave_evidence=shipped) == estimate_tempo(features)
     no_backbeat = np.zeros_like(candidates.backbeat)
     assert tempo.choose_tempo(candidates, octave_evidence=no_backbeat).bpm == pytest.approx(85.0, rel=0.04)
@@ -251,3 +259,48 @@ def test_choose_tempo_weighs_other_octave_cues_on_the_same_candidates(song_featu
 
 def test_no_candidates_without_a_pulse_to_read() -> None:
     assert tempo.tempo_candidates(features_of_signal(np.zeros(SR * 2, dtype=np.float32))) is None
+
+
+def test_onset_density_counts_onsets_per_second_but_not_the_ripples_between_them() -> None:
+    rate = 86.0
+    curve = np.zeros(int(30 * rate))
+    curve[:: int(rate / 6)] = 1.0  # six onsets a second
+    assert tempo.onset_density(curve, rate=rate) == pytest.approx(6.0, rel=0.05)
+    ripples = curve.copy()
+    ripples[int(rate / 24) :: int(rate / 12)] += 0.1  # noise-like bumps a tenth as strong, between
+    assert tempo.onset_density(ripples, rate=rate) == pytest.approx(6.0, rel=0.05)
+    assert tempo.onset_density(np.zeros(int(30 * rate)), rate=rate) == 0.0
+
+
+def test_density_counts_only_against_a_level_with_more_onsets_per_beat_than_a_beat_holds() -> None:
+    bpm = np.array([60.0, 90.0, 180.0])
+    evidence = tempo.density_evidence(bpm, 6.0)  # 6, 4 and 2 onsets per beat
+    assert evidence[2] == 0.0  # two a beat: no evidence either way
+    assert evidence[1] == pytest.approx(-tempo.DENSITY_WEIGHT * np.log2(4.0 / tempo.EVENTS_PER_BEAT))
+    assert evidence[0] < evidence[1] < 0.0
+    assert np.all(tempo.density_evidence(bpm, 1.0) == 0.0)  # sparse: says nothing about the octave
+
+
+def _dense_fast_bars(bpm: float, *, bars: int = 40) -> np.ndarray:
+    """A kick on every beat and an open hat a third as loud on every off-beat, no snare: no
+    backbeat to read, and the half tempo's beat would hold four onsets."""
+    rng = np.random.default_rng(2)
+    beat = SR * 60 / bpm
+    y = np.zeros(int(beat * 4 * bars) + SR, dtype=np.float32)
+    t = np.arange(2000) / SR
+    kick = (np.sin(2 * np.pi * 60 * t) * np.exp(-t / 0.05)).astype(np.float32)
+    hat = (0.3 * np.diff(rng.standard_normal(1201)) * np.exp(-np.arange(1200) / 200)).astype(np.float32)
+    for b in range(4 * bars):
+        i = int(b * beat)
+        y[i : i + 2000] += kick
+        j = int((b + 0.5) * beat)
+        y[j : j + 1200] += hat
+    return y
+
+
+@pytest.mark.parametrize("bpm", [180.0, 190.0])
+def test_a_dense_fast_groove_is_not_halved(bpm: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    features = features_of_signal(_dense_fast_bars(bpm))
+    assert estimate_tempo(features).bpm == pytest.approx(bpm, rel=0.04)
+    monkeypatch.setattr(tempo, "DENSITY_WEIGHT", 0.0)  # the preference alone halves it
+    assert estimate_tempo(features).bpm == pytest.approx(bpm / 2, rel=0.04)
