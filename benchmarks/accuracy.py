@@ -8,11 +8,12 @@ virtual environment, made by ``../shared/eval/setup.sh`` (needs root for apt-get
 
     uv run python benchmarks/accuracy.py --seed 1 [--peer] [--limit N] [--work .bench]
     uv run python benchmarks/accuracy.py --seed 1 --degrade [--degrade-every K]
-    uv run python benchmarks/accuracy.py --real [--peer] [--madmom]
+    uv run python benchmarks/accuracy.py --real [--peer] [--madmom] [--degrade [--degrade-every K]]
 
 ``--degrade`` makes degraded copies of the corpus's single-song files (``A_synth`` and ``A_score``;
-every K-th one with ``--degrade-every``) under ``WORK/degraded-seedN/<name>/`` and scores each set
-next to the clean originals of the same files. Each copy's truth is adjusted to what was done:
+every K-th one with ``--degrade-every``; with ``--real``, of the real recordings) under
+``WORK/degraded-seedN/<name>/`` (``WORK/degraded-real/<name>/``) and scores each set next to the
+clean originals of the same files. Each copy's truth is adjusted to what was done:
 
 * ``detune``: resampled by -48..+48 cents (uniform, seeded per file): pitch and tempo both move
   by the same ratio (at most 2.8 %); the key truth stays (the tuning is within half a semitone).
@@ -25,8 +26,9 @@ next to the clean originals of the same files. Each copy's truth is adjusted to 
 * ``telephone``: 300-3400 Hz band-pass (4th-order Butterworth), resampled to 8 kHz.
 
 ``--real`` builds (once) the corpus of ``benchmarks/real_corpus.py``: tracker modules, LMMS
-projects, Hydrogen songs and recorded drum loops from Debian packages, with tempo truth from the
-files themselves; ``--peer`` and ``--madmom`` run Essentia and madmom on the same files.
+projects, Hydrogen songs, MIDI files, recorded drum loops and recorded songs from Debian packages,
+with tempo truth from the files themselves (delete ``WORK/real/truth_real.csv`` to rebuild it);
+``--peer`` and ``--madmom`` run Essentia and madmom on the same files.
 ``--madmom`` needs madmom in its own venv (``WORK/venv-madmom``, made when missing, see
 ``../shared/eval/peer_madmom.py``).
 
@@ -334,11 +336,13 @@ def subset_truth(truth: Path, every: int, dest: Path) -> Path:
     return dest
 
 
-def run_degraded(python: Path, out: Path, truth: Path, seed: int, every: int, only: list[str]) -> None:
+def run_degraded(python: Path, out: Path, truth: Path, label: str, every: int, only: list[str]) -> None:
+    """Score degraded copies of the single-song files of the corpus in ``out`` (``truth``) next to
+    the clean ones, under ``WORK/degraded-<label>[-every<K>]/<degradation>/``."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         sys.exit("ffmpeg is needed for the lossy encodes: run ../shared/eval/setup.sh")
-    work = out.parent / (f"degraded-seed{seed}" + ("" if every == 1 else f"-every{every}"))
+    work = out.parent / (f"degraded-{label}" + ("" if every == 1 else f"-every{every}"))
     work.mkdir(parents=True, exist_ok=True)
     base = subset_truth(truth, every, work / "truth_clean.csv")
     clean = score_json(python, base, out / "predictions.jsonl")["ALL"]
@@ -352,15 +356,17 @@ def run_degraded(python: Path, out: Path, truth: Path, seed: int, every: int, on
         t, k = calibration_items(dtruth, preds)
         cal_t += t
         cal_k += k
-    print(f"\n== degradations (seed {seed}, {clean['tempo_n']} single-song files) ==")
+    print(f"\n== degradations ({label}, {clean['tempo_n']} single-song files) ==")
     head = ("set", "tempo n", "Acc1", "dAcc1", "Acc2", "key n", "exact", "dExact", "weighted")
     print(f"{head[0]:12} " + " ".join(f"{h:>7}" for h in head[1:]))
     for name, g in rows:
         d1 = g["acc1"] - clean["acc1"]
-        dk = g["key_exact"] - clean["key_exact"]
+        key = "      -       -       -"  # no key truth (the real recordings)
+        if g["key_n"]:
+            dk = g["key_exact"] - clean["key_exact"]
+            key = f"{g['key_exact']:7.3f} {dk:+7.3f} {g['key_weighted']:7.3f}"
         print(
-            f"{name:12} {g['tempo_n']:7d} {g['acc1']:7.3f} {d1:+7.3f} {g['acc2']:7.3f} {g['key_n']:7d} "
-            f"{g['key_exact']:7.3f} {dk:+7.3f} {g['key_weighted']:7.3f}"
+            f"{name:12} {g['tempo_n']:7d} {g['acc1']:7.3f} {d1:+7.3f} {g['acc2']:7.3f} {g['key_n']:7d} {key}"
         )
     print_calibration("clean + degraded", cal_t, cal_k)
 
@@ -383,7 +389,9 @@ def print_groups(title: str, groups: dict[str, Any]) -> None:
         print(f"{name:24} {g['tempo_n']:7d} {g['acc1']:6.3f} {g['acc2']:6.3f}")
 
 
-def run_real(python: Path, work: Path, *, peer: bool, madmom: bool, jobs: int) -> None:
+def run_real(
+    python: Path, work: Path, *, peer: bool, madmom: bool, jobs: int, degrade: tuple[int, list[str]] | None
+) -> None:
     real = work / "real"
     truth = real / "truth_real.csv"
     if not truth.exists():
@@ -412,6 +420,8 @@ def run_real(python: Path, work: Path, *, peer: bool, madmom: bool, jobs: int) -
             peer_cmd += ["--jobs", str(jobs)]
             sh([str(mm_python), *peer_cmd])
         print_groups("peer madmom (RNN beats + tempo histogram)", score_json(python, truth, mm))
+    if degrade is not None:
+        run_degraded(python, real, truth, "real", *degrade)
 
 
 def print_misses(truth: Path, preds: Path) -> None:
@@ -446,7 +456,8 @@ def main() -> None:
 
     python = ensure_eval_env(args.work / "venv-eval")
     if args.real:
-        run_real(python, args.work, peer=args.peer, madmom=args.madmom, jobs=args.jobs)
+        degrade = (args.degrade_every, args.degradations.split(",")) if args.degrade else None
+        run_real(python, args.work, peer=args.peer, madmom=args.madmom, jobs=args.jobs, degrade=degrade)
         return
     out = args.work / (f"corpus-seed{args.seed}" + (f"-limit{args.limit}" if args.limit else ""))
     truth = ensure_corpus(python, out, args.seed, args.limit, args.jobs)
@@ -474,7 +485,7 @@ def main() -> None:
             ]
         )
     if args.degrade:
-        run_degraded(python, out, truth, args.seed, args.degrade_every, args.degradations.split(","))
+        run_degraded(python, out, truth, f"seed{args.seed}", args.degrade_every, args.degradations.split(","))
 
 
 if __name__ == "__main__":
