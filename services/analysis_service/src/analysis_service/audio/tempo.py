@@ -40,11 +40,12 @@ Method
    can imitate it.
 5. In the same choice, a level whose beat would hold more than ``EVENTS_PER_BEAT`` strong onsets
    is counted down by ``exp(-DENSITY_WEIGHT * log2(onsets per beat / EVENTS_PER_BEAT))`` (at
-   five a beat, to 0.71). How fast music feels follows how many events it has per second, not
+   four a beat, to 0.37). How fast music feels follows how many events it has per second, not
    only its periodicities (Elowsson and Friberg model the perceived speed of music from onset
-   features of this kind), and a tapped beat seldom holds more than two or three clear attacks. Fast
+   features of this kind), and a tapped beat seldom holds more than two strong attacks. Fast
    rock, metal and chiptune (160-200 BPM: a kick or a note on every beat, guitars or arpeggios
-   between) are dense at half their tempo; a 90 BPM song with eighth-note hats is not at its own.
+   between) are dense at half their tempo. Only onsets at least half as strong as the strong ones
+   count (``ONSET_FLOOR``), so the hats of a 90 BPM groove, eighth or sixteenth notes, do not.
    Density (:func:`onset_density`) is counted, not read from the autocorrelation, so it carries
    evidence the salience and the backbeat do not. It only ever counts against the slower level:
    a sparse groove (a kick on every beat and little else) says nothing about its octave.
@@ -68,7 +69,7 @@ It multiplies four things:
   on the real recordings most wrong answers were such readings, and with this factor the
   confidence ranks right answers above wrong ones there too (ROC AUC on the 103 real files of
   ``docs/accuracy.md``: 0.62 before, 0.75 with it and the bar salience; 0.70 with bpm 1.4.0,
-  which has fewer wrong answers, three of them confident).
+  which has fewer wrong answers, three of them confident; 0.73 on the 110 files of bpm 1.5.0).
 
 A doubled mid-tempo song whose double is not clearly stronger therefore no longer gets 1.0.
 """
@@ -116,19 +117,21 @@ BACKBEAT_WEIGHT = 1.0
 #: The snare curve is the mid band minus this many times the low band (kick and bass onsets also
 #: reach into the mid band; this keeps them out of it).
 SNARE_LOW_WEIGHT = 1.5
-#: Onsets per beat above which a level is more likely a slow reading of a faster beat (step 5),
-#: and the weight of that evidence per octave of excess: the middle of the range (2-3 onsets a
-#: beat at this weight) over which ``benchmarks/octave_cues.py`` gives the synthetic sets and the
-#: project's demo songs the same answers as without it and the real set its most; 1.5 loses
-#: synthetic songs (docs/accuracy.md).
-EVENTS_PER_BEAT = 2.5
-DENSITY_WEIGHT = 0.5
+#: Strong onsets per beat above which a level is more likely a slow reading of a faster beat
+#: (step 5), and the weight of that evidence per octave of excess. Chosen with
+#: ``benchmarks/octave_cues.py`` and generated grooves (docs/accuracy.md): at 2 (with
+#: ``ONSET_FLOOR`` 0.5) no synthetic song, demo song or degraded copy changes, grooves at 70-100 BPM
+#: with sixteenth-note hats keep their tempo, and the real set gains; counting weaker onsets (a
+#: quarter of the strong ones) with 2.5 a beat gained more real files but doubled 80-90 BPM grooves
+#: with sixteenth-note hats.
+EVENTS_PER_BEAT = 2.0
+DENSITY_WEIGHT = 1.0
 #: Onset picking for :func:`onset_density`: a frame counts as an onset when it is the largest within
 #: ``ONSET_SPACING_S`` either side, above the mean of the surrounding ``ONSET_CONTEXT_S``, and at
 #: least ``ONSET_FLOOR`` times as strong as the strong onsets (the 95th percentile of those peaks).
 ONSET_SPACING_S = 0.035
 ONSET_CONTEXT_S = 0.5
-ONSET_FLOOR = 0.25
+ONSET_FLOOR = 0.5
 #: Salience margin (over the median salience of all tempi) that counts as full confidence.
 CONFIDENCE_SPAN = 0.4
 #: A rival level scoring this much below the chosen one (relative) leaves the confidence whole.
@@ -248,18 +251,19 @@ def tempo_salience(acf: F64, *, rate: float, bpms: F64) -> F64:
     return sal / sum(_COMB_WEIGHTS)
 
 
-def onset_density(curve: F64, *, rate: float) -> float:
+def onset_density(curve: F64, *, rate: float, floor: float | None = None) -> float:
     """Onsets per second in a novelty ``curve`` at ``rate`` frames per second.
 
-    A frame is an onset when it is the largest within ``ONSET_SPACING_S`` either side (at most
-    about 14 onsets a second: sixteenth notes at 210 BPM), stands above the curve's mean over
+    A frame is an onset when it is the largest within ``ONSET_SPACING_S`` either side (peaks more
+    than 35 ms apart), stands above the curve's mean over
     ``ONSET_CONTEXT_S`` either side (a sustained loud passage counts its attacks, not its level)
     and reaches ``ONSET_FLOOR`` times the strong onsets' strength (the 95th percentile of those
-    peaks), so the ripples of added noise between the attacks are not counted: with a threshold
-    set by the curve's spread instead, pink noise at 12 dB SNR raised the count of slow songs by
-    half and doubled four of 55 (docs/accuracy.md). 0.0 for a curve shorter than a second.
+    peaks), so neither quiet hats nor the ripples of added noise between the attacks are
+    counted: with a threshold set by the curve's spread instead, pink noise at 12 dB SNR raised
+    the count of slow songs by half and doubled four of 55 (docs/accuracy.md). 0.0 for a curve
+    shorter than a second or than the context. ``floor`` replaces ``ONSET_FLOOR`` where given.
     """
-    if len(curve) < rate:
+    if len(curve) < max(rate, 2 * round(ONSET_CONTEXT_S * rate) + 1):
         return 0.0
     half = max(1, round(ONSET_SPACING_S * rate))
     padded = np.pad(curve, half, mode="edge")
@@ -270,7 +274,8 @@ def onset_density(curve: F64, *, rate: float) -> float:
     if not np.any(peaks):
         return 0.0
     strong = float(np.percentile(curve[peaks], 95))
-    return float(np.count_nonzero(peaks & (curve >= ONSET_FLOOR * strong))) * rate / len(curve)
+    floor = ONSET_FLOOR if floor is None else floor
+    return float(np.count_nonzero(peaks & (curve >= floor * strong))) * rate / len(curve)
 
 
 def density_evidence(
@@ -396,7 +401,7 @@ def tempo_confidence(*, clarity: float, strongest: float, rival: float, activity
 
 @dataclass(frozen=True)
 class TempoCandidates:
-    """The candidate tempi of a recording and the evidence for each (steps 1-4 of the module
+    """The candidate tempi of a recording and the evidence for each (steps 1-5 of the module
     docstring), before any choice: what :func:`choose_tempo` weighs.
 
     Attributes
@@ -479,7 +484,7 @@ def tempo_candidates(features: Features) -> TempoCandidates | None:
 
 
 def choose_tempo(c: TempoCandidates, *, octave_evidence: F64 | None = None) -> TempoEstimate:
-    """Choose the tempo among ``c``'s candidates (steps 3-4 of the module docstring) and rate it.
+    """Choose the tempo among ``c``'s candidates (steps 3-5 of the module docstring) and rate it.
 
     ``octave_evidence`` is the log-score per candidate that decides between a level and its
     double or half; by default ``BACKBEAT_WEIGHT`` times the backbeat contrast plus the onset
