@@ -291,11 +291,15 @@ DEGRADATIONS: dict[str, tuple[Degrader | None, list[str], str]] = {
 def make_degraded(clean: Path, truth: Path, out: Path, name: str, every: int, ffmpeg: str) -> Path:
     """Write degraded copies of every ``every``-th single-song file and their truth; return it."""
     dest_truth = out / name / "truth_A.csv"
-    if dest_truth.exists():
-        return dest_truth
-    func, ff_args, ext = DEGRADATIONS[name]
     with truth.open() as fh:
         rows = [r for r in csv.DictReader(fh) if not r["sections"]][::every]
+    if dest_truth.exists():
+        with dest_truth.open() as fh:
+            made = [Path(r["path"]).with_suffix("") for r in csv.DictReader(fh)]
+        if made == [Path(r["path"]).with_suffix("") for r in rows]:
+            return dest_truth
+        shutil.rmtree(out / name)  # made from another version of the corpus: make them again
+    func, ff_args, ext = DEGRADATIONS[name]
     out_rows = []
     for i, row in enumerate(rows):
         src = clean / row["path"]

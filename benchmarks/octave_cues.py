@@ -219,6 +219,7 @@ class Variant:
     backbeat_weight: float | None = None  # None: tempo.BACKBEAT_WEIGHT (as shipped)
     density_weight: float | None = None  # None: tempo.DENSITY_WEIGHT (as shipped)
     events_per_beat: float | None = None  # None: tempo.EVENTS_PER_BEAT (as shipped)
+    onset_floor: float | None = None  # None: tempo.ONSET_FLOOR (as shipped)
 
     def choose(self, item: Item) -> float:
         """The tempo this variant chooses for ``item`` (0 where it has no candidates)."""
@@ -227,8 +228,12 @@ class Variant:
             return 0.0
         base = c.backbeat if self.backbeat == "snare" else item.cues[self.backbeat]
         weight = tempo.BACKBEAT_WEIGHT if self.backbeat_weight is None else self.backbeat_weight
+        density = c.density
+        if self.onset_floor is not None:
+            curve = np.asarray(np.asarray(tempo.BAND_WEIGHTS) @ c.bands)
+            density = tempo.onset_density(curve, rate=c.rate, floor=self.onset_floor)
         evidence = weight * base + tempo.density_evidence(
-            c.bpm, c.density, weight=self.density_weight, per_beat=self.events_per_beat
+            c.bpm, density, weight=self.density_weight, per_beat=self.events_per_beat
         )
         for cue, w in self.weights:
             evidence = evidence + w * (c.bar if cue == "bar" else item.cues[cue])
@@ -238,12 +243,18 @@ class Variant:
 VARIANTS = (
     Variant("as shipped"),
     Variant("without the onset density (bpm 1.4.0)", density_weight=0.0),
-    Variant("onset density: at most 1.5 onsets a beat", events_per_beat=1.5),
-    Variant("onset density: at most 2 onsets a beat", events_per_beat=2.0),
-    Variant("onset density: at most 3 onsets a beat", events_per_beat=3.0),
-    Variant("onset density: at most 3.5 onsets a beat", events_per_beat=3.5),
-    Variant("onset density: weight x0.25", density_weight=0.25),
-    Variant("onset density: weight x1", density_weight=1.0),
+    Variant("onset density: at most 1.5 strong onsets a beat", events_per_beat=1.5),
+    Variant("onset density: at most 2.5 strong onsets a beat", events_per_beat=2.5),
+    Variant("onset density: weight x0.75", density_weight=0.75),
+    Variant("onset density: weight x1.5", density_weight=1.5),
+    Variant("onset density: onsets from 0.4 of the strong ones", onset_floor=0.4),
+    Variant("onset density: onsets from 0.6 of the strong ones", onset_floor=0.6),
+    Variant(
+        "onset density, first setting: floor 0.25, 2.5 a beat, x0.5",
+        onset_floor=0.25,
+        events_per_beat=2.5,
+        density_weight=0.5,
+    ),
     Variant("snare curve with the high band added", backbeat="snare+high"),
     Variant("bar salience in the octave choice (x2.5)", weights=(("bar", 2.5),)),
     Variant(

@@ -50,9 +50,10 @@ Sets (``corpus/<set>/...``) and where each tempo comes from:
     Muldjord and Sectoid, shipped as the Frets on Fire song packs ``fretsonfire-songs-muldjord`` and
     ``fretsonfire-songs-sectoid``. Each song is a backing track and a guitar track (Ogg Vorbis),
     mixed here into one file, and a chart (``notes.mid``) the game plays in time with the audio.
-    Truth: the chart's tempo, under the same rule as ``R_midi`` (one tempo, a simple metre). A
-    chart whose tempo did not match the recording would be unplayable, so it is the song's
-    tempo as the charter counted it; the only set here played by people rather than rendered.
+    Truth: the chart's tempo, under the same rule as ``R_midi`` (one tempo, a simple metre). The
+    chart plays in time with the recording, so its tempo is the recording's; its octave is the
+    charter's notation (a chart at half the tempo on a finer grid would play the same). The only
+    set here played by people rather than rendered.
 
 No set has key truth (drum loops have no key; the projects state none), so the ``key`` column is
 empty. Columns: path, duration_s, bpm, key, sections, notes, source, justification.
@@ -461,6 +462,9 @@ def recorded_rows(root: Path, out: Path) -> list[dict[str, str]]:
             print(f"skip {song.name}: {why}", file=sys.stderr)
             continue
         stems = sorted(song.glob("*.ogg"))
+        if not stems:
+            print(f"skip {song.name}: no audio", file=sys.stderr)
+            continue
         dest = (
             out
             / "corpus"
@@ -476,13 +480,13 @@ def recorded_rows(root: Path, out: Path) -> list[dict[str, str]]:
             for y, _ in tracks:
                 mix[: len(y)] += y if y.shape[1] == 2 else np.repeat(y[:, :1], 2, axis=1)
             sf.write(dest, mix / max(1.0, float(np.max(np.abs(mix)))), tracks[0][1])
-        package = next(p for p in RECORDED_PACKAGES if p.endswith(song.parent.name))
+        mixed = " + ".join(stem.name for stem in stems)
         rows.append(
             _rendered(
                 dest,
                 out,
                 bpm,
-                source=f"Debian {package}: {song.name} ({' + '.join(s.name for s in stems)})",
+                source=f"Debian fretsonfire-songs-{song.parent.name}: {song.name} ({mixed})",
                 why=f"chart notes.mid set_tempo {bpm:g} quarter notes/min, the only tempo stated; {why}",
             )
         )
