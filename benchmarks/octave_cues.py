@@ -79,6 +79,11 @@ def contrast(c: tempo.TempoCandidates, curve: F64) -> F64:
     return np.array([tempo.backbeat_contrast(acf, rate=c.rate, bpm=float(b)) for b in c.bpm])
 
 
+def _novelty(c: tempo.TempoCandidates) -> F64:
+    """The combined novelty curve ``c`` was read from (as in :func:`tempo.tempo_candidates`)."""
+    return np.asarray(np.asarray(tempo.BAND_WEIGHTS) @ c.bands)
+
+
 def _acf_at(acf: F64, lags: F64) -> F64:
     """``acf`` read at fractional ``lags`` (0 beyond its end)."""
     inside = lags < len(acf) - 1
@@ -123,7 +128,7 @@ def cues(c: tempo.TempoCandidates, f: Features) -> dict[str, F64]:
         out["harmony"] = _acf_at(acf, 4 * beat) - _acf_at(acf, 2 * beat)
     else:
         out["harmony"] = np.zeros(len(c.bpm))
-    curve = np.asarray(np.asarray(tempo.BAND_WEIGHTS) @ c.bands)
+    curve = _novelty(c)
     acf = tempo.windowed_acf(curve, rate=c.rate, max_lag=min(400, len(curve) - 1))
     period = 60.0 * c.rate / (8 * c.bpm)
     trough = 0.5 * (_acf_at(acf, 0.5 * period) + _acf_at(acf, 1.5 * period))
@@ -230,8 +235,7 @@ class Variant:
         weight = tempo.BACKBEAT_WEIGHT if self.backbeat_weight is None else self.backbeat_weight
         density = c.density
         if self.onset_floor is not None:
-            curve = np.asarray(np.asarray(tempo.BAND_WEIGHTS) @ c.bands)
-            density = tempo.onset_density(curve, rate=c.rate, floor=self.onset_floor)
+            density = tempo.onset_density(_novelty(c), rate=c.rate, floor=self.onset_floor)
         evidence = weight * base + tempo.density_evidence(
             c.bpm, density, weight=self.density_weight, per_beat=self.events_per_beat
         )
