@@ -120,8 +120,8 @@ SNARE_LOW_WEIGHT = 1.5
 #: Strong onsets per beat above which a level is more likely a slow reading of a faster beat
 #: (step 5), and the weight of that evidence per octave of excess. Chosen with
 #: ``benchmarks/octave_cues.py`` and generated grooves (docs/accuracy.md): at 2 (with
-#: ``ONSET_FLOOR`` 0.5) no synthetic song, demo song or degraded copy changes, grooves at 70-100 BPM
-#: with sixteenth-note hats keep their tempo, and the real set gains; counting weaker onsets (a
+#: ``ONSET_FLOOR`` 0.5) no synthetic song, demo song or degraded synthetic copy changes, grooves at
+#: 80-90 BPM with sixteenth-note hats keep their tempo, and the real set gains; counting weaker onsets (a
 #: quarter of the strong ones) with 2.5 a beat gained more real files but doubled 80-90 BPM grooves
 #: with sixteenth-note hats.
 EVENTS_PER_BEAT = 2.0
@@ -259,9 +259,9 @@ def onset_density(curve: F64, *, rate: float, floor: float | None = None) -> flo
     ``ONSET_CONTEXT_S`` either side (a sustained loud passage counts its attacks, not its level)
     and reaches ``ONSET_FLOOR`` times the strong onsets' strength (the 95th percentile of those
     peaks), so neither quiet hats nor the ripples of added noise between the attacks are
-    counted: with a threshold set by the curve's spread instead, pink noise at 12 dB SNR raised
-    the count of slow songs by half and doubled four of 55 (docs/accuracy.md). 0.0 for a curve
-    shorter than a second or than the context. ``floor`` replaces ``ONSET_FLOOR`` where given.
+    counted (a threshold set by the curve's spread let added noise raise the count; see
+    docs/accuracy.md). 0.0 for a curve shorter than a second or than the context. ``floor``
+    replaces ``ONSET_FLOOR`` where given.
     """
     if len(curve) < max(rate, 2 * round(ONSET_CONTEXT_S * rate) + 1):
         return 0.0
