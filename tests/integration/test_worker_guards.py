@@ -157,6 +157,7 @@ async def test_a_consumer_that_cannot_start_after_a_start_up_pause_ends_the_work
     worker exits with EXIT_STARTUP_FAILED instead of idling with the guard gone."""
     settings = with_worker(settings, max_rss_mb=1.0)
     async with Broker(settings), WorkerRun(settings, exits=(EXIT_STARTUP_FAILED,)) as run:
+        await run.until("connected to the broker", connected)  # start-up: the slots' imports, first
         await run.until("paused by the memory guard", paused, timeout_s=5.0)
 
         def broken() -> None:
