@@ -50,6 +50,7 @@ ledger check, the progress write, the probe + hash, the slot calls (ms per analy
         [--probes 3] [--rounds 1] [--skip-two] [--skip-priority] [--profile] [--trace]
         [--env NAME=VALUE ...]
     uv run python benchmarks/throughput.py --tracks 1 --graph-writes 400   # graph write CPU only
+    uv run python benchmarks/throughput.py --tracks 1 --ledger-writes 400  # ledger calls' CPU only
     uv run python benchmarks/throughput.py --slot-rss 600   # an analysis process's RSS, never recycled
 
 Needs ``ffmpeg`` (with libmp3lame) on ``PATH`` to make the files, and the services above.
@@ -1032,6 +1033,58 @@ async def graph_writes(workdir: Path, sample: dict[str, Any], n: int) -> tuple[f
     return 1000 * cpu / n, 1000 * server_cpu / n, 1000 * wall / n
 
 
+async def ledger_writes(sample: dict[str, Any], n: int) -> tuple[float, float, float]:
+    """Client CPU, PostgreSQL CPU and wall ms per request's ledger calls (``begin``, ``finish`` of a
+    completed result, ``mark_published``) for ``n`` requests, one after another, in a fresh database."""
+    import psutil
+
+    from analysis_service.settings import PostgresSettings
+    from analysis_service.sinks.postgres import PostgresLedger, RequestFields
+    from service_shared.messages import AnalysisRequest, AnalysisResultMessage, EngineOutput, ResultStatus
+
+    db = f"analysis_bench_{secrets.token_hex(5)}"
+    await _pg_admin(f'CREATE DATABASE "{db}"')
+    try:
+        ledger = PostgresLedger(PostgresSettings(dsn=f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{db}"))
+        await ledger.start()
+        output = EngineOutput.model_validate(sample)
+        # The server's processes now (this pool's connection among them); one that ends meanwhile
+        # (another client's) is left out of both readings.
+        servers = {p.pid: p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"}
+
+        def server_cpu() -> dict[int, float]:
+            times = {}
+            for pid, process in servers.items():
+                with suppress(psutil.NoSuchProcess):
+                    times[pid] = sum(process.cpu_times()[:2])
+            return times
+
+        s0 = server_cpu()
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            request = AnalysisRequest(request_id=f"ledger-{i}", file=f"track-{i}.mp3")
+            fields = RequestFields.of(request)
+            await ledger.begin(request.request_id, fields, count_attempt=True)
+            await ledger.finish(
+                AnalysisResultMessage(
+                    request_id=request.request_id,
+                    status=ResultStatus.COMPLETED,
+                    file=request.file,
+                    content_hash=f"sha256:{i:064x}",
+                    output=output,
+                ),
+                fields,
+            )
+            await ledger.mark_published(request.request_id)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        s1 = server_cpu()
+        server = sum(s1[pid] - s0[pid] for pid in s1.keys() & s0.keys())
+        await ledger.close()
+    finally:
+        await _pg_admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    return 1000 * cpu / n, 1000 * server / n, 1000 * wall / n
+
+
 # --------------------------------------------------------------------------------------------------
 # Profile report
 
@@ -1380,6 +1433,13 @@ def main() -> None:
         help="only measure N graph writes (worker CPU per write) against a fresh FalkorDB",
     )
     parser.add_argument(
+        "--ledger-writes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only measure the ledger calls of N requests (worker and PostgreSQL CPU) in a fresh database",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -1408,18 +1468,25 @@ def main() -> None:
     if args.slot_rss:
         slot_rss(files, args.slot_rss)
         return
-    if args.graph_writes:
+    if args.graph_writes or args.ledger_writes:
         analysed = subprocess.run(
             [sys.executable, "-m", "analysis_service.cli", "analyze", "--json", str(files[0])],
             capture_output=True,
             check=True,
         )
         sample = json.loads(analysed.stdout.splitlines()[0])["output"]
-        cpu_ms, server_ms, wall_ms = asyncio.run(graph_writes(workdir, sample, args.graph_writes))
-        print(
-            f"graph: {args.graph_writes} writes, per write {cpu_ms:.2f} ms CPU in the worker, "
-            f"{server_ms:.2f} ms in the graph server, {wall_ms:.1f} ms wall"
-        )
+        if args.graph_writes:
+            cpu_ms, server_ms, wall_ms = asyncio.run(graph_writes(workdir, sample, args.graph_writes))
+            print(
+                f"graph: {args.graph_writes} writes, per write {cpu_ms:.2f} ms CPU in the worker, "
+                f"{server_ms:.2f} ms in the graph server, {wall_ms:.1f} ms wall"
+            )
+        if args.ledger_writes:
+            cpu_ms, server_ms, wall_ms = asyncio.run(ledger_writes(sample, args.ledger_writes))
+            print(
+                f"ledger: {args.ledger_writes} requests (begin, finish, mark_published), per request "
+                f"{cpu_ms:.2f} ms CPU in the worker, {server_ms:.2f} ms in PostgreSQL, {wall_ms:.1f} ms wall"
+            )
         return
     engines: list[RunFigures] = []
     pipelines: list[RunFigures] = []

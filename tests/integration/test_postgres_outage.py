@@ -85,8 +85,9 @@ LANGUAGE plpgsql;
 CREATE TRIGGER slow_insert BEFORE INSERT ON analysis_results FOR EACH ROW EXECUTE FUNCTION slow_insert();
 """
 
+#: The slow trigger is sleeping: the statement that stores the outcome is under way.
 _COMMITTING = """
-SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'INSERT INTO analysis_results%'
+SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND wait_event = 'PgSleep'
 """
 
 

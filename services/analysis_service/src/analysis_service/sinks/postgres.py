@@ -18,7 +18,7 @@ The ledger's rules (:class:`PostgresLedger`):
 
 * **A terminal outcome is final.** :meth:`~PostgresLedger.finish` moves a request from ``queued`` or
   ``running`` to ``completed``, ``failed`` or ``cancelled`` and inserts its ``analysis_results`` row
-  in the same transaction, guarded by ``status NOT IN (terminal)``. When another delivery got there
+  in the same statement, guarded by ``status NOT IN (terminal)``. When another delivery got there
   first, nothing is written and the stored outcome is returned instead: every later step (the
   graph, the results exchange, progress) works from what the ledger holds, so the stores cannot
   disagree and no write path can replace a completed outcome with a failed one.
@@ -141,15 +141,6 @@ _RECORDING_COLUMNS = (
 #: Recording columns named like the ``TrackTags`` fields they hold.
 _TAG_COLUMNS = ("title", "artist", "album", "track_number", "year", "genre", "isrc", "codec", "bitrate_kbps")
 
-#: A recording's facts; a later analysis that does not know one keeps the earlier value.
-_UPSERT_RECORDING = (
-    f"INSERT INTO recordings ({', '.join(_RECORDING_COLUMNS)})\n"
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_RECORDING_COLUMNS) + 1))})\n"
-    "ON CONFLICT (content_hash) DO UPDATE SET "
-    + ", ".join(f"{c} = COALESCE(EXCLUDED.{c}, recordings.{c})" for c in _RECORDING_COLUMNS[1:])
-    + ", updated_at = now()"
-)
-
 _RESULT_COLUMNS = (
     "request_id",
     "correlation_id",
@@ -181,23 +172,60 @@ _RESULT_COLUMNS = (
 )
 _JSONB_COLUMNS = frozenset({"analyzer_versions", "timings", "output", "result"})
 
-_INSERT_RESULT = (
-    f"INSERT INTO analysis_results ({', '.join(_RESULT_COLUMNS)})\n"
-    "VALUES ("
-    + ", ".join(
+
+def _placeholders(columns: Sequence[str], first: int) -> str:
+    """``$first, $first+1, ...`` for ``columns``, cast to jsonb where the column is one."""
+    return ", ".join(
         f"${i}::jsonb" if column in _JSONB_COLUMNS else f"${i}"
-        for i, column in enumerate(_RESULT_COLUMNS, start=1)
+        for i, column in enumerate(columns, start=first)
     )
-    + ")"
+
+
+#: The request's columns besides its id, in ``RequestFields.values()`` order.
+_REQUEST_COLUMNS = ("fingerprint", "file", "analyses", "priority", "options", "correlation_id")
+_RECORDING_FIRST = 1 + len(_REQUEST_COLUMNS) + 4  # after the id, the request's columns, status, code, time
+_RESULT_FIRST = _RECORDING_FIRST + len(_RECORDING_COLUMNS)
+_SEGMENTS_FIRST = _RESULT_FIRST + len(_RESULT_COLUMNS)
+
+#: The terminal transition and everything stored with it, in one statement (so one round trip and
+#: atomic without a transaction block): the ``requests`` row moves to its terminal status unless it
+#: is terminal already or the id belongs to another request (another fingerprint); only when it
+#: moved are the recording's facts upserted (a later analysis that does not know one keeps the
+#: earlier value; skipped when the result has no content hash), the ``analysis_results`` row and
+#: the timeline's segments inserted. Returns the request id when it moved, no row otherwise.
+#: Sub-statements of one WITH see one snapshot, but the foreign keys are checked at its end, when
+#: the recording and the result row exist.
+_FINISH = f"""
+WITH won AS (
+    INSERT INTO requests AS r (request_id, {", ".join(_REQUEST_COLUMNS)}, status, error_code,
+                               started_at, finished_at)
+    VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, now(), $10)
+    ON CONFLICT (request_id) DO UPDATE SET
+        status      = EXCLUDED.status,
+        error_code  = EXCLUDED.error_code,
+        finished_at = EXCLUDED.finished_at,
+        updated_at  = now()
+    WHERE r.status IN ('queued', 'running')
+      AND r.fingerprint = EXCLUDED.fingerprint
+    RETURNING request_id
+), recording AS (
+    INSERT INTO recordings ({", ".join(_RECORDING_COLUMNS)})
+    SELECT {_placeholders(_RECORDING_COLUMNS, _RECORDING_FIRST)}
+    FROM won WHERE ${_RECORDING_FIRST}::text IS NOT NULL
+    ON CONFLICT (content_hash) DO UPDATE SET
+        {", ".join(f"{c} = COALESCE(EXCLUDED.{c}, recordings.{c})" for c in _RECORDING_COLUMNS[1:])},
+        updated_at = now()
+), result AS (
+    INSERT INTO analysis_results ({", ".join(_RESULT_COLUMNS)})
+    SELECT {_placeholders(_RESULT_COLUMNS, _RESULT_FIRST)} FROM won
+), segments AS (
+    INSERT INTO timeline_segments (request_id, idx, start_s, end_s, bpm, key)
+    SELECT won.request_id, s.idx, s.start_s, s.end_s, s.bpm, s.key
+    FROM won, unnest(${_SEGMENTS_FIRST}::integer[], ${_SEGMENTS_FIRST + 1}::double precision[],
+                     ${_SEGMENTS_FIRST + 2}::double precision[], ${_SEGMENTS_FIRST + 3}::double precision[],
+                     ${_SEGMENTS_FIRST + 4}::text[]) AS s (idx, start_s, end_s, bpm, key)
 )
-
-_DELETE_SEGMENTS = "DELETE FROM timeline_segments WHERE request_id = $1"
-
-_INSERT_SEGMENTS = """
-INSERT INTO timeline_segments (request_id, idx, start_s, end_s, bpm, key)
-SELECT $1, s.idx, s.start_s, s.end_s, s.bpm, s.key
-FROM unnest($2::integer[], $3::double precision[], $4::double precision[],
-            $5::double precision[], $6::text[]) AS s (idx, start_s, end_s, bpm, key)
+SELECT request_id FROM won
 """
 
 
@@ -335,12 +363,12 @@ def _result_row(result: AnalysisResultMessage) -> tuple[Any, ...]:
     return tuple(values[column] for column in _RESULT_COLUMNS)
 
 
-def _recording_row(result: AnalysisResultMessage, content_hash: str) -> tuple[Any, ...]:
+def _recording_row(result: AnalysisResultMessage) -> tuple[Any, ...]:
     """The ``recordings`` values of ``result``, in ``_RECORDING_COLUMNS`` order."""
     out: EngineOutput | None = result.output
     tags = out.tags if out else None
     values: dict[str, Any] = {
-        "content_hash": content_hash,
+        "content_hash": result.content_hash,
         "path": result.file,
         "duration_s": out.duration_s if out else None,
         "format": out.format if out else None,
@@ -375,22 +403,6 @@ WHERE r.status IN ('queued', 'running')
   AND r.cancel_requested_at IS NULL
   AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - make_interval(secs => $10))
 RETURNING attempts
-"""
-
-#: The terminal transition; no row comes back when the request is already terminal or the id
-#: belongs to another request.
-_FINISH = """
-INSERT INTO requests AS r (request_id, fingerprint, file, analyses, priority, options, correlation_id,
-                           status, error_code, started_at, finished_at)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, now(), $10)
-ON CONFLICT (request_id) DO UPDATE SET
-    status      = EXCLUDED.status,
-    error_code  = EXCLUDED.error_code,
-    finished_at = EXCLUDED.finished_at,
-    updated_at  = now()
-WHERE r.status IN ('queued', 'running')
-  AND r.fingerprint = EXCLUDED.fingerprint
-RETURNING request_id
 """
 
 _LOOKUP = """
@@ -603,32 +615,30 @@ class PostgresLedger:
         pool = self._require_pool("finish")
         rid = result.request_id
         segments = (result.output.timeline if result.output else None) or []
+        recording = _recording_row(result) if result.content_hash else (None,) * len(_RECORDING_COLUMNS)
         with _translated(f"storing the outcome of {rid!r}"):
-            async with pool.acquire() as connection, connection.transaction():
-                won = await connection.fetchval(
-                    _FINISH, rid, *fields.values(), result.status.value, _code(result), result.finished_at
-                )
-                if won is None:
-                    record = await self._lookup(connection, rid)
-                else:
-                    record = None
-                    if result.content_hash:
-                        await connection.execute(
-                            _UPSERT_RECORDING, *_recording_row(result, result.content_hash)
-                        )
-                    await connection.execute(_INSERT_RESULT, *_result_row(result))
-                    if segments:
-                        await connection.execute(
-                            _INSERT_SEGMENTS,
-                            rid,
-                            list(range(len(segments))),
-                            [s.start_s for s in segments],
-                            [s.end_s for s in segments],
-                            [s.bpm for s in segments],
-                            [s.key for s in segments],
-                        )
-        if record is None:
-            return Finished(result, written=True, published=False)
+            won = await pool.fetchval(
+                _FINISH,
+                rid,
+                *fields.values(),
+                result.status.value,
+                _code(result),
+                result.finished_at,
+                *recording,
+                *_result_row(result),
+                list(range(len(segments))),
+                [s.start_s for s in segments],
+                [s.end_s for s in segments],
+                [s.bpm for s in segments],
+                [s.key for s in segments],
+            )
+            if won is not None:
+                return Finished(result, written=True, published=False)
+            # A statement of its own, so that it sees a row another transaction committed after
+            # the first one's snapshot was taken (its conflict check saw that row; its snapshot did not).
+            record = await self._lookup(pool, rid)
+        if record is None:  # deleted between the two statements: only an operator does that
+            raise SinkUnavailable(f"{STORE}: the ledger row of {rid!r} vanished while storing its outcome")
         if record.fingerprint != fields.fingerprint:
             raise IdConflict(record)
         if record.result is None:  # terminal without a result row: only a manual edit does that
