@@ -147,6 +147,26 @@ async def test_finish_stores_the_outcome_once_with_typed_columns(
     assert (recording["sample_rate"], recording["channels"]) == (44100, 2)
 
 
+async def test_concurrent_finishes_store_one_outcome_and_all_return_it(
+    make_sink: SinkFactory, db: asyncpg.Connection
+) -> None:
+    """Deliveries of one request finishing at once, each on its own connection: one outcome is
+    stored, and every other one is told that outcome (it was committed after their statement's
+    snapshot, so only a statement of its own can read it)."""
+    sinks = [await make_sink() for _ in range(6)]
+    for _ in range(5):
+        await db.execute("TRUNCATE requests, analysis_results, timeline_segments, recordings")
+        outcomes = [completed(segments=1 + i, bpm=120.0 + i) for i in range(len(sinks))]
+        finished = await asyncio.gather(*(s.finish(o, FIELDS) for s, o in zip(sinks, outcomes, strict=True)))
+        [winner] = [f.result for f in finished if f.written]
+        assert all(f.result == winner for f in finished)
+        assert winner.output is not None
+        assert winner.output.tempo is not None
+        assert await db.fetchval("SELECT count(*) FROM analysis_results") == 1
+        assert await db.fetchval("SELECT bpm FROM analysis_results") == winner.output.tempo.bpm
+        assert await db.fetchval("SELECT count(*) FROM timeline_segments") == len(winner.output.timeline)
+
+
 def failure(request_id: str = "req-1", code: str = "worker_crashed") -> AnalysisResultMessage:
     return AnalysisResultMessage(
         request_id=request_id,
