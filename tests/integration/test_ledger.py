@@ -164,7 +164,8 @@ async def test_concurrent_finishes_store_one_outcome_and_all_return_it(
         assert winner.output.tempo is not None
         assert await db.fetchval("SELECT count(*) FROM analysis_results") == 1
         assert await db.fetchval("SELECT bpm FROM analysis_results") == winner.output.tempo.bpm
-        assert await db.fetchval("SELECT count(*) FROM timeline_segments") == len(winner.output.timeline)
+        segments = winner.output.timeline or []
+        assert await db.fetchval("SELECT count(*) FROM timeline_segments") == len(segments)
 
 
 def failure(request_id: str = "req-1", code: str = "worker_crashed") -> AnalysisResultMessage:
