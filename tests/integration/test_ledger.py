@@ -150,22 +150,36 @@ async def test_finish_stores_the_outcome_once_with_typed_columns(
 async def test_concurrent_finishes_store_one_outcome_and_all_return_it(
     make_sink: SinkFactory, db: asyncpg.Connection
 ) -> None:
-    """Deliveries of one request finishing at once, each on its own connection: one outcome is
-    stored, and every other one is told that outcome (it was committed after their statement's
-    snapshot, so only a statement of its own can read it)."""
+    """Six deliveries of one running request finish at once, each on its own connection, queued
+    behind a lock on the request's row: one outcome is stored, and every other delivery is told that
+    outcome (committed after their statements' snapshot was taken, so only a statement of its own
+    can read it)."""
     sinks = [await make_sink() for _ in range(6)]
-    for _ in range(5):
-        await db.execute("TRUNCATE requests, analysis_results, timeline_segments, recordings")
-        outcomes = [completed(segments=1 + i, bpm=120.0 + i) for i in range(len(sinks))]
-        finished = await asyncio.gather(*(s.finish(o, FIELDS) for s, o in zip(sinks, outcomes, strict=True)))
-        [winner] = [f.result for f in finished if f.written]
-        assert all(f.result == winner for f in finished)
-        assert winner.output is not None
-        assert winner.output.tempo is not None
-        assert await db.fetchval("SELECT count(*) FROM analysis_results") == 1
-        assert await db.fetchval("SELECT bpm FROM analysis_results") == winner.output.tempo.bpm
-        segments = winner.output.timeline or []
-        assert await db.fetchval("SELECT count(*) FROM timeline_segments") == len(segments)
+    assert isinstance(await sinks[0].begin("req-1", FIELDS, count_attempt=True), Started)
+    outcomes = [completed(segments=1 + i, bpm=120.0 + i) for i in range(len(sinks))]
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM requests WHERE request_id = 'req-1' FOR UPDATE")
+        finishing = asyncio.gather(*(s.finish(o, FIELDS) for s, o in zip(sinks, outcomes, strict=True)))
+        for _ in range(200):
+            if await db.fetchval(_LOCK_WAITS) == len(sinks):
+                break
+            await asyncio.sleep(0.025)
+        assert await db.fetchval(_LOCK_WAITS) == len(sinks), "the finishes did not all wait for the row"
+    finished = await finishing
+    [winner] = [f.result for f in finished if f.written]
+    assert all(f.result == winner for f in finished)
+    assert winner.output is not None
+    assert winner.output.tempo is not None
+    assert await db.fetchval("SELECT count(*) FROM analysis_results") == 1
+    assert await db.fetchval("SELECT bpm FROM analysis_results") == winner.output.tempo.bpm
+    segments = winner.output.timeline or []
+    assert await db.fetchval("SELECT count(*) FROM timeline_segments") == len(segments)
+    assert await db.fetchval("SELECT status FROM requests WHERE request_id = 'req-1'") == "completed"
+
+
+_LOCK_WAITS = """
+SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+"""
 
 
 def failure(request_id: str = "req-1", code: str = "worker_crashed") -> AnalysisResultMessage:

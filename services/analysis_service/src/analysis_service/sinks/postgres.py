@@ -170,7 +170,8 @@ _RESULT_COLUMNS = (
     "tag_bpm_check",
     "tag_key_check",
 )
-_JSONB_COLUMNS = frozenset({"analyzer_versions", "timings", "output", "result"})
+#: Columns of type jsonb, in any of the tables written here (their values are sent as JSON text).
+_JSONB_COLUMNS = frozenset({"options", "analyzer_versions", "timings", "output", "result"})
 
 
 def _placeholders(columns: Sequence[str], first: int) -> str:
@@ -183,7 +184,9 @@ def _placeholders(columns: Sequence[str], first: int) -> str:
 
 #: The request's columns besides its id, in ``RequestFields.values()`` order.
 _REQUEST_COLUMNS = ("fingerprint", "file", "analyses", "priority", "options", "correlation_id")
-_RECORDING_FIRST = 1 + len(_REQUEST_COLUMNS) + 4  # after the id, the request's columns, status, code, time
+#: The ``requests`` columns of a terminal outcome: the statement's first parameters, in this order.
+_OUTCOME_COLUMNS = ("request_id", *_REQUEST_COLUMNS, "status", "error_code", "finished_at")
+_RECORDING_FIRST = 1 + len(_OUTCOME_COLUMNS)
 _RESULT_FIRST = _RECORDING_FIRST + len(_RECORDING_COLUMNS)
 _SEGMENTS_FIRST = _RESULT_FIRST + len(_RESULT_COLUMNS)
 
@@ -197,9 +200,8 @@ _SEGMENTS_FIRST = _RESULT_FIRST + len(_RESULT_COLUMNS)
 #: the recording and the result row exist.
 _FINISH = f"""
 WITH won AS (
-    INSERT INTO requests AS r (request_id, {", ".join(_REQUEST_COLUMNS)}, status, error_code,
-                               started_at, finished_at)
-    VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, now(), $10)
+    INSERT INTO requests AS r ({", ".join(_OUTCOME_COLUMNS)}, started_at)
+    VALUES ({_placeholders(_OUTCOME_COLUMNS, 1)}, now())
     ON CONFLICT (request_id) DO UPDATE SET
         status      = EXCLUDED.status,
         error_code  = EXCLUDED.error_code,
