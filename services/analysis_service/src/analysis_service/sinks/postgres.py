@@ -594,7 +594,8 @@ class PostgresLedger:
             if attempts is not None:
                 return Started(int(attempts))
             record = await self._lookup(pool, request_id)
-        if record is None:  # deleted between the two statements: only an operator does that
+        if record is None:  # deleted between the two statements: by an operator, or by the job API
+            # rolling back a queued submission that reused the id (retried: the id is free again)
             raise SinkUnavailable(f"{STORE}: the ledger row of {request_id!r} vanished while starting it")
         return Known(record)
 
@@ -617,7 +618,6 @@ class PostgresLedger:
         pool = self._require_pool("finish")
         rid = result.request_id
         segments = (result.output.timeline if result.output else None) or []
-        recording = _recording_row(result) if result.content_hash else (None,) * len(_RECORDING_COLUMNS)
         with _translated(f"storing the outcome of {rid!r}"):
             won = await pool.fetchval(
                 _FINISH,
@@ -626,7 +626,7 @@ class PostgresLedger:
                 result.status.value,
                 _code(result),
                 result.finished_at,
-                *recording,
+                *_recording_row(result),  # skipped by the statement when there is no content hash
                 *_result_row(result),
                 list(range(len(segments))),
                 [s.start_s for s in segments],
@@ -639,7 +639,8 @@ class PostgresLedger:
             # A statement of its own, so that it sees a row another transaction committed after
             # the first one's snapshot was taken (its conflict check saw that row; its snapshot did not).
             record = await self._lookup(pool, rid)
-        if record is None:  # deleted between the two statements: only an operator does that
+        if record is None:  # deleted between the two statements: by an operator, or by the job API
+            # rolling back a queued submission that reused the id (retried: the id is free again)
             raise SinkUnavailable(f"{STORE}: the ledger row of {rid!r} vanished while storing its outcome")
         if record.fingerprint != fields.fingerprint:
             raise IdConflict(record)
