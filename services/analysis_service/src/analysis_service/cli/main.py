@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,26 @@ EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+def _serve(main: Coroutine[Any, Any, int]) -> int:
+    """Run a long-lived service (``worker``, ``api``) to its exit status, on uvloop where installed.
+
+    uvloop (libuv's loop) runs the callbacks, socket reads and timers of the broker, PostgreSQL,
+    Redis and Bolt clients in C: the worker's main process spends a third of its CPU per request
+    in the event loop itself on asyncio's loop (docs/tuning.md). Where uvloop is not installed
+    (Windows), asyncio's own loop runs it the same way.
+    """
+    import asyncio
+    import contextlib
+
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    with contextlib.suppress(ImportError):  # a platform without uvloop keeps asyncio's loop
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main)
 
 
 def _version(value: bool) -> None:
@@ -225,7 +246,7 @@ def worker() -> None:
             loop.add_signal_handler(sig, stop.set)
         return await Worker(settings).run(stop)
 
-    raise typer.Exit(asyncio.run(serve()))
+    raise typer.Exit(_serve(serve()))
 
 
 @app.command()
@@ -335,7 +356,6 @@ def submit(
 @app.command()
 def api() -> None:
     """Serve the job API (HTTP + WebSocket) until SIGTERM/SIGINT (configured by ANALYSIS_* env)."""
-    import asyncio
 
     from analysis_service.api import serve
     from service_shared.logging import configure_logging
@@ -346,4 +366,4 @@ def api() -> None:
         service=f"{settings.service_name}-api", level=settings.log_level, fmt=settings.log_format
     )
     warn_unknown_settings(Settings)
-    raise typer.Exit(asyncio.run(serve(settings)))
+    raise typer.Exit(_serve(serve(settings)))
