@@ -51,6 +51,8 @@ ledger check, the progress write, the probe + hash, the slot calls (ms per analy
         [--env NAME=VALUE ...]
     uv run python benchmarks/throughput.py --tracks 1 --graph-writes 400   # graph write CPU only
     uv run python benchmarks/throughput.py --tracks 1 --ledger-writes 400  # ledger calls' CPU only
+    uv run python benchmarks/throughput.py --tracks 1 --progress-writes 2000  # progress writes' CPU only
+        [--loop uvloop|asyncio]   # the event loop of these three (default: the worker's, uvloop)
     uv run python benchmarks/throughput.py --slot-rss 600   # an analysis process's RSS, never recycled
 
 Needs ``ffmpeg`` (with libmp3lame) on ``PATH`` to make the files, and the services above.
@@ -74,13 +76,13 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SOURCE_RATE = 44100
 TRACK_S = 180.0
@@ -101,6 +103,8 @@ IDLE_SAMPLE_S = 10.0
 TARGET_RATIO = 0.95
 TARGET_PRIORITY_ANALYSES = 2.0
 TARGET_TWO_WORKERS = 1.0
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1085,6 +1089,56 @@ async def ledger_writes(sample: dict[str, Any], n: int) -> tuple[float, float, f
     return 1000 * cpu / n, 1000 * server / n, 1000 * wall / n
 
 
+async def progress_writes(sample: dict[str, Any], n: int) -> tuple[float, float, float]:
+    """Client CPU, Redis CPU and wall ms per request's progress writes for ``n`` requests: the
+    start, one report while running, and the terminal state with its summary, as the worker's
+    progress hook writes them (under a key prefix of its own, removed afterwards)."""
+    import psutil
+    from redis import asyncio as aioredis
+
+    from analysis_service.settings import RedisSettings
+    from analysis_service.sinks.progress import ProgressStore
+    from analysis_service.worker.hooks import summary
+    from service_shared.messages import EngineOutput
+
+    prefix = f"bench-{secrets.token_hex(5)}"
+    store = ProgressStore(RedisSettings(url=REDIS_URL, key_prefix=prefix))
+    headline = summary(EngineOutput.model_validate(sample))
+    servers = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "redis-server"]
+    server = next(p for p in servers if any(":6379" in part for part in p.info["cmdline"] or ()))
+    try:
+        await store.ping()
+        s0 = sum(server.cpu_times()[:2])
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            rid = f"progress-{i}"
+            await store.update(rid, status="running", percent=0.0, stage="started", file=f"track-{i}.mp3")
+            await store.update(rid, status="running", percent=41.5, stage="decode")
+            await store.update(
+                rid, status="completed", percent=100.0, stage="done", file=f"track-{i}.mp3", summary=headline
+            )
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        redis_cpu = sum(server.cpu_times()[:2]) - s0
+    finally:
+        await store.close()
+        cleaner = aioredis.from_url(REDIS_URL)
+        async for key in cleaner.scan_iter(match=f"{prefix}:*", count=1000):
+            await cleaner.delete(key)
+        await cleaner.aclose()
+    return 1000 * cpu / n, 1000 * redis_cpu / n, 1000 * wall / n
+
+
+def run_on(loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on ``loop``: ``uvloop`` (as the worker and the job API do) or ``asyncio``."""
+    factory = asyncio.new_event_loop
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
 # --------------------------------------------------------------------------------------------------
 # Profile report
 
@@ -1440,6 +1494,19 @@ def main() -> None:
         help="only measure the ledger calls of N requests (worker and PostgreSQL CPU) in a fresh database",
     )
     parser.add_argument(
+        "--progress-writes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only measure the progress writes of N requests (worker and Redis CPU)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of the --graph/--ledger/--progress-writes measurements (the worker's: uvloop)",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -1468,7 +1535,7 @@ def main() -> None:
     if args.slot_rss:
         slot_rss(files, args.slot_rss)
         return
-    if args.graph_writes or args.ledger_writes:
+    if args.graph_writes or args.ledger_writes or args.progress_writes:
         analysed = subprocess.run(
             [sys.executable, "-m", "analysis_service.cli", "analyze", "--json", str(files[0])],
             capture_output=True,
@@ -1476,16 +1543,22 @@ def main() -> None:
         )
         sample = json.loads(analysed.stdout.splitlines()[0])["output"]
         if args.graph_writes:
-            cpu_ms, server_ms, wall_ms = asyncio.run(graph_writes(workdir, sample, args.graph_writes))
+            cpu_ms, server_ms, wall_ms = run_on(args.loop, graph_writes(workdir, sample, args.graph_writes))
             print(
                 f"graph: {args.graph_writes} writes, per write {cpu_ms:.2f} ms CPU in the worker, "
                 f"{server_ms:.2f} ms in the graph server, {wall_ms:.1f} ms wall"
             )
         if args.ledger_writes:
-            cpu_ms, server_ms, wall_ms = asyncio.run(ledger_writes(sample, args.ledger_writes))
+            cpu_ms, server_ms, wall_ms = run_on(args.loop, ledger_writes(sample, args.ledger_writes))
             print(
                 f"ledger: {args.ledger_writes} requests (begin, finish, mark_published), per request "
                 f"{cpu_ms:.2f} ms CPU in the worker, {server_ms:.2f} ms in PostgreSQL, {wall_ms:.1f} ms wall"
+            )
+        if args.progress_writes:
+            cpu_ms, server_ms, wall_ms = run_on(args.loop, progress_writes(sample, args.progress_writes))
+            print(
+                f"progress: {args.progress_writes} requests (start, one report, outcome), per request "
+                f"{cpu_ms:.2f} ms CPU in the worker, {server_ms:.2f} ms in Redis, {wall_ms:.1f} ms wall"
             )
         return
     engines: list[RunFigures] = []
