@@ -108,11 +108,12 @@ async def test_shutdown_leaves_no_thread_or_child_process_behind(settings: Setti
         await asyncio.sleep(0.5)
     finally:
         threading.excepthook = previous
-    # asyncio_N: the event loop's own executor (name resolution), shut down by asyncio.run.
+    # asyncio_N / uvloop_N: the event loop's own executor (name resolution), shut down when the
+    # loop closes (asyncio.Runner in `analysis-service worker`).
     left = [
         t.name
         for t in threading.enumerate()
-        if t.ident not in before and t.is_alive() and not t.name.startswith("asyncio_")
+        if t.ident not in before and t.is_alive() and not t.name.startswith(("asyncio_", "uvloop_"))
     ]
     assert left == []
     assert errors == []
