@@ -29,7 +29,9 @@ The hash write, its expiry and both publishes are one server-side script (``EVAL
 :data:`UPDATE_SCRIPT`): one round trip and one command to encode and parse, atomic like a
 ``MULTI``/``EXEC`` transaction, so a subscriber that reads the hash after a message sees at least
 that update. (The transaction it replaced sent seven commands and parsed seven replies per update,
-the largest part of the worker's Redis CPU.)
+the largest part of the worker's Redis CPU.) A Redis user restricted by an ACL needs ``EVALSHA`` and
+``SCRIPT LOAD`` besides the hash and ``PUBLISH`` commands; redis-py loads the script again after a
+server restart (``NOSCRIPT``).
 
 Progress is best effort for the worker; failures surface as :class:`SinkUnavailable` so that the
 caller's circuit breaker can stop trying for a while.
