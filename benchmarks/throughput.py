@@ -1104,11 +1104,14 @@ async def progress_writes(sample: dict[str, Any], n: int) -> tuple[float, float,
     prefix = f"bench-{secrets.token_hex(5)}"
     store = ProgressStore(RedisSettings(url=REDIS_URL, key_prefix=prefix))
     headline = summary(EngineOutput.model_validate(sample))
-    servers = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "redis-server"]
-    server = next(p for p in servers if any(":6379" in part for part in p.info["cmdline"] or ()))
+    servers = [psutil.Process(pid) for pid, kind in _server_processes().items() if kind == "Redis"]
+
+    def redis_cpu_s() -> float:
+        return sum(sum(server.cpu_times()[:2]) for server in servers)
+
     try:
         await store.ping()
-        s0 = sum(server.cpu_times()[:2])
+        s0 = redis_cpu_s()
         c0, t0 = time.process_time(), time.perf_counter()
         for i in range(n):
             rid = f"progress-{i}"
@@ -1118,7 +1121,7 @@ async def progress_writes(sample: dict[str, Any], n: int) -> tuple[float, float,
                 rid, status="completed", percent=100.0, stage="done", file=f"track-{i}.mp3", summary=headline
             )
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-        redis_cpu = sum(server.cpu_times()[:2]) - s0
+        redis_cpu = redis_cpu_s() - s0
     finally:
         await store.close()
         cleaner = aioredis.from_url(REDIS_URL)
