@@ -25,9 +25,13 @@ Throughput of each run is the steady-state rate, ``(n - 1) / (last - first compl
 same way for the engine (JSON lines as ``analyze`` prints them) and the pipeline (results as they
 arrive on the results queue), so start-up (spawning and warming the analysis processes) is left
 out of both. The **ratio** pipeline / engine is the figure that matters: both run on the same
-files, minutes apart, so machine noise mostly cancels. ``--rounds K`` measures runs 1-3 K times,
-each round starting with another of them (over a multiple of three rounds, a machine that speeds
-up or slows down favours none), and prints both ratios per round with their median and range.
+files, minutes apart. ``--rounds K`` measures runs 1-3 K times in that order and closes with one
+more engine run (and one-worker run), so that every pipeline run has a run of the kind it is
+compared with before and after it. Each pipeline run is divided by the engine's throughput
+interpolated linearly at the middle of its own span (each two-worker run by the one-worker
+throughput at its time, :func:`rate_at`): a machine whose speed drifts over minutes moves both
+alike. It prints both ratios per run with their median and range, and beside them the plain
+ratio to the engine run just before.
 
 Per-stage latency comes from each request's own timestamps, not from histograms: the engine
 stages from the result's ``timings_s`` and the pipeline steps from the ledger (``requests`` and
@@ -490,6 +494,7 @@ class RunFigures:
     servers_cpu_s: dict[str, float] = field(default_factory=dict)  # CpuSampler.servers_s
     failures: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    t0: float = 0.0  # wall clock (time.time()) at the run's start; first_s and last_s count from it
 
     def occupancy(self, slots: int) -> float:
         """Share of the slots' time spent analysing: the engine's wall time of every track over
@@ -502,6 +507,28 @@ class RunFigures:
     @property
     def per_hour(self) -> float:
         return 3600.0 * (self.n - 1) / (self.last_s - self.first_s) if self.last_s > self.first_s else 0.0
+
+    @property
+    def mid(self) -> float:
+        """Wall-clock middle of the span ``per_hour`` is measured over."""
+        return self.t0 + (self.first_s + self.last_s) / 2
+
+
+def rate_at(when: float, refs: Sequence[RunFigures]) -> float:
+    """The throughput of ``refs`` (runs of one kind) interpolated at wall-clock time ``when``.
+
+    Linear between the last run before ``when`` and the first run after it; the nearest run's rate
+    when ``when`` lies outside them. A machine whose speed drifts steadily over minutes moves the
+    run being judged and its interpolated reference alike, so their ratio does not see the drift.
+    """
+    ordered = sorted(refs, key=lambda r: r.mid)
+    before = [r for r in ordered if r.mid <= when]
+    after = [r for r in ordered if r.mid > when]
+    if not before or not after:
+        return (before[-1] if before else after[0]).per_hour
+    a, b = before[-1], after[0]
+    w = (when - a.mid) / (b.mid - a.mid)
+    return (1 - w) * a.per_hour + w * b.per_hour
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -527,7 +554,7 @@ def engine_run(files: list[Path], jobs: int) -> RunFigures:
         str(jobs),
         *map(str, files),
     ]
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     times: list[float] = []
     stages: dict[str, list[float]] = {}
@@ -556,6 +583,7 @@ def engine_run(files: list[Path], jobs: int) -> RunFigures:
         machine_busy=cpu.machine_busy,
         servers_cpu_s=cpu.servers_s(),
         failures=failures,
+        t0=t0_wall,
     )
 
 
@@ -900,6 +928,7 @@ async def pipeline_run(
             "idle_main_cpu_per_s": idle_main_s,
             "rss_mb": [cpu.rss_mb(p.pid) for p, _, _ in started],
         },
+        t0=t0,
     )
     for rid in ids:
         arrived, result = bench.arrived[rid]
@@ -1583,16 +1612,16 @@ def main() -> None:
         run: RunFigures = got["runs"][0]
         return run
 
+    # Rounds of engine, one worker, two workers, closed by an engine run (and a one-worker run), so
+    # that every pipeline run has a run of the kind it is compared with on each side in time.
     kinds = ["engine", "one", *([] if args.skip_two else ["two"])]
-    for k in range(args.rounds):
-        # Each round measures every kind once, starting with another kind each time, so that a
-        # machine getting faster or slower during the rounds favours none of them.
-        for kind in kinds[k % len(kinds) :] + kinds[: k % len(kinds)]:
-            if kind == "engine":
-                engines.append(engine_run(files, slots))
-                print_run(engines[-1], cpus, slots)
-            else:
-                (pipelines if kind == "one" else twos).append(pipeline(1 if kind == "one" else 2))
+    schedule = kinds * args.rounds + (kinds[:-1] if args.rounds else [])
+    for kind in schedule:
+        if kind == "engine":
+            engines.append(engine_run(files, slots))
+            print_run(engines[-1], cpus, slots)
+        else:
+            (pipelines if kind == "one" else twos).append(pipeline(1 if kind == "one" else 2))
     if pipelines:
         metrics = pipelines[-1].extra["metrics"]
         print("\nfrom the worker's /metrics (analysis_stage_duration_seconds; x2 buckets, interpolated):")
@@ -1609,26 +1638,30 @@ def main() -> None:
         if "priority" in extra:
             print_priority(extra["priority"], args.backlog)
         return
-    ratios = [p.per_hour / e.per_hour for e, p in zip(engines, pipelines, strict=True) if e.per_hour]
-    for k, (e, p) in enumerate(zip(engines, pipelines, strict=True), 1):
-        two = f", two workers {twos[k - 1].per_hour:,.0f}" if twos else ""
+    # Each pipeline run against the engine's throughput interpolated at its own time (rate_at), and
+    # each two-worker run against the one-worker throughput at its time: the machine's drift
+    # between runs cancels to first order. The adjacent-run ratio is printed beside it.
+    ratios = [p.per_hour / rate_at(p.mid, engines) for p in pipelines]
+    pairs = [t.per_hour / rate_at(t.mid, pipelines) for t in twos]
+    for k, p in enumerate(pipelines):
+        e = engines[min(k, len(engines) - 1)]
+        two = f", two workers {twos[k].per_hour:,.0f} (/ one {pairs[k]:.3f})" if k < len(twos) else ""
         print(
-            f"round {k}: engine {e.per_hour:,.0f} tracks/hour, pipeline (1 worker) {p.per_hour:,.0f} "
-            f"tracks/hour{two}, ratio {p.per_hour / e.per_hour:.3f}; slots analysing "
-            f"{100 * e.occupancy(slots):.0f}% vs {100 * p.occupancy(slots):.0f}%"
+            f"run {k + 1}: engine {e.per_hour:,.0f} tracks/hour, pipeline (1 worker) {p.per_hour:,.0f} "
+            f"tracks/hour, ratio {ratios[k]:.3f} (to the run before alone {p.per_hour / e.per_hour:.3f})"
+            f"{two}; slots analysing {100 * e.occupancy(slots):.0f}% vs {100 * p.occupancy(slots):.0f}%"
         )
     ratio = statistics.median(ratios)
     verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
     print(
-        f"pipeline / engine ratio (median of {len(ratios)}, range {min(ratios):.3f}-{max(ratios):.3f}): "
-        f"{ratio:.3f}  target >= {TARGET_RATIO}  {verdict}"
+        f"pipeline / engine ratio (median of {len(ratios)}, range {min(ratios):.3f}-{max(ratios):.3f}; "
+        f"engine interpolated at each run's time): {ratio:.3f}  target >= {TARGET_RATIO}  {verdict}"
     )
-    if twos:
-        pairs = [t.per_hour / p.per_hour for p, t in zip(pipelines, twos, strict=True) if p.per_hour]
+    if pairs:
         r2 = statistics.median(pairs)
         print(
-            f"two workers / one worker (median of {len(pairs)} rounds, range {min(pairs):.3f}-"
-            f"{max(pairs):.3f}): {r2:.3f}  target >= {TARGET_TWO_WORKERS}  "
+            f"two workers / one worker (median of {len(pairs)}, range {min(pairs):.3f}-{max(pairs):.3f}; "
+            f"one worker interpolated at each run's time): {r2:.3f}  target >= {TARGET_TWO_WORKERS}  "
             f"{'PASS' if r2 >= TARGET_TWO_WORKERS else 'FAIL'}"
         )
     if "priority" in extra:

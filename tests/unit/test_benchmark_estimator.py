@@ -1,0 +1,53 @@
+"""The throughput benchmark's estimator: a run is judged against the other kind at its own time."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def throughput() -> ModuleType:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_throughput", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(throughput: ModuleType, mid: float, per_hour: float) -> Any:
+    """A run of 101 tracks at ``per_hour`` whose steady span is centred on ``mid`` (wall clock)."""
+    span = 100 * 3600.0 / per_hour
+    return throughput.RunFigures(name="r", n=101, first_s=5.0, last_s=5.0 + span, t0=mid - 5.0 - span / 2)
+
+
+def test_a_steady_drift_cancels(throughput: ModuleType) -> None:
+    # The machine slows by 1 % a minute: the engine before and after a pipeline run that is
+    # really 0.96 of the engine at its own time.
+    def engine_rate(t: float) -> float:
+        return 10_000.0 * (1 - 0.01 * t / 60)
+
+    before = run(throughput, 30.0, engine_rate(30.0))
+    after = run(throughput, 270.0, engine_rate(270.0))
+    pipeline = run(throughput, 130.0, 0.96 * engine_rate(130.0))
+    assert pipeline.mid == pytest.approx(130.0)
+    ratio = pipeline.per_hour / throughput.rate_at(pipeline.mid, [after, before])
+    assert ratio == pytest.approx(0.96, abs=1e-9)
+    # The plain ratio to the run before would call it slower than it is.
+    assert pipeline.per_hour / before.per_hour < 0.955
+
+
+def test_outside_the_reference_runs_the_nearest_is_used(throughput: ModuleType) -> None:
+    first = run(throughput, 0.0, 9_000.0)
+    second = run(throughput, 100.0, 11_000.0)
+    assert throughput.rate_at(-5.0, [first, second]) == pytest.approx(9_000.0)
+    assert throughput.rate_at(500.0, [first, second]) == pytest.approx(11_000.0)
+    assert throughput.rate_at(50.0, [first, second]) == pytest.approx(10_000.0)
