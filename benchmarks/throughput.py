@@ -26,12 +26,13 @@ same way for the engine (JSON lines as ``analyze`` prints them) and the pipeline
 arrive on the results queue), so start-up (spawning and warming the analysis processes) is left
 out of both. The **ratio** pipeline / engine is the figure that matters: both run on the same
 files, minutes apart. ``--rounds K`` measures runs 1-3 K times in that order and closes with one
-more engine run (and one-worker run), so that every pipeline run has a run of the kind it is
-compared with before and after it. Each pipeline run is divided by the engine's throughput
-interpolated linearly at the middle of its own span (each two-worker run by the one-worker
-throughput at its time, :func:`rate_at`): a machine whose speed drifts over minutes moves both
-alike. It prints both ratios per run with their median and range, and beside them the plain
-ratio to the engine run just before.
+more one-worker run (unless ``--skip-two``) and one more engine run, so that every pipeline run has
+a run of the kind it is compared with before and after it; each run starts once the machine is
+quiet (:func:`settle`). Each one-worker run is divided by the engine's throughput interpolated
+linearly at the middle of its own span (each two-worker run by the one-worker throughput at its
+time, :func:`rate_at`): a machine whose speed drifts over minutes moves both alike. It prints both
+ratios per run with their median and range, and beside the first the plain ratio to the nearest
+engine run.
 
 Per-stage latency comes from each request's own timestamps, not from histograms: the engine
 stages from the result's ``timings_s`` and the pipeline steps from the ledger (``requests`` and
@@ -512,6 +513,28 @@ class RunFigures:
     def mid(self) -> float:
         """Wall-clock middle of the span ``per_hour`` is measured over."""
         return self.t0 + (self.first_s + self.last_s) / 2
+
+
+def run_schedule(rounds: int, *, two: bool) -> list[str]:
+    """The order of the runs: ``rounds`` rounds of engine, one worker (and two workers), closed by
+    one more one-worker run (with ``two``) and an engine run, so that every one-worker run has an
+    engine run on each side in time, and every two-worker run a one-worker run (see rate_at)."""
+    kinds = ["engine", "one", *(["two"] if two else [])]
+    closing = (["one"] if two else []) + ["engine"]
+    return kinds * rounds + (closing if rounds else [])
+
+
+def settle(quiet: float = 0.15, longest_s: float = 60.0) -> None:
+    """Wait until the machine's CPUs are quiet (under ``quiet`` busy over one second), at most
+    ``longest_s``: what the previous run left behind (a database being dropped, a checkpoint, a
+    server stopping) must not slow the next run."""
+    import psutil
+
+    deadline = time.monotonic() + longest_s
+    while (busy := psutil.cpu_percent(interval=1.0) / 100) >= quiet:
+        if time.monotonic() > deadline:
+            print(f"(the machine is still {100 * busy:.0f}% busy; starting the run anyway)", flush=True)
+            return
 
 
 def rate_at(when: float, refs: Sequence[RunFigures]) -> float:
@@ -1492,7 +1515,10 @@ def main() -> None:
     )
     parser.add_argument("--probes", type=int, default=3, help="priority-9 requests sent into the backlog")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="rounds of engine, 1 worker and 2 workers (the ratios' spread)"
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of engine, 1 worker, 2 workers; then one more 1-worker and engine run (the spread)",
     )
     parser.add_argument("--skip-two", action="store_true", help="leave out the two-worker run")
     parser.add_argument("--skip-priority", action="store_true", help="leave out the priority run")
@@ -1612,11 +1638,8 @@ def main() -> None:
         run: RunFigures = got["runs"][0]
         return run
 
-    # Rounds of engine, one worker, two workers, closed by an engine run (and a one-worker run), so
-    # that every pipeline run has a run of the kind it is compared with on each side in time.
-    kinds = ["engine", "one", *([] if args.skip_two else ["two"])]
-    schedule = kinds * args.rounds + (kinds[:-1] if args.rounds else [])
-    for kind in schedule:
+    for kind in run_schedule(args.rounds, two=not args.skip_two):
+        settle()  # each run starts on a quiet machine
         if kind == "engine":
             engines.append(engine_run(files, slots))
             print_run(engines[-1], cpus, slots)
@@ -1644,11 +1667,11 @@ def main() -> None:
     ratios = [p.per_hour / rate_at(p.mid, engines) for p in pipelines]
     pairs = [t.per_hour / rate_at(t.mid, pipelines) for t in twos]
     for k, p in enumerate(pipelines):
-        e = engines[min(k, len(engines) - 1)]
+        e = min(engines, key=lambda e: abs(e.mid - p.mid))
         two = f", two workers {twos[k].per_hour:,.0f} (/ one {pairs[k]:.3f})" if k < len(twos) else ""
         print(
             f"run {k + 1}: engine {e.per_hour:,.0f} tracks/hour, pipeline (1 worker) {p.per_hour:,.0f} "
-            f"tracks/hour, ratio {ratios[k]:.3f} (to the run before alone {p.per_hour / e.per_hour:.3f})"
+            f"tracks/hour, ratio {ratios[k]:.3f} (to the nearest engine run {p.per_hour / e.per_hour:.3f})"
             f"{two}; slots analysing {100 * e.occupancy(slots):.0f}% vs {100 * p.occupancy(slots):.0f}%"
         )
     ratio = statistics.median(ratios)

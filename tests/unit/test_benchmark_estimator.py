@@ -51,3 +51,19 @@ def test_outside_the_reference_runs_the_nearest_is_used(throughput: ModuleType) 
     assert throughput.rate_at(-5.0, [first, second]) == pytest.approx(9_000.0)
     assert throughput.rate_at(500.0, [first, second]) == pytest.approx(11_000.0)
     assert throughput.rate_at(50.0, [first, second]) == pytest.approx(10_000.0)
+
+
+@pytest.mark.parametrize("two", [True, False])
+@pytest.mark.parametrize("rounds", [1, 2, 5])
+def test_every_pipeline_run_has_its_reference_on_both_sides(
+    throughput: ModuleType, rounds: int, *, two: bool
+) -> None:
+    schedule = throughput.run_schedule(rounds, two=two)
+    reference = {"one": "engine", "two": "one"}
+    for i, kind in enumerate(schedule):
+        if kind in reference:
+            assert reference[kind] in schedule[:i], (schedule, i)
+            assert reference[kind] in schedule[i + 1 :], (schedule, i)
+    assert schedule.count("one") == rounds + (1 if two else 0)
+    assert schedule.count("two") == (rounds if two else 0)
+    assert throughput.run_schedule(0, two=two) == []
