@@ -752,6 +752,10 @@ if __name__ == "__main__":  # not in the spawned analysis processes, which impor
 _PROFILED_WORKER = (
     """
 import cProfile, json, os, signal, sys, time
+# The slots (spawned) run this script again before their initializer: numpy must not load first
+# with one thread per core, so the slots' single-threaded environment is set before any import.
+from analysis_service.pool import SINGLE_THREADED_ENV
+os.environ.update(SINGLE_THREADED_ENV)
 from analysis_service.cli.main import app
 
 out = os.environ["BENCH_PROFILE_OUT"]
@@ -781,6 +785,10 @@ def stop(*_):
 _TRACED_WORKER = (
     """
 import functools, json, os, signal, sys, time
+# The slots (spawned) run this script again before their initializer: numpy must not load first
+# with one thread per core, so the slots' single-threaded environment is set before any import.
+from analysis_service.pool import SINGLE_THREADED_ENV
+os.environ.update(SINGLE_THREADED_ENV)
 import structlog
 from analysis_service.cli.main import app
 from analysis_service.worker import hooks, pipeline, slots, worker
@@ -1264,8 +1272,8 @@ def profile_report(path: Path, n: int, top: int = 25) -> None:
         print(f"  {where + ':' + str(line) + ' ' + func:76s} {1000 * ct / n:10.2f} {nc:7d}")
 
 
-#: The slot job that analyses (``run_analysis_in_slot`` before it was queued behind the probe).
-_ANALYSIS_JOB = "analyse_inspected"
+#: The slot jobs that analyse, by the names they had (``pool.run_analysis_job`` now).
+_ANALYSIS_JOBS = ("run_analysis_job", "analyse_inspected", "run_analysis_in_slot")
 
 #: The parts of a slot's idle time between two analyses, in the order they happen: each is a span
 #: of the next request's way to its analysis (``(name, event that ends it)``, each from the end of
@@ -1301,9 +1309,10 @@ def trace_report(path: Path) -> dict[str, list[float]]:
         elif event == "_update end" and writing.get(rid):  # the oldest write of this request ended
             updates.setdefault(rid, []).append(t - writing[rid].pop(0))
         ev.setdefault(event, t)
-        if event in (f"{_ANALYSIS_JOB} end", "run_analysis_in_slot end"):
+        job, _, edge = event.rpartition(" ")
+        if job in _ANALYSIS_JOBS and edge == "end":
             ev["total"], ev["slot"], ev["analysis end"] = value, slot, t
-        elif event in (f"{_ANALYSIS_JOB} start", "run_analysis_in_slot start"):
+        elif job in _ANALYSIS_JOBS and edge == "start":
             ev["analysis start"] = t
     per_slot: dict[int, list[dict[str, Any]]] = {}
     for ev in events.values():
