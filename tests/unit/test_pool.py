@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,41 @@ def test_a_slot_process_runs_the_worker_s_jobs_without_importing_the_worker(tmp_
         assert imported.result() == []
     finally:
         executor.shutdown()
+
+
+_EMBEDDING_SCRIPT = """
+import numpy  # loaded first, as a user's own script may: spawn runs this file again in each slot
+
+from analysis_service.pool import create_pool
+
+
+def blas_threads():
+    import threadpoolctl
+
+    return sorted({pool["num_threads"] for pool in threadpoolctl.threadpool_info()})
+
+
+if __name__ == "__main__":
+    executor = create_pool(1)
+    try:
+        print(executor.submit(blas_threads).result())
+    finally:
+        executor.shutdown()
+"""
+
+
+def test_a_slot_is_single_threaded_even_when_numpy_loaded_before_its_initializer(tmp_path: Path) -> None:
+    """A script that imports numpy and starts the pool: each spawned slot runs the script again
+    before the pool's initializer, so numpy's BLAS starts its threads before the initializer's
+    environment can say one. With one BLAS thread per core in every slot, slots on a busy host
+    spin against each other (a traced benchmark worker paid 1.7 s of CPU per analysis instead of
+    0.35). The environment asks for 4 threads, so the test fails on any machine if the limit
+    is not applied."""
+    script = tmp_path / "embedding.py"
+    script.write_text(_EMBEDDING_SCRIPT)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "4", "OMP_NUM_THREADS": "4"}
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[1]"

@@ -78,6 +78,13 @@ def _initialize(progress_queue: ProgressQueue | None, parent_pid: int | None = N
     # kills this process when it must), so the signal must not kill an analysis half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(SINGLE_THREADED_ENV)
+    if "numpy" in sys.modules:
+        # Loaded before this initializer: spawn ran the parent's script again first (a script that
+        # imports numpy and starts a pool), and the BLAS thread pools exist already, sized by the
+        # environment of that moment. Limit them where they are (threadpoolctl, scikit-learn's).
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1)
     from analysis_service.audio.registry import build_registry
 
     global _PROGRESS_QUEUE, _REGISTRY
