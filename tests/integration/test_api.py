@@ -14,7 +14,7 @@ import pytest
 
 from analysis_service.settings import RabbitSettings, RedisSettings
 from analysis_service.sinks.postgres import fingerprint
-from service_shared.messages import AnalysisRequest
+from service_shared.messages import AnalysisRequest, RequestOptions
 from tests.integration.api_harness import (
     AUTH,
     KEYS,
@@ -121,7 +121,15 @@ def test_fingerprint_is_the_ledger_canonical_form() -> None:
     )
     canonical = '{"analyses":["bpm","mood"],"file":"x.wav","options":{"timeline":null,"use_cache":true}}'
 
+    # Unchanged by options added later while they are unset (bpm_range): a request recorded before
+    # them is still the same request.
     assert fingerprint(request) == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    ranged = request.model_copy(update={"options": RequestOptions(bpm_range=(88.0, 175.0))})
+    canonical = (
+        '{"analyses":["bpm","mood"],"file":"x.wav","options":'
+        '{"bpm_range":[88.0,175.0],"timeline":null,"use_cache":true}}'
+    )
+    assert fingerprint(ranged) == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -133,6 +141,7 @@ def test_fingerprint_is_the_ledger_canonical_form() -> None:
         ({"files": ["a.wav"], "analyses": ["bpm", "loudness"]}, 422, "unknown_analyzer"),
         ({"files": ["a.wav"], "analyses": ["bpm", "bpm"]}, 422, "invalid_analyses"),
         ({"files": ["a.wav"], "analyses": []}, 422, "invalid_analyses"),
+        ({"files": ["a.wav"], "options": {"bpm_range": [120, 130]}}, 422, "invalid_options"),
         ({"files": ["a.wav"], "analyses": ["Not A Name"]}, 422, "invalid_analyses"),
         ({"files": ["a.wav"], "priority": 10}, 422, "invalid_priority"),
         ({"files": ["a.wav"], "priority": -1}, 422, "invalid_priority"),

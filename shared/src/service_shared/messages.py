@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 
 class AnalysisKind(StrEnum):
@@ -39,6 +39,60 @@ ID_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
 ANALYZER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 #: A ``file``: no control characters (C0, DEL, C1).
 FILE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+#: Tempi a ``bpm_range`` may name (the engine reports 40-240 BPM).
+BPM_RANGE_LIMITS = (40.0, 240.0)
+#: Least ``high / low`` of a ``bpm_range``: about an octave, so that every tempo has an octave in it
+#: (DJ applications' ranges, 78-155 or 88-175, are 1.99).
+BPM_RANGE_MIN_RATIO = 1.9
+
+Bpm = Annotated[float, Field(ge=BPM_RANGE_LIMITS[0], le=BPM_RANGE_LIMITS[1])]
+#: ``[low, high]``; its schema spelt without ``prefixItems`` (JSON Schema 2020-12 only), so that
+#: AsyncAPI's Draft-07 schemas check the bounds too.
+BpmRange = Annotated[
+    tuple[Bpm, Bpm],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "number", "minimum": BPM_RANGE_LIMITS[0], "maximum": BPM_RANGE_LIMITS[1]},
+            "minItems": 2,
+            "maxItems": 2,
+        }
+    ),
+]
+
+
+def bpm_range_from_text(text: str) -> tuple[float, float]:
+    """``"88-175"`` (how DJ applications write a range), ``"[88, 175]"`` or ``"(88, 175)"`` as
+    ``(88.0, 175.0)``.
+
+    Raises ``ValueError`` naming the expected form; the bounds are checked by the models.
+    """
+    spelt = text.strip().strip("[]()")
+    low, sep, high = spelt.replace(",", "-", 1).partition("-")
+    try:
+        if not sep:
+            raise ValueError
+        return float(low), float(high)
+    except ValueError:
+        raise ValueError(f"{text!r} is not LOW-HIGH in BPM, such as 88-175") from None
+
+
+def check_bpm_range(value: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``value`` if it is about an octave wide (``high >= BPM_RANGE_MIN_RATIO * low``), else
+    ``ValueError`` saying so (the bounds themselves are checked by the :data:`Bpm` fields)."""
+    if value is not None and value[1] < BPM_RANGE_MIN_RATIO * value[0]:
+        low, high = value
+        raise ValueError(
+            f"bpm_range [{low:g}, {high:g}] is narrower than an octave: high must be at least "
+            f"{BPM_RANGE_MIN_RATIO:g} x low ({BPM_RANGE_MIN_RATIO * low:g}), so that every tempo "
+            "has an octave inside it or within 3 % of it"
+        )
+    return value
+
+
+#: Request options added after the first release: left out of the published body and of a request's
+#: fingerprint while unset (:meth:`AnalysisRequest.wire_json`).
+LATER_OPTIONS: tuple[str, ...] = ("bpm_range",)
 
 
 class RequestOptions(BaseModel):
@@ -52,6 +106,21 @@ class RequestOptions(BaseModel):
         "longer than the worker's timeline threshold.",
     )
     use_cache: bool = Field(default=True, description="Reuse a cached result for identical audio.")
+    bpm_range: BpmRange | None = Field(
+        default=None,
+        description="`[low, high]` in BPM: report the tempo (and each timeline segment's) at the "
+        "metrical level within this range, as DJ applications do: `[88, 175]` reads drum & bass "
+        "at 170, `[78, 155]` reads it at 85. A tempo already inside it is kept. Within 40-240 and "
+        "at least about an octave wide (high >= 1.9 x low): in the gap of a range narrower than an "
+        "octave (175.5 for 88-175) the nearer octave is reported, at most 3 % outside. Other "
+        "analyses (mood) are unaffected. Default: the worker's engine.bpm_range, else the level a "
+        "listener most likely taps.",
+    )
+
+    @field_validator("bpm_range")
+    @classmethod
+    def _octave_wide(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return check_bpm_range(value)
 
 
 class AnalysisRequest(BaseModel):
@@ -89,6 +158,13 @@ class AnalysisRequest(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("analyses must not repeat a name")
         return names
+
+    def wire_json(self) -> str:
+        """The request as producers publish it: its JSON without the options added since the first
+        release (:data:`LATER_OPTIONS`) while they are unset, which a worker of a previous release,
+        refusing unknown fields, would fail as ``invalid_request`` during a rolling upgrade."""
+        unset = {name for name in LATER_OPTIONS if getattr(self.options, name) is None}
+        return self.model_dump_json(exclude={"options": unset} if unset else None)
 
 
 class TempoResult(BaseModel):

@@ -89,6 +89,13 @@ class InvalidAnalyses(InvalidRequest):
     code = "invalid_analyses"
 
 
+class InvalidOptions(InvalidRequest):
+    """``options`` holds an unknown field or a value the contract refuses (a ``bpm_range`` that is
+    not an octave wide, say)."""
+
+    code = "invalid_options"
+
+
 class RequestIdConflict(InvalidRequest):
     """The request id already belongs to a different request (another file or options)."""
 
@@ -226,11 +233,6 @@ class ApiError(PermanentError):
 
     status: ClassVar[int] = 400
     code = "bad_request"
-
-
-class InvalidOptions(ApiError):
-    status = 422
-    code = "invalid_options"
 
 
 class TooManyFiles(ApiError):

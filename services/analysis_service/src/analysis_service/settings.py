@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from service_shared.messages import BpmRange, bpm_range_from_text, check_bpm_range
 from service_shared.settings import ServiceSettings
 
 
@@ -28,6 +29,22 @@ class EngineSettings(BaseModel):
     min_source_rate: int = Field(default=8000, description="Lowest accepted source sample rate (Hz).")
     max_source_rate: int = Field(default=384000, description="Highest accepted source sample rate (Hz).")
     max_channels: int = Field(default=8, description="Most accepted source channels.")
+    bpm_range: Annotated[BpmRange | None, NoDecode] = Field(
+        default=None,
+        description="Default of the requests' options.bpm_range, as LOW-HIGH (88-175) or [88,175]: "
+        "report every tempo at the metrical level within this range, as DJ applications do (a "
+        "request's own range replaces it). Default: the level a listener most likely taps.",
+    )
+
+    @field_validator("bpm_range", mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        return bpm_range_from_text(value) if isinstance(value, str) and value.strip() else value or None
+
+    @field_validator("bpm_range")
+    @classmethod
+    def _octave_wide(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return check_bpm_range(value)
 
 
 class RabbitSettings(BaseModel):

@@ -62,7 +62,13 @@ import asyncpg
 
 from analysis_service.errors import SinkRejected, SinkUnavailable
 from analysis_service.settings import PostgresSettings
-from service_shared.messages import AnalysisRequest, AnalysisResultMessage, EngineOutput, ResultStatus
+from service_shared.messages import (
+    LATER_OPTIONS,
+    AnalysisRequest,
+    AnalysisResultMessage,
+    EngineOutput,
+    ResultStatus,
+)
 
 STORE = "PostgreSQL"
 
@@ -435,9 +441,17 @@ RETURNING request_id, cancel_requested_at IS NOT NULL AS cancel
 
 def fingerprint(request: AnalysisRequest) -> str:
     """A digest of what a request asks for (file, analyses, options): two deliveries with the same id
-    and the same fingerprint are the same request; the same id with another fingerprint is a reuse."""
+    and the same fingerprint are the same request; the same id with another fingerprint is a reuse.
+
+    An option added since the ledger began (``bpm_range``) counts only when set: a request
+    recorded before it existed keeps its fingerprint, so its redelivery is not taken for a reuse.
+    """
+    options = request.options.model_dump()
+    for name in LATER_OPTIONS:
+        if options.get(name) is None:
+            options.pop(name, None)
     canonical = json.dumps(
-        {"file": request.file, "analyses": sorted(request.analyses), "options": request.options.model_dump()},
+        {"file": request.file, "analyses": sorted(request.analyses), "options": options},
         sort_keys=True,
         separators=(",", ":"),
     )

@@ -140,7 +140,7 @@ def request_message(request: AnalysisRequest, *, app_id: str) -> aio_pika.Messag
     ``message_id`` = request id, AMQP priority = request priority, stamped (for the queue-wait
     metric) and named after its producer ``app_id``."""
     return aio_pika.Message(
-        body=request.model_dump_json().encode(),
+        body=request.wire_json().encode(),
         content_type="application/json",
         content_encoding="utf-8",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
