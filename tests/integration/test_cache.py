@@ -51,6 +51,14 @@ def test_digest_is_order_independent_and_sensitive_to_every_input() -> None:
     assert versions_digest({"a": "1", "b": "2"}, ["bpm"], None) != base
     assert versions_digest({"a": "1", "b": "2"}, ["bpm", "key"], True) != base
     assert versions_digest({"a": "1", "b": "2"}, ["bpm", "key"], False) != base
+    assert versions_digest({"a": "1", "b": "2"}, ["bpm", "key"], None, (88.0, 175.0)) != base
+    ranged = versions_digest({"a": "1", "b": "2"}, ["bpm", "key"], None, (78.0, 155.0))
+    assert ranged != versions_digest({"a": "1", "b": "2"}, ["bpm", "key"], None, (88.0, 175.0))
+
+
+def test_digest_without_a_bpm_range_is_the_one_written_before_the_option() -> None:
+    # The key of a cached output from the release before ``bpm_range``: still found after it.
+    assert versions_digest({"a": "1", "b": "2"}, ["bpm", "key"], None) == "8ecb206aae6e0537"
 
 
 async def test_round_trip_with_ttl(cache: ResultCache, client: Redis, redis_settings: RedisSettings) -> None:

@@ -114,6 +114,41 @@ async def test_request_is_analysed_stored_everywhere_and_acked(settings: Setting
     assert ttl > 0
 
 
+async def test_a_bpm_range_reaches_the_analysis_and_the_cache_keeps_ranges_apart(settings: Settings) -> None:
+    write_song(settings.worker.media_root / "a.wav", bpm=120, tonic=9, mode="minor")
+    ranged = {"bpm_range": [125, 240]}
+    results = {}
+    async with Broker(settings) as broker:
+        async with running_worker(settings):
+            for rid, options in (("plain", {}), ("ranged", ranged), ("ranged-again", ranged)):
+                await broker.publish(request(rid, "a.wav", options=options))
+                [results[rid]] = await broker.results(1)  # one at a time: each may find the last cached
+        # A worker whose default range is the same: a request without one runs with it.
+        by_default = settings.model_copy(
+            update={"engine": settings.engine.model_copy(update={"bpm_range": (125.0, 240.0)})}
+        )
+        async with running_worker(by_default):
+            await broker.publish(request("default-range", "a.wav"))
+            [results["default-range"]] = await broker.results(1)
+
+    tempo = {rid: r.output.tempo.bpm for rid, r in results.items() if r.output and r.output.tempo}
+    assert tempo["plain"] == pytest.approx(120, rel=0.04)
+    assert tempo["ranged"] == tempo["ranged-again"] == tempo["default-range"] == pytest.approx(240, rel=0.04)
+    assert {rid: r.cached for rid, r in results.items()} == {
+        "plain": False,
+        "ranged": False,  # not the plain request's cached output
+        "ranged-again": True,
+        "default-range": True,  # the ranged requests' output: the range it ran with is the key
+    }
+    rows = await pg_rows(settings.postgres.dsn, "SELECT request_id, bpm FROM analysis_results")
+    assert sorted((r["request_id"], round(r["bpm"] / 120)) for r in rows) == [
+        ("default-range", 2),
+        ("plain", 1),
+        ("ranged", 2),
+        ("ranged-again", 2),
+    ]
+
+
 async def test_a_completed_request_is_reported_running_then_completed_once(
     settings: Settings, redis_url: str
 ) -> None:

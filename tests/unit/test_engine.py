@@ -18,6 +18,7 @@ from analysis_service.audio.synth import demo_song
 from analysis_service.errors import FileMissing, SilentAudio, TooShort
 from analysis_service.settings import EngineSettings
 from service_shared.messages import EngineOutput
+from tests.unit.audio.test_timeline import Section, dj_mix
 
 FloatArray = npt.NDArray[np.float32]
 SR = 22050
@@ -295,3 +296,24 @@ def test_a_file_probed_by_the_caller_is_not_probed_again(make: Make, monkeypatch
     assert (out.source_sample_rate, out.format) == (44100, "wav")
     with pytest.raises(ValueError, match="not"):
         analyze_file(make("other.wav", _song(4.0)), settings=SETTINGS, info=info)
+
+
+def test_a_bpm_range_moves_the_tempo_and_each_timeline_segment_to_its_octave(make: Make) -> None:
+    # Two sections, 65 s each (a segment is at least 60 s): the range reaches every segment.
+    sections = [Section(90.0, 9, "minor", 65.0), Section(150.0, 7, "major", 65.0)]
+    path = make("mix.wav", dj_mix(sections)[0])
+
+    plain = analyze_file(path, settings=SETTINGS, timeline=True)
+    ranged = analyze_file(path, settings=SETTINGS, timeline=True, bpm_range=(100.0, 200.0))
+
+    assert plain.timeline is not None
+    assert ranged.timeline is not None
+    assert [s.bpm for s in plain.timeline] == [pytest.approx(90.0, rel=0.04), pytest.approx(150.0, rel=0.04)]
+    assert [s.bpm for s in ranged.timeline] == [
+        pytest.approx(180.0, rel=0.04),
+        pytest.approx(150.0, rel=0.04),
+    ]
+    assert ranged.tempo is not None
+    assert 100.0 <= ranged.tempo.bpm <= 200.0
+    assert ranged.mood == plain.mood
+    assert ranged.key == plain.key

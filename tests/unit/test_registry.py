@@ -265,3 +265,24 @@ def test_entry_point_that_is_not_an_analyzer(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(TypeError, match=rf"'{name}' \({module}:ANALYZER\) is not an Analyzer"):
         build_registry()
     assert list(build_registry(load_entry_points=False)) == ["bpm", "key", "mood"]
+
+
+def test_analyzers_read_the_tempo_of_the_audio_whatever_range_it_is_reported_in(song: Path) -> None:
+    seen: list[float] = []
+
+    def half(_features: Features, results: Mapping[str, Any]) -> float:
+        seen.append(results["bpm"].bpm)
+        return float(results["bpm"].bpm / 2)
+
+    registry = build_registry([Analyzer("half", "1.0.0", half, requires=("bpm",))], load_entry_points=False)
+    plain = analyze_file(song, settings=EngineSettings(), registry=registry)
+    ranged = analyze_file(song, settings=EngineSettings(bpm_range=(125.0, 240.0)), registry=registry)
+
+    assert len(seen) == 2
+    assert seen[0] == seen[1] == pytest.approx(120.0, rel=0.04)
+    assert ranged.extra == plain.extra
+    assert ranged.mood == plain.mood  # mood reads the tempo and its confidence: the audio's
+    assert plain.tempo is not None
+    assert ranged.tempo is not None
+    assert plain.tempo.bpm == pytest.approx(120.0, rel=0.04)
+    assert ranged.tempo.bpm == pytest.approx(240.0, rel=0.04)

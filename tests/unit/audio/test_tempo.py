@@ -343,3 +343,73 @@ def test_sixteenth_note_hats_do_not_double_a_slow_groove(bpm: float, snare: bool
     # strong onsets and 2.5 a beat). Only onsets half as strong as the drums count.
     features = features_of_signal(_hat_groove(bpm, hats_per_beat=4, snare=snare))
     assert estimate_tempo(features).bpm == pytest.approx(bpm, rel=0.04)
+
+
+@pytest.mark.parametrize(
+    ("bpm_range", "expected"),
+    [((100.0, 200.0), 180.0), ((78.0, 155.0), 90.0), ((60.0, 120.0), 90.0), ((40.0, 80.0), 45.0)],
+)
+def test_a_bpm_range_reports_the_octave_inside_it(bpm_range: tuple[float, float], expected: float) -> None:
+    # A groove at 90 with sixteenth-note hats: read at 90 by default; a DJ's range decides the octave.
+    features = features_of_signal(_hat_groove(90.0, hats_per_beat=4, snare=True))
+    assert estimate_tempo(features).bpm == pytest.approx(90.0, rel=0.04)
+    est = estimate_tempo(features, bpm_range=bpm_range)
+    assert est.bpm == pytest.approx(expected, rel=0.04)
+    assert bpm_range[0] <= est.bpm <= bpm_range[1]
+    assert 0.0 < est.confidence <= 1.0
+
+
+@pytest.mark.parametrize("bpm_range", [(78.0, 155.0), (60.0, 200.0), (40.0, 240.0)])
+def test_a_tempo_inside_the_range_is_kept_with_its_confidence(bpm_range: tuple[float, float]) -> None:
+    features = features_of_signal(_hat_groove(90.0, hats_per_beat=4, snare=True))
+    assert estimate_tempo(features, bpm_range=bpm_range) == estimate_tempo(features)
+
+
+def test_a_range_narrower_than_an_octave_reports_the_nearer_octave_of_its_gap() -> None:
+    # 88-175 (a DJ preset, 1.99 octaves): a tempo between 175 and 176 has no octave inside it.
+    features = features_of_signal(_hat_groove(87.8, hats_per_beat=4, snare=True))
+    est = estimate_tempo(features, bpm_range=(88.0, 175.0))
+    assert est.bpm in (pytest.approx(87.8, rel=0.01), pytest.approx(175.6, rel=0.01))
+    assert 88.0 / 1.03 <= est.bpm <= 175.0 * 1.03
+
+
+@pytest.mark.parametrize(
+    ("bpm", "bpm_range", "expected"),
+    [
+        (85.0, (88.0, 175.0), 170.0),
+        (180.0, (88.0, 175.0), 90.0),
+        (100.0, (88.0, 175.0), 100.0),
+        (45.0, (88.0, 175.0), 90.0),
+        (240.0, (78.0, 155.0), 120.0),
+        (98.0, (100.0, 195.0), 196.0),  # in the gap of a range narrower than an octave: the nearer side
+        (99.0, (100.0, 190.0), 99.0),
+        (78.0, (40.0, 76.0), 78.0),  # 39 would be nearer, but below MIN_BPM
+        (0.0, (88.0, 175.0), 0.0),  # no pulse stays no pulse
+    ],
+)
+def test_in_bpm_range_moves_by_whole_octaves(
+    bpm: float, bpm_range: tuple[float, float], expected: float
+) -> None:
+    assert tempo.in_bpm_range(bpm, bpm_range) == pytest.approx(expected)
+
+
+def test_a_range_takes_its_inside_relative_even_when_that_scores_nothing() -> None:
+    # Hand-made candidates: the choice (80) is outside the range, its double (160) inside with no
+    # salience at all; the range still reports 160, never another pulse's tempo.
+    bpm = np.array([40.0, 53.3, 80.0, 106.7, 160.0, 240.0])
+    salience = np.array([0.3, 0.2, 0.6, 0.2, 0.0, 0.1])
+    c = tempo.TempoCandidates(
+        bpm=bpm,
+        salience=salience,
+        bar=np.zeros(6),
+        backbeat=np.zeros(6),
+        family=np.array([True, False, True, False, True, False]),
+        density=0.0,
+        median_salience=0.1,
+        strongest_salience=0.6,
+        activity=1.0,
+        bands=np.zeros((3, 10)),
+        rate=86.0,
+    )
+    assert tempo.choose_tempo(c).bpm == 80.0
+    assert tempo.choose_tempo(c, bpm_range=(125.0, 240.0)).bpm == 160.0

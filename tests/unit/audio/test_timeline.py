@@ -189,3 +189,15 @@ def test_a_global_estimate_that_agrees_with_the_timeline_is_kept() -> None:
         Segment(500.0, 800.0, bpm=90.0, key="E minor"),
     ]
     assert reconcile(tempo, key, segs)[:2] == (tempo, key)
+
+
+def test_a_bpm_range_reads_each_segment_in_its_octave() -> None:
+    sections = [Section(90.0, 9, "minor", 65.0), Section(150.0, 7, "major", 65.0)]
+    features, _ = _mix_features(sections)
+
+    plain = estimate_timeline(features)
+    ranged = estimate_timeline(features, bpm_range=(100.0, 200.0))
+
+    assert [s.bpm for s in plain] == [pytest.approx(90.0, rel=0.04), pytest.approx(150.0, rel=0.04)]
+    assert [s.bpm for s in ranged] == [pytest.approx(180.0, rel=0.04), pytest.approx(150.0, rel=0.04)]
+    assert [(s.start_s, s.end_s, s.key) for s in ranged] == [(s.start_s, s.end_s, s.key) for s in plain]

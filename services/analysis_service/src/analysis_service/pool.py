@@ -138,6 +138,7 @@ def run_analysis(
     analyses: list[str] | None = None,
     timeline: bool | None = None,
     progress_key: str | None = None,
+    bpm_range: tuple[float, float] | None = None,
 ) -> EngineOutput:
     """Analyse one file inside a pool process (module-level so it pickles by reference).
 
@@ -160,11 +161,17 @@ def run_analysis(
         progress=report,
         registry=_REGISTRY,
         info=_take_probed(path, settings),
+        bpm_range=bpm_range,
     )
 
 
 def run_analysis_job(
-    path: str, settings: EngineSettings, analyses: list[str] | None, timeline: bool | None, progress_key: str
+    path: str,
+    settings: EngineSettings,
+    analyses: list[str] | None,
+    timeline: bool | None,
+    progress_key: str,
+    bpm_range: tuple[float, float] | None = None,
 ) -> EngineOutput:
     """:func:`run_analysis` with positional arguments, as an executor submits a slot's job.
 
@@ -173,7 +180,12 @@ def run_analysis_job(
     worker (its broker and store clients, ~0.5 s) inside its first analysis.
     """
     return run_analysis(
-        path, settings=settings, analyses=analyses, timeline=timeline, progress_key=progress_key
+        path,
+        settings=settings,
+        analyses=analyses,
+        timeline=timeline,
+        progress_key=progress_key,
+        bpm_range=bpm_range,
     )
 
 

@@ -19,7 +19,7 @@ from analysis_service.audio.key import NOTE_NAMES, KeyEstimate
 from analysis_service.audio.mood import MoodEstimate
 from analysis_service.audio.registry import Analyzer, build_registry, resolve
 from analysis_service.audio.tags import MusicalKey, check_tags, read_tags
-from analysis_service.audio.tempo import TempoEstimate
+from analysis_service.audio.tempo import BpmRange, TempoEstimate, reported_in_range
 from analysis_service.audio.timeline import estimate_timeline, reconcile
 from analysis_service.errors import SilentAudio, TooLong, TooShort
 from analysis_service.settings import EngineSettings
@@ -48,6 +48,7 @@ def analyze_file(
     progress: ProgressCallback | None = None,
     registry: Mapping[str, Analyzer] | None = None,
     info: AudioInfo | None = None,
+    bpm_range: BpmRange | None = None,
 ) -> EngineOutput:
     """Decode ``path`` once, compute the shared features once, and run the analyzers over them.
 
@@ -69,6 +70,11 @@ def analyze_file(
     info : AudioInfo, optional
         What :func:`~analysis_service.audio.decode.probe` returned for this file, unchanged since,
         with these ``settings`` (the file is then not probed again). By default it is probed here.
+    bpm_range : (float, float), optional
+        ``(low, high)``: the tempo (and each timeline segment's) is reported at the metrical level
+        within this range (:func:`~analysis_service.audio.tempo.reported_in_range`), as DJ
+        applications do. It changes how the tempo is reported, not what the analyzers read (mood
+        and plugins see the tempo a listener most likely taps). Default: ``settings.bpm_range``.
 
     Raises
     ------
@@ -84,6 +90,7 @@ def analyze_file(
     plan = resolve(registry, analyses)
     wanted = set(registry) if analyses is None else set(analyses)
     timings: dict[str, float] = {}
+    bpm_range = bpm_range if bpm_range is not None else settings.bpm_range
 
     t0 = time.perf_counter()
     if info is None:
@@ -111,11 +118,17 @@ def analyze_file(
         results[analyzer.name] = analyzer.run(features, results)
         timings[analyzer.name] = round(time.perf_counter() - t, 4)
 
+    tempo = results.get("bpm")
+    if bpm_range is not None and isinstance(tempo, TempoEstimate):
+        # How the tempo is reported, not what the analyzers read: mood saw the tempo of the audio.
+        t = time.perf_counter()
+        results["bpm"] = reported_in_range(features, tempo, bpm_range)
+        timings["bpm"] = round(timings.get("bpm", 0.0) + time.perf_counter() - t, 4)
     segments = None
     if timeline if timeline is not None else features.duration_s > settings.timeline_threshold_s:
         report(_DECODE_SHARE + (1 - _DECODE_SHARE) * len(plan) / (len(plan) + 1), "timeline")
         t = time.perf_counter()
-        found = estimate_timeline(features)
+        found = estimate_timeline(features, bpm_range=bpm_range)
         if isinstance(results.get("bpm"), TempoEstimate) and isinstance(results.get("key"), KeyEstimate):
             # One response must not contradict itself: the file's tempo and key are the timeline's.
             results["bpm"], results["key"], found = reconcile(results["bpm"], results["key"], found)

@@ -76,6 +76,7 @@ A doubled mid-tempo song whose double is not clearly stronger therefore no longe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,10 @@ from analysis_service.audio.features import Features
 
 MIN_BPM = 40.0
 MAX_BPM = 240.0
+#: ``(low, high)`` in BPM: the range a caller wants the tempo reported in (:func:`in_bpm_range`).
+BpmRange = tuple[float, float]
+#: Octave relatives of a level that a ``bpm_range`` may choose among.
+_OCTAVES = np.array([0.25, 0.5, 1.0, 2.0, 4.0])
 #: Tempo preference: log-normal, centred here, with this standard deviation in octaves. Listeners'
 #: preferred tapping rates cluster around 100-120 BPM (the 2 Hz resonance below). On real
 #: material, 110 halved pieces stated at 150-200 BPM whose pulse and half are equally salient;
@@ -483,13 +488,20 @@ def tempo_candidates(features: Features) -> TempoCandidates | None:
     )
 
 
-def choose_tempo(c: TempoCandidates, *, octave_evidence: F64 | None = None) -> TempoEstimate:
+def choose_tempo(
+    c: TempoCandidates, *, octave_evidence: F64 | None = None, bpm_range: BpmRange | None = None
+) -> TempoEstimate:
     """Choose the tempo among ``c``'s candidates (steps 3-5 of the module docstring) and rate it.
 
     ``octave_evidence`` is the log-score per candidate that decides between a level and its
     double or half; by default ``BACKBEAT_WEIGHT`` times the backbeat contrast plus the onset
     density's :func:`density_evidence` (steps 4 and 5). It is the seam
     through which ``benchmarks/octave_cues.py`` measures other cues on the same candidates.
+
+    ``bpm_range`` (``(low, high)``) overrules the octave choice when it falls outside the range:
+    the tempo is then the best-scoring octave of the chosen pulse (x1/4 .. x4) inside it, the rival
+    level is sought inside it too, and with no candidate inside the choice is moved by whole
+    octaves (:func:`in_bpm_range`). A choice inside the range is kept as it is, confidence included.
     """
     score = c.salience * _prior(c.bpm)
     if octave_evidence is None:
@@ -501,6 +513,15 @@ def choose_tempo(c: TempoCandidates, *, octave_evidence: F64 | None = None) -> T
     full = np.where(octave, score * np.exp(evidence), score)
     pick = int(np.argmax(np.where(octave, full, 0.0)))
     bpm = float(c.bpm[pick])
+    if bpm_range is not None and not bpm_range[0] <= bpm <= bpm_range[1]:
+        relatives = np.isclose(c.bpm / level, _OCTAVES[:, None], rtol=0.02).any(axis=0)
+        in_range = (c.bpm >= bpm_range[0]) & (c.bpm <= bpm_range[1])
+        if np.any(allowed := relatives & in_range):
+            full = np.where(in_range, full, 0.0)
+            pick = int(np.flatnonzero(allowed)[int(np.argmax(full[allowed]))])
+            bpm = float(c.bpm[pick])
+        else:  # no candidate inside: the nearest octave of the choice
+            bpm = in_bpm_range(bpm, bpm_range)
     confidence = tempo_confidence(
         clarity=float(c.salience[pick] - c.median_salience),
         strongest=float(c.salience[pick] / max(c.strongest_salience, 1e-12)),
@@ -511,20 +532,55 @@ def choose_tempo(c: TempoCandidates, *, octave_evidence: F64 | None = None) -> T
     return TempoEstimate(bpm=round(bpm, 2), confidence=round(confidence, 3))
 
 
-def estimate_tempo(features: Features) -> TempoEstimate:
+def in_bpm_range(bpm: float, bpm_range: BpmRange) -> float:
+    """``bpm`` moved by whole octaves (x2, x1/2) into ``bpm_range``, or, where the range is narrower
+    than an octave and ``bpm`` falls in its gap, to the octave nearest the range (log distance).
+
+    ``bpm_range`` is ``(low, high)`` in BPM, ``low < high``: the range a DJ application asks for
+    ("88-175" for drum & bass, "78-155" for house and hip-hop), so that a library's tempi are
+    reported at one consistent metrical level. ``bpm <= 0`` (no pulse) is returned as it is; an
+    octave outside ``MIN_BPM`` .. ``MAX_BPM`` is taken only when the other one is too.
+    """
+    low, high = bpm_range
+    if not bpm > 0 or low <= bpm <= high:
+        return bpm
+
+    def distance(x: float) -> float:
+        return max(math.log2(low / x), math.log2(x / high), 0.0)
+
+    k = math.floor(math.log2(high / bpm))  # the highest octave at or below ``high``
+    options = [x for x in (bpm * 2.0**k, bpm * 2.0 ** (k + 1)) if MIN_BPM <= x <= MAX_BPM] or [bpm * 2.0**k]
+    return min(options, key=distance)
+
+
+def estimate_tempo(features: Features, *, bpm_range: BpmRange | None = None) -> TempoEstimate:
     """Estimate the global tempo of a recording.
 
     Parameters
     ----------
     features : Features
         Shared features of the recording (or of an excerpt, see :meth:`Features.window`).
+    bpm_range : (float, float), optional
+        ``(low, high)``: report the tempo at the metrical level within this range (see
+        :func:`choose_tempo` and :func:`in_bpm_range`); by default the level is the one a listener
+        most likely taps.
 
     Returns
     -------
     TempoEstimate
-        Tempo in BPM, between ``MIN_BPM`` and ``MAX_BPM``, and a confidence in [0, 1].
+        Tempo in BPM, between ``MIN_BPM`` and ``MAX_BPM`` (within ``bpm_range`` when given), and a
+        confidence in [0, 1].
     """
     candidates = tempo_candidates(features)
     if candidates is None:
         return TempoEstimate(bpm=0.0, confidence=0.0)
-    return choose_tempo(candidates)
+    return choose_tempo(candidates, bpm_range=bpm_range)
+
+
+def reported_in_range(features: Features, estimate: TempoEstimate, bpm_range: BpmRange) -> TempoEstimate:
+    """``estimate`` (:func:`estimate_tempo` of ``features``) as reported within ``bpm_range``: itself
+    when its tempo is inside the range or there is no pulse, else :func:`estimate_tempo` with the
+    range (the best octave inside it, with its own confidence)."""
+    if not estimate.bpm > 0 or bpm_range[0] <= estimate.bpm <= bpm_range[1]:
+        return estimate
+    return estimate_tempo(features, bpm_range=bpm_range)

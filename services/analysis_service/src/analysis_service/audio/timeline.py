@@ -26,6 +26,7 @@ import numpy.typing as npt
 from analysis_service.audio.features import Features
 from analysis_service.audio.key import NOTE_NAMES, KeyEstimate, camelot, estimate_key, fold_chroma
 from analysis_service.audio.tempo import (
+    BpmRange,
     TempoEstimate,
     estimate_tempo,
     novelty,
@@ -106,13 +107,15 @@ def _partition(x: F64, *, min_len: int, penalty: float) -> list[int]:
     return bounds[::-1]
 
 
-def estimate_timeline(features: Features) -> list[Segment]:
+def estimate_timeline(features: Features, *, bpm_range: BpmRange | None = None) -> list[Segment]:
     """Split a recording into segments of constant tempo and key.
 
     Parameters
     ----------
     features : Features
         Shared features of the whole recording.
+    bpm_range : (float, float), optional
+        Each segment's tempo is reported within it (see :func:`~analysis_service.audio.tempo.estimate_tempo`).
 
     Returns
     -------
@@ -127,7 +130,7 @@ def estimate_timeline(features: Features) -> list[Segment]:
         start, end = a * STEP_S, min(b * STEP_S, features.duration_s)
         trim = min(EDGE_TRIM_S, (end - start) / 4)
         core = features.window(start + trim, end - trim)
-        tempo = estimate_tempo(core)
+        tempo = estimate_tempo(core, bpm_range=bpm_range)
         key = estimate_key(core, edges=False)
         seg = Segment(
             start_s=round(start, 2),

@@ -32,7 +32,10 @@ DIGEST_CHARS: Final = 16
 
 
 def versions_digest(
-    analyzer_versions: Mapping[str, str], analyses: Iterable[str], timeline: bool | None
+    analyzer_versions: Mapping[str, str],
+    analyses: Iterable[str],
+    timeline: bool | None,
+    bpm_range: tuple[float, float] | None = None,
 ) -> str:
     """Short, order-independent digest of everything besides the audio that shapes an output.
 
@@ -45,19 +48,25 @@ def versions_digest(
     timeline : bool or None
         The request's timeline option: forced on, forced off, or ``None`` for the worker's
         duration-based default.
+    bpm_range : (float, float) or None
+        The request's ``bpm_range`` option. Left out of the digest when ``None``, so that entries
+        written before the option existed are still found.
 
     Returns
     -------
     str
         The first :data:`DIGEST_CHARS` hex characters of a SHA-256 over the canonical form.
     """
+    fields: dict[str, object] = {
+        "format": CACHE_FORMAT,
+        "analyzers": sorted(f"{name}={version}" for name, version in analyzer_versions.items()),
+        "analyses": sorted({str(a) for a in analyses}),
+        "timeline": {True: "on", False: "off", None: "auto"}[timeline],
+    }
+    if bpm_range is not None:
+        fields["bpm_range"] = [float(bpm_range[0]), float(bpm_range[1])]
     canonical = json.dumps(
-        {
-            "format": CACHE_FORMAT,
-            "analyzers": sorted(f"{name}={version}" for name, version in analyzer_versions.items()),
-            "analyses": sorted({str(a) for a in analyses}),
-            "timeline": {True: "on", False: "off", None: "auto"}[timeline],
-        },
+        fields,
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -95,9 +104,10 @@ class ResultCache:
         analyzer_versions: Mapping[str, str],
         analyses: Iterable[str],
         timeline: bool | None,
+        bpm_range: tuple[float, float] | None = None,
     ) -> str:
         """The Redis key of one cache entry."""
-        digest = versions_digest(analyzer_versions, analyses, timeline)
+        digest = versions_digest(analyzer_versions, analyses, timeline, bpm_range)
         return f"{self._settings.key_prefix}:cache:{content_hash}:{digest}"
 
     async def get(
@@ -107,6 +117,7 @@ class ResultCache:
         analyzer_versions: Mapping[str, str],
         analyses: Iterable[str],
         timeline: bool | None,
+        bpm_range: tuple[float, float] | None = None,
     ) -> EngineOutput | None:
         """The cached output for this audio and configuration, or ``None`` on a miss.
 
@@ -119,7 +130,11 @@ class ResultCache:
             When Redis cannot be reached in ``socket_timeout_s``.
         """
         key = self.key(
-            content_hash, analyzer_versions=analyzer_versions, analyses=analyses, timeline=timeline
+            content_hash,
+            analyzer_versions=analyzer_versions,
+            analyses=analyses,
+            timeline=timeline,
+            bpm_range=bpm_range,
         )
         with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"reading {key!r}"):
             raw: bytes | str | None = await self._client.get(key)
@@ -141,6 +156,7 @@ class ResultCache:
         analyzer_versions: Mapping[str, str],
         analyses: Iterable[str],
         timeline: bool | None,
+        bpm_range: tuple[float, float] | None = None,
     ) -> None:
         """Store ``output`` for this audio and configuration for ``cache_ttl_s`` seconds.
 
@@ -150,7 +166,11 @@ class ResultCache:
             When Redis cannot be reached in ``socket_timeout_s``.
         """
         key = self.key(
-            content_hash, analyzer_versions=analyzer_versions, analyses=analyses, timeline=timeline
+            content_hash,
+            analyzer_versions=analyzer_versions,
+            analyses=analyses,
+            timeline=timeline,
+            bpm_range=bpm_range,
         )
         with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"writing {key!r}"):
             await self._client.set(key, output.model_dump_json(), ex=self._settings.cache_ttl_s)

@@ -53,6 +53,7 @@ from analysis_service.errors import (
     InvalidCorrelationId,
     InvalidEncoding,
     InvalidFile,
+    InvalidOptions,
     InvalidPriority,
     InvalidRequest,
     InvalidRequestId,
@@ -208,6 +209,7 @@ _FIELD_ERRORS: dict[str, type[InvalidRequest]] = {
     "file": InvalidFile,
     "priority": InvalidPriority,
     "analyses": InvalidAnalyses,
+    "options": InvalidOptions,
 }
 
 
@@ -420,6 +422,7 @@ class Pipeline:
         analyses = list(request.analyses)
         versions = {a.name: a.version for a in resolve(self.registry, analyses)}
         timeline = request.options.timeline
+        bpm_range = request.options.bpm_range or s.engine.bpm_range  # the one it runs with: the cache's key
         slot = await self._slot_for(d, request.priority)
         try:
             facts: FileFacts = await self._cancellable(
@@ -441,6 +444,7 @@ class Pipeline:
                     analyzer_versions=versions,
                     analyses=analyses,
                     timeline=timeline,
+                    bpm_range=bpm_range,
                 )
                 if hit is not None:
                     return hit, facts.content_hash, True
@@ -461,6 +465,7 @@ class Pipeline:
                         analyses,
                         timeline,
                         request.request_id,
+                        bpm_range,
                         time_limit_s=limit,
                         path=path,
                         cpu_priority=request.priority,
@@ -483,6 +488,7 @@ class Pipeline:
                 analyzer_versions=versions,
                 analyses=analyses,
                 timeline=timeline,
+                bpm_range=bpm_range,
             )
         return output, facts.content_hash, False
 

@@ -480,6 +480,7 @@ class SlotPool:
         timeline: bool | None,
         progress_key: str,
         time_limit_s: float,
+        bpm_range: tuple[float, float] | None = None,
     ) -> EngineOutput:
         """Run one analysis in a free slot, within ``time_limit_s`` seconds (see :meth:`call`)."""
         async with self.lease() as slot:
@@ -491,6 +492,7 @@ class SlotPool:
                 analyses,
                 timeline,
                 progress_key,
+                bpm_range,
                 time_limit_s=time_limit_s,
                 path=path,
                 cpu_priority=0,
