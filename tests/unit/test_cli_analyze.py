@@ -278,6 +278,42 @@ def test_timeline_is_forced_on_a_short_file(library: Library) -> None:
     assert forced_status == default_status == EXIT_OK
 
 
+def test_a_bpm_range_reports_the_tempo_in_its_octave(library: Library) -> None:
+    path = library.songs / "song.wav"  # 120 BPM
+
+    status, stdout, _ = _invoke("--json", "--no-cache", "--bpm-range", "125-240", str(path))
+
+    assert _records(stdout)["song.wav"]["output"]["tempo"]["bpm"] == pytest.approx(240.0, rel=0.04)
+    assert status == EXIT_OK
+
+
+def test_a_bpm_range_setting_is_the_default_and_a_bad_one_is_a_configuration_error(library: Library) -> None:
+    path = str(library.songs / "song.wav")  # 120 BPM
+
+    status, stdout, _ = _invoke("--json", "--no-cache", path, env={"ANALYSIS_ENGINE__BPM_RANGE": "125-240"})
+    assert _records(stdout)["song.wav"]["output"]["tempo"]["bpm"] == pytest.approx(240.0, rel=0.04)
+    assert status == EXIT_OK
+
+    status, stdout, stderr = _invoke("--json", path, env={"ANALYSIS_ENGINE__BPM_RANGE": "88-150"})
+    assert status == 4
+    assert stdout == ""
+    assert "invalid configuration: ANALYSIS_ENGINE__BPM_RANGE" in stderr
+    assert "narrower than an octave" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("120-130", "narrower than an octave"), ("88", "LOW-HIGH"), ("fast-slow", "LOW-HIGH"), ("20-60", "40")],
+)
+def test_a_bad_bpm_range_is_a_usage_error(library: Library, value: str, says: str) -> None:
+    status, stdout, stderr = _invoke("--json", "--bpm-range", value, str(library.songs / "song.wav"))
+
+    assert status == EXIT_USAGE
+    assert stdout == ""
+    assert says in " ".join(stderr.replace("│", " ").split())  # the message, unwrapped from its box
+
+
 def test_folder_without_audio_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("no audio here\n")
     (tmp_path / "sub").mkdir()

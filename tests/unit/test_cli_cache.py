@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -12,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from analysis_service.cli.cache import ResultCache, config_digest, default_cache_path
+from analysis_service.cli.cache import (
+    CACHE_FORMAT,
+    ResultCache,
+    config_digest,
+    default_cache_path,
+    package_version,
+)
 from analysis_service.cli.discover import Selection, expand_paths
 from analysis_service.cli.progress import Stats
 from analysis_service.cli.settings_view import redact, redact_url
@@ -53,6 +61,20 @@ def test_the_configuration_digest_changes_with_whatever_shapes_an_output() -> No
     assert _digest(sample_rate=44100) != base
     assert _digest(timeline_threshold_s=60.0) != base
     assert _digest(timeline=True, timeline_threshold_s=60.0) == _digest(timeline=True)  # irrelevant then
+    assert _digest(bpm_range=(88.0, 175.0)) != base
+    # Unset, the digest is the one of the release before the option: its cached results stay valid.
+    before = {
+        "format": CACHE_FORMAT,
+        "package": package_version(),
+        "analyzers": sorted(f"{name}={v}" for name, v in VERSIONS.items()),
+        "analyses": None,
+        "timeline": "auto",
+        "timeline_threshold_s": 600.0,
+        "sample_rate": 22050,
+    }
+    canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert base == hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    assert _digest(bpm_range=(88.0, 175.0)) != _digest(bpm_range=(78.0, 155.0))
 
 
 def test_results_round_trip_in_wal_mode(tmp_path: Path) -> None:

@@ -512,6 +512,7 @@ def test_version_config_and_worker_help(tmp_path: Path) -> None:
         "ANALYSIS_POSTGRES__DSN": "postgresql://pg:s3cret-pg@db:5432/music",
         "ANALYSIS_NEO4J__PASSWORD": "s3cret-neo",
         "ANALYSIS_WORKER__CONCURRENCY": "3",
+        "ANALYSIS_ENGINE__BPM_RANGE": "88-175",
         "COLUMNS": "200",
     }
     version = _cli("--version", env=env)
@@ -527,6 +528,15 @@ def test_version_config_and_worker_help(tmp_path: Path) -> None:
     assert "ANALYSIS_WORKER__CONCURRENCY=3" in config.stdout
     as_json = json.loads(_cli("config", "--json", env=env).stdout)
     assert as_json["ANALYSIS_WORKER__CONCURRENCY"] == "3"
+    # What config prints can be set again as it is.
+    assert as_json["ANALYSIS_ENGINE__BPM_RANGE"] == "[88.0, 175.0]"
+    again = _cli(
+        "config", "--json", env=env | {"ANALYSIS_ENGINE__BPM_RANGE": as_json["ANALYSIS_ENGINE__BPM_RANGE"]}
+    )
+    assert json.loads(again.stdout)["ANALYSIS_ENGINE__BPM_RANGE"] == "[88.0, 175.0]"
+    bad = _cli("config", env=env | {"ANALYSIS_ENGINE__BPM_RANGE": "20-60"})
+    assert (bad.returncode, bad.stdout) == (4, "")
+    assert bad.stderr.startswith("analysis-service: invalid configuration: ANALYSIS_ENGINE__BPM_RANGE: ")
 
     worker = _cli("worker", "--help", env=env)
     assert worker.returncode == 0

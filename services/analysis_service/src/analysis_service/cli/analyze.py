@@ -77,6 +77,7 @@ class Options:
     timeline: bool | None
     analyzer_versions: dict[str, str]
     output_format: OutputFormat = OutputFormat.TABLE
+    bpm_range: tuple[float, float] | None = None
     cache_path: Path | None = None  # None: no cache
     quiet: bool = False
     selection: Selection | None = None
@@ -127,6 +128,7 @@ class Runner:
             analyzer_versions=options.analyzer_versions,
             analyses=options.analyses,
             timeline=options.timeline,
+            bpm_range=options.bpm_range,
             sample_rate=options.engine.sample_rate,
             timeline_threshold_s=options.engine.timeline_threshold_s,
         )
@@ -311,6 +313,7 @@ class Runner:
                     timeline=self.options.timeline,
                     progress_key=job.key,
                     time_limit_s=limit,
+                    bpm_range=self.options.bpm_range,
                 )
             except WorkerCrashed as exc:
                 if attempt < attempts:

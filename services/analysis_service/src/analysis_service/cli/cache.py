@@ -85,6 +85,7 @@ def config_digest(
     timeline: bool | None,
     sample_rate: int,
     timeline_threshold_s: float,
+    bpm_range: tuple[float, float] | None = None,
 ) -> str:
     """Digest of everything besides the audio that shapes an engine output.
 
@@ -100,22 +101,27 @@ def config_digest(
         Analysis sample rate (Hz).
     timeline_threshold_s : float
         Duration (s) above which a timeline is computed when ``timeline`` is ``None``.
+    bpm_range : (float, float), optional
+        ``--bpm-range``: the octave range the tempi are reported in.
 
     Returns
     -------
     str
         32 hex characters of a SHA-256 over the canonical JSON form.
     """
+    fields: dict[str, object] = {
+        "format": CACHE_FORMAT,
+        "package": package_version(),
+        "analyzers": sorted(f"{name}={v}" for name, v in analyzer_versions.items()),
+        "analyses": None if analyses is None else sorted(set(analyses)),
+        "timeline": {True: "on", False: "off", None: "auto"}[timeline],
+        "timeline_threshold_s": timeline_threshold_s if timeline is None else None,
+        "sample_rate": sample_rate,
+    }
+    if bpm_range is not None:  # only when set: the cache of a release without the option stays valid
+        fields["bpm_range"] = [float(bpm_range[0]), float(bpm_range[1])]
     canonical = json.dumps(
-        {
-            "format": CACHE_FORMAT,
-            "package": package_version(),
-            "analyzers": sorted(f"{name}={v}" for name, v in analyzer_versions.items()),
-            "analyses": None if analyses is None else sorted(set(analyses)),
-            "timeline": {True: "on", False: "off", None: "auto"}[timeline],
-            "timeline_threshold_s": timeline_threshold_s if timeline is None else None,
-            "sample_rate": sample_rate,
-        },
+        fields,
         sort_keys=True,
         separators=(",", ":"),
     )

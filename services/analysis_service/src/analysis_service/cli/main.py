@@ -89,6 +89,34 @@ def _parse_analyses(value: str | None) -> str | None:
     return ",".join(names)
 
 
+def _parse_bpm_range(value: str | None) -> str | None:
+    """Check ``--bpm-range LOW-HIGH`` by the request contract's rule (a usage error, before any work)."""
+    if value is None:
+        return None
+    _bpm_range(value)
+    return value
+
+
+def _bpm_range(value: str | None) -> tuple[float, float] | None:
+    """``"88-175"`` as ``(88.0, 175.0)``, checked as a request's ``options.bpm_range`` is."""
+    from pydantic import ValidationError
+
+    from service_shared.messages import RequestOptions, bpm_range_from_text
+
+    if value is None:
+        return None
+    try:
+        checked = RequestOptions(bpm_range=bpm_range_from_text(value)).bpm_range
+    except ValueError as exc:  # pydantic's ValidationError is one
+        problems = (
+            (e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            if isinstance(exc, ValidationError)
+            else (str(exc),)
+        )
+        raise typer.BadParameter("; ".join(problems)) from None
+    return checked
+
+
 def _names(value: str | None) -> list[str] | None:
     return None if value is None else value.split(",")
 
@@ -127,6 +155,17 @@ def analyze(
     timeline: Annotated[
         bool | None,
         typer.Option("--timeline/--no-timeline", help="Force or suppress the segment timeline."),
+    ] = None,
+    bpm_range: Annotated[
+        str | None,
+        typer.Option(
+            "--bpm-range",
+            metavar="LOW-HIGH",
+            help="Report each tempo at the octave within this range, as DJ applications do "
+            "(88-175: drum & bass at 170; 78-155: at 85). Default: ANALYSIS_ENGINE__BPM_RANGE, else "
+            "the level a listener most likely taps.",
+            callback=_parse_bpm_range,
+        ),
     ] = None,
     cache: Annotated[
         Path | None,
@@ -174,7 +213,7 @@ def analyze(
     from analysis_service.cli.cache import default_cache_path
     from analysis_service.cli.discover import Selection
 
-    settings = Settings()
+    settings = _service_settings()
     names = _names(analyses)
     options = Options(
         engine=settings.engine,
@@ -182,6 +221,7 @@ def analyze(
         jobs=jobs or available_cpus(),
         analyses=names,
         timeline=timeline,
+        bpm_range=_bpm_range(bpm_range) or settings.engine.bpm_range,
         analyzer_versions={a.name: a.version for a in resolve(build_registry(), names)},
         output_format=OutputFormat.JSON if as_json else output_format,
         cache_path=None if no_cache else (cache or default_cache_path()),
@@ -211,14 +251,19 @@ EXIT_CONFIG = 4
 
 
 def _service_settings() -> Settings:
-    """The settings of a long-running service; an invalid configuration is one line on stderr, exit 4."""
+    """The settings of a command; an invalid configuration is one line on stderr, exit 4 (not a traceback)."""
     from pydantic import ValidationError
 
     try:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(
-            (f"ANALYSIS_{'__'.join(str(p).upper() for p in e['loc'])}: " if e["loc"] else "") + e["msg"]
+            (
+                f"ANALYSIS_{'__'.join(str(p).upper() for p in e['loc'] if isinstance(p, str))}: "
+                if e["loc"]
+                else ""
+            )
+            + e["msg"]
             for e in exc.errors(include_url=False)
         )
         typer.echo(f"analysis-service: invalid configuration: {problems}", err=True)
@@ -257,7 +302,7 @@ def config(
     from analysis_service.cli.cache import default_cache_path
     from analysis_service.cli.settings_view import effective_settings
 
-    values = effective_settings(Settings())
+    values = effective_settings(_service_settings())
     values["ANALYSIS_CLI_CACHE"] = os.environ.get("ANALYSIS_CLI_CACHE") or str(default_cache_path())
     if as_json:
         typer.echo(json.dumps(values, indent=2, sort_keys=True))
@@ -340,7 +385,7 @@ def submit(
     """
     from analysis_service.cli.submit import run
 
-    settings = Settings()
+    settings = _service_settings()
     status = run(
         paths,
         settings=settings,

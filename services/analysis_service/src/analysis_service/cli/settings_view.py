@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any, Final
@@ -44,7 +45,7 @@ def redact(name: str, value: Any) -> str:
         return ""
     if _SECRET_NAME.search(name):
         return REDACTED if value else ""
-    text = str(value)
+    text = json.dumps(list(value)) if isinstance(value, tuple | list) else str(value)  # as the env takes it
     return redact_url(text) if ("://" in text or "password" in text.lower()) else text
 
 
