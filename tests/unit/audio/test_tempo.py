@@ -383,7 +383,8 @@ def test_a_range_narrower_than_an_octave_reports_the_nearer_octave_of_its_gap() 
         (240.0, (78.0, 155.0), 120.0),
         (98.0, (100.0, 195.0), 196.0),  # in the gap of a range narrower than an octave: the nearer side
         (99.0, (100.0, 190.0), 99.0),
-        (78.0, (40.0, 76.0), 78.0),  # 39 would be nearer, but below MIN_BPM
+        (78.0, (40.0, 76.0), 39.0),  # 2.5 % below against 2.6 % above: the nearer, below MIN_BPM
+        (120.13, (125.0, 240.0), 240.26),  # just above the range (and MAX_BPM), not 4 % below it
         (0.0, (88.0, 175.0), 0.0),  # no pulse stays no pulse
     ],
 )

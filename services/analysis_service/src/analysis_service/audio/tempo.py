@@ -538,8 +538,10 @@ def in_bpm_range(bpm: float, bpm_range: BpmRange) -> float:
 
     ``bpm_range`` is ``(low, high)`` in BPM, ``low < high``: the range a DJ application asks for
     ("88-175" for drum & bass, "78-155" for house and hip-hop), so that a library's tempi are
-    reported at one consistent metrical level. ``bpm <= 0`` (no pulse) is returned as it is; an
-    octave outside ``MIN_BPM`` .. ``MAX_BPM`` is taken only when the other one is too.
+    reported at one consistent metrical level. ``bpm <= 0`` (no pulse) is returned as it is. The
+    result lies within the range or, for a range narrower than an octave, at most
+    ``sqrt(2 * low / high)`` outside it (3 % for the narrowest range the contract accepts, which
+    may put it as far below ``MIN_BPM`` or above ``MAX_BPM``: 240.3 for 120.1 in 125-240).
     """
     low, high = bpm_range
     if not bpm > 0 or low <= bpm <= high:
@@ -549,7 +551,7 @@ def in_bpm_range(bpm: float, bpm_range: BpmRange) -> float:
         return max(math.log2(low / x), math.log2(x / high), 0.0)
 
     k = math.floor(math.log2(high / bpm))  # the highest octave at or below ``high``
-    options = [x for x in (bpm * 2.0**k, bpm * 2.0 ** (k + 1)) if MIN_BPM <= x <= MAX_BPM] or [bpm * 2.0**k]
+    options = [bpm * 2.0**k, bpm * 2.0 ** (k + 1)]
     return min(options, key=distance)
 
 
