@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 
 class AnalysisKind(StrEnum):
@@ -46,19 +46,6 @@ BPM_RANGE_LIMITS = (40.0, 240.0)
 BPM_RANGE_MIN_RATIO = 1.9
 
 Bpm = Annotated[float, Field(ge=BPM_RANGE_LIMITS[0], le=BPM_RANGE_LIMITS[1])]
-#: ``[low, high]``; its schema spelt without ``prefixItems`` (JSON Schema 2020-12 only), so that
-#: AsyncAPI's Draft-07 schemas check the bounds too.
-BpmRange = Annotated[
-    tuple[Bpm, Bpm],
-    WithJsonSchema(
-        {
-            "type": "array",
-            "items": {"type": "number", "minimum": BPM_RANGE_LIMITS[0], "maximum": BPM_RANGE_LIMITS[1]},
-            "minItems": 2,
-            "maxItems": 2,
-        }
-    ),
-]
 
 
 def bpm_range_from_text(text: str) -> tuple[float, float]:
@@ -77,17 +64,33 @@ def bpm_range_from_text(text: str) -> tuple[float, float]:
         raise ValueError(f"{text!r} is not LOW-HIGH in BPM, such as 88-175") from None
 
 
-def check_bpm_range(value: tuple[float, float] | None) -> tuple[float, float] | None:
+def check_bpm_range(value: tuple[float, float]) -> tuple[float, float]:
     """``value`` if it is about an octave wide (``high >= BPM_RANGE_MIN_RATIO * low``), else
     ``ValueError`` saying so (the bounds themselves are checked by the :data:`Bpm` fields)."""
-    if value is not None and value[1] < BPM_RANGE_MIN_RATIO * value[0]:
-        low, high = value
+    low, high = value
+    if high < BPM_RANGE_MIN_RATIO * low:
         raise ValueError(
             f"bpm_range [{low:g}, {high:g}] is narrower than an octave: high must be at least "
             f"{BPM_RANGE_MIN_RATIO:g} x low ({BPM_RANGE_MIN_RATIO * low:g}), so that every tempo "
             "has an octave inside it or within 3 % of it"
         )
     return value
+
+
+#: ``[low, high]``, checked by :func:`check_bpm_range`; its schema spelt without ``prefixItems``
+#: (JSON Schema 2020-12 only), so that AsyncAPI's Draft-07 schemas check the bounds too.
+BpmRange = Annotated[
+    tuple[Bpm, Bpm],
+    AfterValidator(check_bpm_range),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "number", "minimum": BPM_RANGE_LIMITS[0], "maximum": BPM_RANGE_LIMITS[1]},
+            "minItems": 2,
+            "maxItems": 2,
+        }
+    ),
+]
 
 
 #: Request options added after the first release: left out of the published body and of a request's
@@ -117,10 +120,9 @@ class RequestOptions(BaseModel):
         "listener most likely taps.",
     )
 
-    @field_validator("bpm_range")
-    @classmethod
-    def _octave_wide(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        return check_bpm_range(value)
+    def unset_later_options(self) -> set[str]:
+        """The :data:`LATER_OPTIONS` left unset: left out of the published body and the fingerprint."""
+        return {name for name in LATER_OPTIONS if getattr(self, name) is None}
 
 
 class AnalysisRequest(BaseModel):
@@ -163,7 +165,7 @@ class AnalysisRequest(BaseModel):
         """The request as producers publish it: its JSON without the options added since the first
         release (:data:`LATER_OPTIONS`) while they are unset, which a worker of a previous release,
         refusing unknown fields, would fail as ``invalid_request`` during a rolling upgrade."""
-        unset = {name for name in LATER_OPTIONS if getattr(self.options, name) is None}
+        unset = self.options.unset_later_options()
         return self.model_dump_json(exclude={"options": unset} if unset else None)
 
 

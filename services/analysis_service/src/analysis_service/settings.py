@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from service_shared.messages import BpmRange, bpm_range_from_text, check_bpm_range
+from service_shared.messages import BpmRange, bpm_range_from_text
 from service_shared.settings import ServiceSettings
 
 
@@ -40,11 +40,6 @@ class EngineSettings(BaseModel):
     @classmethod
     def _from_text(cls, value: object) -> object:
         return bpm_range_from_text(value) if isinstance(value, str) and value.strip() else value or None
-
-    @field_validator("bpm_range")
-    @classmethod
-    def _octave_wide(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        return check_bpm_range(value)
 
 
 class RabbitSettings(BaseModel):

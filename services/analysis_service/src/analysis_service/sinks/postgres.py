@@ -62,13 +62,7 @@ import asyncpg
 
 from analysis_service.errors import SinkRejected, SinkUnavailable
 from analysis_service.settings import PostgresSettings
-from service_shared.messages import (
-    LATER_OPTIONS,
-    AnalysisRequest,
-    AnalysisResultMessage,
-    EngineOutput,
-    ResultStatus,
-)
+from service_shared.messages import AnalysisRequest, AnalysisResultMessage, EngineOutput, ResultStatus
 
 STORE = "PostgreSQL"
 
@@ -446,10 +440,7 @@ def fingerprint(request: AnalysisRequest) -> str:
     An option added since the ledger began (``bpm_range``) counts only when set: a request
     recorded before it existed keeps its fingerprint, so its redelivery is not taken for a reuse.
     """
-    options = request.options.model_dump()
-    for name in LATER_OPTIONS:
-        if options.get(name) is None:
-            options.pop(name, None)
+    options = request.options.model_dump(exclude=request.options.unset_later_options())
     canonical = json.dumps(
         {"file": request.file, "analyses": sorted(request.analyses), "options": options},
         sort_keys=True,
