@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import itertools
 import json
 import os
@@ -404,6 +405,8 @@ class CpuSampler:
         self._tree: dict[int, tuple[int, Any]] = {}  # pid -> (root pid, psutil.Process), alive
         self._server_procs: dict[int, Any] = {}  # pid -> psutil.Process, alive
         self._samples = 0
+        # (wall clock, cumulative CPU seconds by series) at every sample: see between()
+        self.timeline: list[tuple[float, dict[str, float]]] = []
 
     def __enter__(self) -> CpuSampler:
         self._sample(walk=True)
@@ -468,6 +471,35 @@ class CpuSampler:
                 del self._server_procs[pid]
                 continue
             self._server_seen[pid] = t.user + t.system
+        self.timeline.append((time.time(), self._totals()))
+
+    def _totals(self) -> dict[str, float]:
+        """Cumulative CPU seconds now: each root's main process and analysis processes, the
+        servers by category, and the whole machine's busy time (all CPUs)."""
+        out = dict.fromkeys((*SERVER_CATEGORIES.values(), GRAPH, DRIVER), 0.0)
+        for pid, cpu in self._server_seen.items():
+            out[self._server_pids[pid]] += cpu
+        for root in self.roots:
+            out[f"main {root}"] = self._seen.get(root, (root, 0.0))[1]
+            out[f"slots {root}"] = sum(c for pid, (r, c) in self._seen.items() if r == root and pid != root)
+        times = self._psutil.cpu_times()
+        out["machine"] = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        return out
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by series (see ``_totals``) spent between wall-clock times ``start`` and
+        ``end``, each total interpolated linearly between the samples around it: the steady state
+        of a run (first to last completion) without its start-up or its tail."""
+        stamps = [t for t, _ in self.timeline]
+
+        def at(when: float) -> dict[str, float]:
+            i = min(max(bisect.bisect_left(stamps, when), 1), len(stamps) - 1)
+            (ta, a), (tb, b) = self.timeline[i - 1], self.timeline[i]
+            w = min(max((when - ta) / (tb - ta), 0.0), 1.0) if tb > ta else 1.0
+            return {k: a.get(k, 0.0) + w * (b.get(k, 0.0) - a.get(k, 0.0)) for k in b}
+
+        a, b = at(start), at(end)
+        return {k: b[k] - a.get(k, 0.0) for k in b}
 
     def servers_s(self) -> dict[str, float]:
         """CPU seconds of the local servers (and of this benchmark) by category, over the window;
@@ -515,6 +547,7 @@ class RunFigures:
     failures: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     t0: float = 0.0  # wall clock (time.time()) at the run's start; first_s and last_s count from it
+    steady_cpu_s: dict[str, float] = field(default_factory=dict)  # steady_cpu: first to last completion
 
     def occupancy(self, slots: int) -> float:
         """Share of the slots' time spent analysing: the engine's wall time of every track over
@@ -532,6 +565,20 @@ class RunFigures:
     def mid(self) -> float:
         """Wall-clock middle of the span ``per_hour`` is measured over."""
         return self.t0 + (self.first_s + self.last_s) / 2
+
+
+def steady_cpu(cpu: CpuSampler, t0: float, first_s: float, last_s: float) -> dict[str, float]:
+    """CPU seconds from the first completion to the last (the span ``per_hour`` is measured
+    over): the analysis processes, the main process(es), each server and the whole machine. Unlike
+    the whole window's figures, these leave out start-up (spawning and warming the analysis
+    processes) and the tail, so the engine's and the pipeline's are comparable per track."""
+    raw = cpu.between(t0 + first_s, t0 + last_s)
+    out = {
+        "analysis processes": sum(v for k, v in raw.items() if k.startswith("slots ")),
+        "main process": sum(v for k, v in raw.items() if k.startswith("main ")),
+    }
+    out.update({k: v for k, v in raw.items() if not k.startswith(("slots ", "main "))})
+    return out
 
 
 def run_schedule(rounds: int, *, two: bool) -> list[str]:
@@ -626,6 +673,7 @@ def engine_run(files: list[Path], jobs: int) -> RunFigures:
         servers_cpu_s=cpu.servers_s(),
         failures=failures,
         t0=t0_wall,
+        steady_cpu_s=steady_cpu(cpu, t0_wall, times[0], times[-1]),
     )
 
 
@@ -979,6 +1027,7 @@ async def pipeline_run(
             "rss_mb": [cpu.rss_mb(p.pid) for p, _, _ in started],
         },
         t0=t0,
+        steady_cpu_s=steady_cpu(cpu, t0, arrivals[0], arrivals[-1]),
     )
     for rid in ids:
         arrived, result = bench.arrived[rid]
@@ -1421,6 +1470,16 @@ def print_run(f: RunFigures, cpus: int, slots: int) -> None:
         print(
             "servers and benchmark, CPU per track: "
             + ", ".join(f"{name} {1000 * sec / f.n:.1f} ms" for name, sec in f.servers_cpu_s.items())
+        )
+    if f.steady_cpu_s and f.n > 1:
+        per = 1000.0 / (f.n - 1)
+        cores_ms = cpus * (f.last_s - f.first_s) * per
+        print(
+            f"steady state, CPU per completion (ms; {cpus} cores x the span = {cores_ms:.1f}): "
+            + ", ".join(
+                f"{name} {per * sec:.1f}" for name, sec in f.steady_cpu_s.items() if name != "machine"
+            )
+            + f"; machine busy {per * f.steady_cpu_s.get('machine', 0.0):.1f}"
         )
     if "idle_main_cpu_per_s" in f.extra:
         idle = f.extra["idle_main_cpu_per_s"]

@@ -67,3 +67,31 @@ def test_every_pipeline_run_has_its_reference_on_both_sides(
     assert schedule.count("one") == rounds + (1 if two else 0)
     assert schedule.count("two") == (rounds if two else 0)
     assert throughput.run_schedule(0, two=two) == []
+
+
+def test_steady_cpu_is_read_between_the_first_and_the_last_completion(throughput: ModuleType) -> None:
+    # Samples every second: a start-up burst of 3 s of analysis CPU before the first completion
+    # (t = 2), then 1.5 s of analysis CPU and 0.1 s of main-process CPU per second.
+    sampler = throughput.CpuSampler([7])
+    sampler.timeline = [
+        (100.0, {"slots 7": 0.0, "main 7": 0.0, "machine": 0.0}),
+        (101.0, {"slots 7": 2.0, "main 7": 0.5, "machine": 2.0}),
+        (102.0, {"slots 7": 3.0, "main 7": 0.6, "machine": 3.0}),
+        *(
+            (
+                100.0 + t,
+                {
+                    "slots 7": 3.0 + 1.5 * (t - 2),
+                    "main 7": 0.6 + 0.1 * (t - 2),
+                    "machine": 3.0 + 1.6 * (t - 2),
+                },
+            )
+            for t in range(3, 13)
+        ),
+    ]
+    steady = throughput.steady_cpu(sampler, 100.0, 2.5, 10.5)
+    assert steady["analysis processes"] == pytest.approx(12.0)
+    assert steady["main process"] == pytest.approx(0.8)
+    assert steady["machine"] == pytest.approx(12.8)
+    # Over the whole window the start-up burst would add 3 s to the analysis processes.
+    assert sampler.between(100.0, 112.0)["slots 7"] == pytest.approx(18.0)
