@@ -89,9 +89,23 @@ def test_steady_cpu_is_read_between_the_first_and_the_last_completion(throughput
             for t in range(3, 13)
         ),
     ]
-    steady = throughput.steady_cpu(sampler, 100.0, 2.5, 10.5)
-    assert steady["analysis processes"] == pytest.approx(12.0)
-    assert steady["main process"] == pytest.approx(0.8)
-    assert steady["machine"] == pytest.approx(12.8)
+    steady = throughput.steady_cpu(sampler, 100.0, 2.25, 10.6)
+    assert steady["analysis processes"] == pytest.approx(1.5 * 8.35)
+    assert steady["main process"] == pytest.approx(0.1 * 8.35)
+    assert steady["machine"] == pytest.approx(1.6 * 8.35)
+    # Inside the start-up burst (t = 1 .. 2: 1 s of analysis CPU a second) the interpolation holds.
+    assert sampler.between(101.25, 101.75)["slots 7"] == pytest.approx(0.5)
     # Over the whole window the start-up burst would add 3 s to the analysis processes.
     assert sampler.between(100.0, 112.0)["slots 7"] == pytest.approx(18.0)
+
+
+def test_cpu_before_a_process_was_found_is_spread_back_to_its_creation(throughput: ModuleType) -> None:
+    # A slot process created at t = 101 is first found by the table walk at t = 104 with 3 s of
+    # CPU: its work belongs to the seconds since its creation, not to the last interval.
+    sampler = throughput.CpuSampler([7])
+    sampler.timeline = [(100.0 + t, {"slots 7": 0.0}) for t in range(4)]
+    sampler._backfill("slots 7", 3.0, 101.0, 104.0)
+    sampler.timeline.append((104.0, {"slots 7": 3.0}))
+    assert sampler.between(100.0, 101.0)["slots 7"] == pytest.approx(0.0)
+    assert sampler.between(101.0, 103.0)["slots 7"] == pytest.approx(2.0)
+    assert sampler.between(103.0, 104.0)["slots 7"] == pytest.approx(1.0)
