@@ -396,7 +396,6 @@ class CpuSampler:
         self._seen: dict[int, tuple[int, float]] = {}  # pid -> (root pid, cpu seconds)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._base: dict[int, float] = {}
         self.peak_rss: dict[int, int] = {}  # bytes, per process
         self._t0 = time.perf_counter()
         self._sys0 = psutil.cpu_times()
@@ -404,7 +403,6 @@ class CpuSampler:
         self.machine_busy = 0.0
         self._server_pids: dict[int, str] = {}  # pid -> category (SERVER_CATEGORIES)
         self._server_seen: dict[int, float] = {}  # pid -> cpu seconds
-        self._server_base: dict[int, float] = {}
         self._tree: dict[int, tuple[int, Any]] = {}  # pid -> (root pid, psutil.Process), alive
         self._server_procs: dict[int, Any] = {}  # pid -> psutil.Process, alive
         self._samples = 0
@@ -413,8 +411,6 @@ class CpuSampler:
 
     def __enter__(self) -> CpuSampler:
         self._sample(walk=True)
-        self._base = {pid: cpu for pid, (_, cpu) in self._seen.items()}
-        self._server_base = dict(self._server_seen)
         self._t0 = time.perf_counter()
         self._sys0 = self._psutil.cpu_times()
         self._thread.start()
@@ -525,16 +521,18 @@ class CpuSampler:
         a, b = at(start), at(end)
         return {k: b[k] - a.get(k, 0.0) for k in b}
 
+    def _window(self) -> dict[str, float]:
+        """CPU seconds by series (see ``_totals``) over the whole window, first sample to last."""
+        return self.between(self.timeline[0][0], self.timeline[-1][0])
+
     def servers_s(self) -> dict[str, float]:
         """CPU seconds of the local servers (and of this benchmark) by category, over the window;
         a process first seen during the window counts from zero (a new PostgreSQL backend)."""
-        out = dict.fromkeys((*SERVER_CATEGORIES.values(), GRAPH, DRIVER), 0.0)
-        for pid, cpu in self._server_seen.items():
-            out[self._server_pids[pid]] += cpu - self._server_base.get(pid, 0.0)
-        return out
+        window = self._window()
+        return {k: window[k] for k in (*SERVER_CATEGORIES.values(), GRAPH, DRIVER)}
 
     def main_s(self, root: int) -> float:
-        return self._seen.get(root, (root, 0.0))[1] - self._base.get(root, 0.0)
+        return self._window()[f"main {root}"]
 
     def rss_mb(self, root: int) -> tuple[float, float]:
         """Peak RSS (MB) of ``root`` and the largest peak of one of its descendants."""
@@ -542,11 +540,7 @@ class CpuSampler:
         return self.peak_rss.get(root, 0) / 2**20, max(kids, default=0) / 2**20
 
     def children_s(self, root: int) -> float:
-        return sum(
-            cpu - self._base.get(pid, 0.0)
-            for pid, (r, cpu) in self._seen.items()
-            if r == root and pid != root
-        )
+        return self._window()[f"slots {root}"]
 
 
 # --------------------------------------------------------------------------------------------------

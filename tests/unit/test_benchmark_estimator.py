@@ -109,3 +109,22 @@ def test_cpu_before_a_process_was_found_is_spread_back_to_its_creation(throughpu
     assert sampler.between(100.0, 101.0)["slots 7"] == pytest.approx(0.0)
     assert sampler.between(101.0, 103.0)["slots 7"] == pytest.approx(2.0)
     assert sampler.between(103.0, 104.0)["slots 7"] == pytest.approx(1.0)
+
+
+def test_the_sampler_counts_a_real_process_tree(throughput: ModuleType) -> None:
+    # A process that burns CPU, and a child of it found by a later table walk: the whole-window
+    # figures and the timeline they are read from agree with what the processes spent.
+    import subprocess
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    script = (
+        f"import subprocess, sys, time\n{burn}"
+        f"child = subprocess.Popen([sys.executable, '-c', {burn + 'time.sleep(0.8)'!r}])\n"
+        "child.wait()\ntime.sleep(0.3)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    with throughput.CpuSampler([proc.pid], interval=0.05) as sampler:
+        proc.wait()
+    assert 0.3 <= sampler.main_s(proc.pid) < 0.6
+    assert 0.3 <= sampler.children_s(proc.pid) < 0.6
+    assert sampler.timeline[-1][1]["machine"] - sampler.timeline[0][1]["machine"] >= 0.6
