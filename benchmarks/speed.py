@@ -12,7 +12,8 @@ Generates its inputs once into the work folder (reused when present):
 Then measures, with all three analyzers (bpm, key, mood), decoding included:
 
 1. CPU seconds per 3-minute MP3 after warm-up: in process (median of ``--repeat`` runs) and through
-   a fresh single-process spawn pool (the path of ``analyze`` and the worker);
+   a fresh single-process spawn pool (the path of ``analyze`` and the worker), the latter with its
+   kernel time and minor page faults (memory mapped and zeroed for the analysis);
 2. CPU seconds for the 2-hour file, with its segment timeline (in a fresh process);
 3. peak RSS (``VmHWM``) of a fresh process analysing the 3-minute file vs the 2-hour file;
 4. cold start: fresh ``create_pool(1)`` to the first result, and ``warm_up`` alone;
@@ -262,13 +263,24 @@ def in_process(path: Path, *, settings: EngineSettings, repeat: int) -> tuple[fl
     return cpu, wall, {stage: statistics.median(v) for stage, v in stages.items()}
 
 
-def timed_analysis(path: str, *, settings: EngineSettings) -> tuple[float, EngineOutput]:
-    """Pool-side: :func:`analysis_service.pool.run_analysis` and the CPU seconds it took."""
+@dataclass(frozen=True)
+class PoolCost:
+    """What one analysis cost the pool process: CPU seconds, of which kernel (system) seconds, and
+    minor page faults (memory the kernel mapped and zeroed for it)."""
+
+    cpu_s: float
+    system_s: float
+    page_faults: int
+
+
+def timed_analysis(path: str, *, settings: EngineSettings) -> tuple[PoolCost, EngineOutput]:
+    """Pool-side: :func:`analysis_service.pool.run_analysis` and what it cost this process."""
     from analysis_service.pool import run_analysis
 
-    c0 = time.process_time()
+    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
     out = run_analysis(path, settings=settings)
-    return time.process_time() - c0, out
+    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    return PoolCost(c1 - c0, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt), out
 
 
 def timed_warm_up() -> float:
@@ -280,20 +292,29 @@ def timed_warm_up() -> float:
     return time.perf_counter() - t0
 
 
-def in_pool(path: Path, *, settings: EngineSettings, repeat: int) -> tuple[float, float]:
+def in_pool(path: Path, *, settings: EngineSettings, repeat: int) -> tuple[float, float, PoolCost]:
     """Median CPU seconds (in the pool process) and wall seconds (seen by the caller) per analysis
-    in a fresh single-process spawn pool, after one discarded warm-up analysis."""
+    in a fresh single-process spawn pool, after one discarded warm-up analysis; and the median of
+    each part of :class:`PoolCost`."""
     from analysis_service.pool import create_pool
 
+    costs: list[PoolCost] = []
     with create_pool(1) as pool:
         pool.submit(timed_analysis, str(path), settings=settings).result()
 
         def once() -> tuple[float, float]:
             t0 = time.perf_counter()
-            cpu, _ = pool.submit(timed_analysis, str(path), settings=settings).result()
-            return cpu, time.perf_counter() - t0
+            cost, _ = pool.submit(timed_analysis, str(path), settings=settings).result()
+            costs.append(cost)
+            return cost.cpu_s, time.perf_counter() - t0
 
-        return _median_runs(once, repeat)
+        cpu, wall = _median_runs(once, repeat)
+    median = PoolCost(
+        cpu,
+        statistics.median(c.system_s for c in costs),
+        round(statistics.median(c.page_faults for c in costs)),
+    )
+    return cpu, wall, median
 
 
 @dataclass(frozen=True)
@@ -477,11 +498,16 @@ def main() -> None:
         Figure("3-min MP3: CPU per file (in process)", cpu, "CPU s", TARGET_SHORT_CPU_S),
         Figure("3-min MP3: CPU per audio minute per core", cpu / short_min, "CPU s / min"),
     ]
-    pool_cpu, pool_wall = in_pool(short, settings=settings, repeat=args.repeat)
+    pool_cpu, pool_wall, cost = in_pool(short, settings=settings, repeat=args.repeat)
     print(f"\n== 1b. 3-minute MP3, fresh 1-process spawn pool (median of {args.repeat} after warm-up) ==")
-    print(f"CPU {pool_cpu:.3f} s in the pool process, wall {pool_wall:.3f} s seen by the caller")
+    print(
+        f"CPU {pool_cpu:.3f} s in the pool process ({cost.system_s:.3f} s of it in the kernel, "
+        f"{cost.page_faults} page faults), wall {pool_wall:.3f} s seen by the caller"
+    )
     figures += [
         Figure("3-min MP3: CPU per file (pool)", pool_cpu, "CPU s", TARGET_SHORT_CPU_S),
+        Figure("3-min MP3: kernel CPU per file (pool)", cost.system_s, "CPU s"),
+        Figure("3-min MP3: page faults per file (pool)", cost.page_faults, "faults"),
         Figure("3-min MP3: wall per file (pool)", pool_wall, "s"),
     ]
 
