@@ -507,7 +507,7 @@ def main() -> None:
     figures += [
         Figure("3-min MP3: CPU per file (pool)", pool_cpu, "CPU s", TARGET_SHORT_CPU_S),
         Figure("3-min MP3: kernel CPU per file (pool)", cost.system_s, "CPU s"),
-        Figure("3-min MP3: page faults per file (pool)", cost.page_faults, "faults"),
+        Figure("3-min MP3: page faults per file (pool)", cost.page_faults, "faults", digits=0),
         Figure("3-min MP3: wall per file (pool)", pool_wall, "s"),
     ]
 

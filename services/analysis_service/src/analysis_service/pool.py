@@ -82,24 +82,34 @@ def keep_freed_memory() -> bool:
     there. The mmap threshold starts at 128 KiB and rises as such blocks are freed, up to 32 MiB,
     so where it stands depends on the process's history. An analysis allocates and frees arrays
     of 0.1-30 MB (a 3-minute track's samples are 16 MB): with those defaults each analysis faulted
-    its working memory in again, zeroed by the kernel, about 9,000 pages (6,500-9,800 from one run
-    of the same files to the next) and 20 ms of kernel time per 3-minute track, 5-7 % of its CPU
-    (docs/tuning.md). Here the mmap threshold is fixed at ``MMAP_THRESHOLD_BYTES`` (only larger
-    blocks, those of long files, are mapped apart and given back) and the trim threshold at
-    ``TRIM_THRESHOLD_BYTES``; the same analysis again then faults in next to nothing, another file
+    its working memory in again, each page zeroed by the kernel: 6,200-12,800 minor page faults
+    and 12-24 ms of kernel CPU per 3-minute MP3, a few per cent of its CPU, and a different count
+    from one process to the next (docs/tuning.md). Here both thresholds are fixed, which also
+    stops glibc adapting them: the mmap threshold at ``MMAP_THRESHOLD_BYTES`` (only the larger
+    blocks of long files are mapped apart and given back) and the trim threshold at
+    ``TRIM_THRESHOLD_BYTES``. The same analysis again then faults in next to nothing, another file
     of the same length about 200 pages. The peak RSS does not change; between analyses a slot
-    holds about 20 MB more after 3-minute tracks, and no more after a 2-hour file (158 MB against
-    200 MB with the defaults, in one measurement).
+    holds 10-35 MB more after files of a few minutes, and no more after a 2-hour file.
 
-    Returns False where the C library has no ``mallopt`` or refuses the values (not glibc).
+    An operator's own malloc settings win: nothing is changed when the environment sets
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or a ``glibc.malloc`` tunable.
+
+    Returns True when the thresholds were set; False where the C library has no ``mallopt`` (not
+    glibc), refuses the values, or the environment configures malloc.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or _malloc_configured():
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
     mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     return bool(mapped and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def _malloc_configured() -> bool:
+    """True when the environment configures glibc's malloc (its threshold variables or tunables)."""
+    named = any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    return named or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def _initialize(progress_queue: ProgressQueue | None, parent_pid: int | None = None, nice: int = 0) -> None:
