@@ -284,6 +284,30 @@ def test_onset_density_counts_onsets_per_second_but_not_the_ripples_between_them
     assert tempo.onset_density(np.zeros(int(30 * rate)), rate=rate) == 0.0
 
 
+def test_onset_density_changes_little_when_onsets_cross_the_floor() -> None:
+    """A hard floor counted an onset fully or not at all, so onsets whose strength sat near it (the
+    notes between the drums of much tracker and metal music) flipped the count, and the octave,
+    when a speed change or a codec moved their strength by a few per cent. An onset now counts by
+    how far above the floor it stands, rising from nothing at ``ONSET_FLOOR - ONSET_RAMP`` to one
+    at ``ONSET_FLOOR + ONSET_RAMP`` times the strong onsets' strength."""
+    rate = 86.0
+    step = int(rate / 6)
+
+    def with_between(strength: float) -> np.ndarray:
+        curve = np.zeros(int(30 * rate))
+        curve[::step] = 1.0  # six strong onsets a second
+        curve[step // 2 :: step] = strength  # and six between them
+        return curve
+
+    below = tempo.onset_density(with_between(tempo.ONSET_FLOOR * 0.98), rate=rate)
+    above = tempo.onset_density(with_between(tempo.ONSET_FLOOR * 1.02), rate=rate)
+    assert 6.0 < below < above < 12.0
+    assert above - below < 0.5
+    assert tempo.onset_density(with_between(1.0), rate=rate) == pytest.approx(12.0, rel=0.05)
+    weak = tempo.ONSET_FLOOR - tempo.ONSET_RAMP
+    assert tempo.onset_density(with_between(weak), rate=rate) == pytest.approx(6.0, rel=0.05)
+
+
 def test_density_counts_only_against_a_level_with_more_onsets_per_beat_than_a_beat_holds() -> None:
     bpm = np.array([60.0, 90.0, 180.0])
     evidence = tempo.density_evidence(bpm, 6.0)  # 6, 4 and 2 onsets per beat
