@@ -225,6 +225,7 @@ class Variant:
     density_weight: float | None = None  # None: tempo.DENSITY_WEIGHT (as shipped)
     events_per_beat: float | None = None  # None: tempo.EVENTS_PER_BEAT (as shipped)
     onset_floor: float | None = None  # None: tempo.ONSET_FLOOR (as shipped)
+    onset_ramp: float | None = None  # None: tempo.ONSET_RAMP (as shipped); 0: a hard floor
 
     def choose(self, item: Item) -> float:
         """The tempo this variant chooses for ``item`` (0 where it has no candidates)."""
@@ -234,8 +235,10 @@ class Variant:
         base = c.backbeat if self.backbeat == "snare" else item.cues[self.backbeat]
         weight = tempo.BACKBEAT_WEIGHT if self.backbeat_weight is None else self.backbeat_weight
         density = c.density
-        if self.onset_floor is not None:
-            density = tempo.onset_density(_novelty(c), rate=c.rate, floor=self.onset_floor)
+        if self.onset_floor is not None or self.onset_ramp is not None:
+            density = tempo.onset_density(
+                _novelty(c), rate=c.rate, floor=self.onset_floor, ramp=self.onset_ramp
+            )
         evidence = weight * base + tempo.density_evidence(
             c.bpm, density, weight=self.density_weight, per_beat=self.events_per_beat
         )
@@ -251,11 +254,15 @@ VARIANTS = (
     Variant("onset density: at most 2.5 strong onsets a beat", events_per_beat=2.5),
     Variant("onset density: weight x0.75", density_weight=0.75),
     Variant("onset density: weight x1.5", density_weight=1.5),
-    Variant("onset density: onsets from 0.4 of the strong ones", onset_floor=0.4),
-    Variant("onset density: onsets from 0.6 of the strong ones", onset_floor=0.6),
+    Variant("onset density: a hard floor at 0.5 of the strong onsets (bpm 1.5.0)", onset_ramp=0.0),
+    Variant("onset density: ramp 0.2 either side of the floor", onset_ramp=0.2),
+    Variant("onset density: ramp 0.4 either side of the floor", onset_ramp=0.4),
+    Variant("onset density: onsets from 0.4 of the strong ones (hard)", onset_floor=0.4, onset_ramp=0.0),
+    Variant("onset density: onsets from 0.6 of the strong ones (hard)", onset_floor=0.6, onset_ramp=0.0),
     Variant(
-        "onset density, first setting: floor 0.25, 2.5 a beat, x0.5",
+        "onset density, first setting: hard floor 0.25, 2.5 a beat, x0.5",
         onset_floor=0.25,
+        onset_ramp=0.0,
         events_per_beat=2.5,
         density_weight=0.5,
     ),

@@ -259,7 +259,7 @@ def test_all_good_exits_zero_and_analyses_bpm_gives_only_tempo(library: Library)
         assert out["tempo"]["bpm"] == pytest.approx(SONGS[fmt].bpm, rel=0.04)
         assert out["key"] is None
         assert out["mood"] is None
-        assert out["analyzer_versions"] == {"bpm": "1.5.0"}
+        assert out["analyzer_versions"] == {"bpm": "1.6.0"}
     assert status == EXIT_OK == 0
 
 

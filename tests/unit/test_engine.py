@@ -93,7 +93,7 @@ def test_output_of_a_song(make: Make) -> None:
     assert out.mood.label
     assert out.timeline is None
     assert out.extra == {}
-    assert out.analyzer_versions == VERSIONS == {"bpm": "1.5.0", "key": "1.1.0", "mood": "1.4.0"}
+    assert out.analyzer_versions == VERSIONS == {"bpm": "1.6.0", "key": "1.1.0", "mood": "1.5.0"}
 
 
 def test_timings_cover_every_stage(make: Make) -> None:
@@ -143,7 +143,7 @@ def test_only_the_analyses_asked_for(make: Make) -> None:
 
     assert bpm_only.tempo is not None
     assert (bpm_only.key, bpm_only.mood) == (None, None)
-    assert bpm_only.analyzer_versions == {"bpm": "1.5.0"}
+    assert bpm_only.analyzer_versions == {"bpm": "1.6.0"}
     assert set(bpm_only.timings_s) == {"decode", "features", "bpm", "tags", "total"}
     assert mood_only.mood is not None
     assert (mood_only.tempo, mood_only.key) == (None, None)

@@ -165,7 +165,7 @@ def test_extra_analyzer_is_run_by_the_engine(song: Path) -> None:
     assert set(seen) >= {"bpm"}
     assert isinstance(seen["bpm"], TempoEstimate)
     assert out.extra == {"loudness": {"peak": 0.9, "half_bpm": pytest.approx(60.0, rel=0.04)}}
-    assert out.analyzer_versions == {"bpm": "1.5.0", "key": "1.1.0", "mood": "1.4.0", "loudness": "2.1.0"}
+    assert out.analyzer_versions == {"bpm": "1.6.0", "key": "1.1.0", "mood": "1.5.0", "loudness": "2.1.0"}
     assert out.tempo is not None
     assert out.tempo.bpm == pytest.approx(120.0, rel=0.04)
     assert out.timings_s["loudness"] >= 0.0
@@ -182,7 +182,7 @@ def test_only_the_extra_asked_for(song: Path) -> None:
     assert out.tempo is None  # bpm ran as a dependency but was not asked for
     assert out.key is None
     assert out.mood is None
-    assert out.analyzer_versions == {"bpm": "1.5.0", "twice": "0.3"}
+    assert out.analyzer_versions == {"bpm": "1.6.0", "twice": "0.3"}
 
 
 def test_unknown_analysis_is_refused_before_decoding(tmp_path: Path) -> None:

@@ -58,9 +58,9 @@ def _mood(features: Features, results: Mapping[str, Any]) -> Any:
 
 
 BUILTIN_ANALYZERS: tuple[Analyzer, ...] = (
-    Analyzer("bpm", "1.5.0", lambda f, _r: estimate_tempo(f)),
+    Analyzer("bpm", "1.6.0", lambda f, _r: estimate_tempo(f)),
     Analyzer("key", "1.1.0", lambda f, _r: estimate_key(f)),
-    Analyzer("mood", "1.4.0", _mood, requires=("bpm", "key")),
+    Analyzer("mood", "1.5.0", _mood, requires=("bpm", "key")),
 )
 
 

@@ -44,11 +44,11 @@ Method
    only its periodicities (Elowsson and Friberg model the perceived speed of music from onset
    features of this kind), and a tapped beat seldom holds more than two strong attacks. Fast
    rock, metal and chiptune (160-200 BPM: a kick or a note on every beat, guitars or arpeggios
-   between) are dense at half their tempo. Only onsets about half as strong as the strong ones
-   or stronger count (``ONSET_FLOOR``), so the hats of a 90 BPM groove, eighth or sixteenth
-   notes, do not; an onset near that floor counts in part (``ONSET_RAMP``), so that a few per
-   cent of strength gained or lost (a speed change, a codec) moves the count a little, not by
-   every onset that crosses the floor.
+   between) are dense at half their tempo. An onset counts fully from 0.8 of the strong ones'
+   strength, not at all below 0.2, and in part between (``ONSET_FLOOR``, ``ONSET_RAMP``): a few
+   per cent of strength gained or lost (a speed change, a codec) then moves the count a little,
+   not by every onset that crosses a floor. The hats of an 80-90 BPM groove, eighth or sixteenth
+   notes, count in part and stay below the limit (at 80 BPM with sixteenth notes, close to it).
    Density (:func:`onset_density`) is counted, not read from the autocorrelation, so it carries
    evidence the salience and the backbeat do not. It only ever counts against the slower level:
    a sparse groove (a kick on every beat and little else) says nothing about its octave.
@@ -72,7 +72,8 @@ It multiplies four things:
   on the real recordings most wrong answers were such readings, and with this factor the
   confidence ranks right answers above wrong ones there too (ROC AUC on the 103 real files of
   ``docs/accuracy.md``: 0.62 before, 0.75 with it and the bar salience; 0.70 with bpm 1.4.0,
-  which has fewer wrong answers, three of them confident; 0.73 on the 110 files of bpm 1.5.0).
+  which has fewer wrong answers, three of them confident; 0.73 on the 110 files of bpm 1.5.0;
+  0.69 with bpm 1.6.0, which has one wrong answer fewer).
 
 A doubled mid-tempo song whose double is not clearly stronger therefore no longer gets 1.0.
 """
@@ -127,19 +128,21 @@ BACKBEAT_WEIGHT = 1.0
 SNARE_LOW_WEIGHT = 1.5
 #: Strong onsets per beat above which a level is more likely a slow reading of a faster beat
 #: (step 5), and the weight of that evidence per octave of excess. Chosen with
-#: ``benchmarks/octave_cues.py`` and generated grooves (docs/accuracy.md): at 2 (with
-#: ``ONSET_FLOOR`` 0.5) no synthetic song, demo song or degraded synthetic copy changes, grooves at
-#: 80-90 BPM with sixteenth-note hats keep their tempo, and the real set gains; counting weaker onsets (a
-#: quarter of the strong ones) with 2.5 a beat gained more real files but doubled 80-90 BPM grooves
-#: with sixteenth-note hats.
+#: ``benchmarks/octave_cues.py`` and generated grooves (docs/accuracy.md), with a hard floor at
+#: 0.5 of the strong onsets: at 2 no synthetic song, demo song or degraded synthetic copy changed,
+#: grooves at 80-90 BPM with sixteenth-note hats kept their tempo, and the real set gained;
+#: counting weaker onsets (from a quarter of the strong ones) with 2.5 a beat gained more real
+#: files but doubled 80-90 BPM grooves with sixteenth-note hats. The ramp (``ONSET_RAMP``) came
+#: later and kept all of that.
 EVENTS_PER_BEAT = 2.0
 DENSITY_WEIGHT = 1.0
 #: Onset picking for :func:`onset_density`: a frame is an onset when it is the largest within
 #: ``ONSET_SPACING_S`` either side and above the mean of the surrounding ``ONSET_CONTEXT_S``. It
 #: counts by its strength over the strong onsets' (the 95th percentile of those peaks): not at all
 #: below ``ONSET_FLOOR - ONSET_RAMP``, fully from ``ONSET_FLOOR + ONSET_RAMP``, linearly between.
-#: With a hard floor (``ONSET_RAMP`` 0) the real set's speed-changed copies lost eight files and
-#: won two, all at the octave; with the ramp six and three (docs/accuracy.md).
+#: With a hard floor (``ONSET_RAMP`` 0: an onset counts from ``ONSET_FLOOR``) the real set's
+#: speed-changed copies lost eight files and won two, all at the octave; with the ramp six and
+#: three (docs/accuracy.md).
 ONSET_SPACING_S = 0.035
 ONSET_CONTEXT_S = 0.5
 ONSET_FLOOR = 0.5
@@ -263,19 +266,19 @@ def tempo_salience(acf: F64, *, rate: float, bpms: F64) -> F64:
     return sal / sum(_COMB_WEIGHTS)
 
 
-def onset_density(curve: F64, *, rate: float, floor: float | None = None) -> float:
+def onset_density(curve: F64, *, rate: float, floor: float | None = None, ramp: float | None = None) -> float:
     """Onsets per second in a novelty ``curve`` at ``rate`` frames per second.
 
     A frame is an onset when it is the largest within ``ONSET_SPACING_S`` either side (peaks more
     than 35 ms apart) and stands above the curve's mean over ``ONSET_CONTEXT_S`` either side (a
     sustained loud passage counts its attacks, not its level). It counts by its strength ``x``
     over the strong onsets' (the 95th percentile of those peaks):
-    ``clip((x - floor + ONSET_RAMP) / (2 * ONSET_RAMP), 0, 1)``, ``floor`` being ``ONSET_FLOOR``
-    unless given. So neither quiet hats nor the ripples of added noise between the attacks count
-    (a threshold set by the curve's spread let added noise raise the count; see
-    docs/accuracy.md), and an onset whose strength sits near the floor counts in part instead of
-    flipping the count when its strength moves by a few per cent. 0.0 for a curve shorter than
-    a second or than the context.
+    ``clip((x - floor + ramp) / (2 * ramp), 0, 1)``, or ``x >= floor`` for ``ramp`` 0;
+    ``floor`` and ``ramp`` are ``ONSET_FLOOR`` and ``ONSET_RAMP`` unless given. So neither quiet
+    hats nor the ripples of added noise between the attacks count fully (a threshold set by the
+    curve's spread let added noise raise the count; see docs/accuracy.md), and an onset whose
+    strength sits near the floor counts in part instead of flipping the count when its strength
+    moves by a few per cent. 0.0 for a curve shorter than a second or than the context.
     """
     if len(curve) < max(rate, 2 * round(ONSET_CONTEXT_S * rate) + 1):
         return 0.0
@@ -285,11 +288,16 @@ def onset_density(curve: F64, *, rate: float, floor: float | None = None) -> flo
     kernel = np.ones(2 * max(1, round(ONSET_CONTEXT_S * rate)) + 1)
     context = np.convolve(curve, kernel, mode="same") / np.convolve(np.ones(len(curve)), kernel, mode="same")
     peaks = curve[(curve >= local_max) & (curve > context)]
-    if not len(peaks):
+    strong = float(np.percentile(peaks, 95)) if len(peaks) else 0.0
+    if not strong > 0:
         return 0.0
-    strong = float(np.percentile(peaks, 95))
     floor = ONSET_FLOOR if floor is None else floor
-    counts = np.clip((peaks / strong - floor + ONSET_RAMP) / (2 * ONSET_RAMP), 0.0, 1.0)
+    ramp = ONSET_RAMP if ramp is None else ramp
+    strength = peaks / strong
+    if ramp > 0:
+        counts = np.clip((strength - floor + ramp) / (2 * ramp), 0.0, 1.0)
+    else:
+        counts = (strength >= floor).astype(np.float64)
     return float(np.sum(counts)) * rate / len(curve)
 
 
