@@ -117,14 +117,19 @@ def test_the_sampler_counts_a_real_process_tree(throughput: ModuleType) -> None:
     import subprocess
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
-    script = (
-        f"import subprocess, sys, time\n{burn}"
+    script = (  # the burning starts once the sampler runs (a line on stdin): all of it is inside
+        f"import subprocess, sys, time\nsys.stdin.readline()\n{burn}"
         f"child = subprocess.Popen([sys.executable, '-c', {burn + 'time.sleep(0.8)'!r}])\n"
         "child.wait()\ntime.sleep(0.3)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
     with throughput.CpuSampler([proc.pid], interval=0.05) as sampler:
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
         proc.wait()
-    assert 0.3 <= sampler.main_s(proc.pid) < 0.6
-    assert 0.3 <= sampler.children_s(proc.pid) < 0.6
+    # The kernel reports user and system time each in whole clock ticks (10 ms), truncated.
+    tick = 2 * 0.01
+    assert 0.3 - tick <= sampler.main_s(proc.pid) < 0.6
+    assert 0.3 - tick <= sampler.children_s(proc.pid) < 0.6
     assert sampler.timeline[-1][1]["machine"] - sampler.timeline[0][1]["machine"] >= 0.6
