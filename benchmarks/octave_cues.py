@@ -10,6 +10,8 @@ choice on the same candidates, so that a cue is judged on every kind of material
 - ``real``, ``seed1``, ``seed2``: the corpora ``benchmarks/accuracy.py`` builds under WORK
   (``real/truth_real.csv``, ``corpus-seed1/truth_A.csv``, ``corpus-seed2/truth_A.csv``); the mixes
   are left out (they are scored per section of their timeline);
+- ``real-<degradation>`` (``real-speed``, ``real-mp3_64k``, ...): the degraded copies of the real
+  set that ``accuracy.py --real --degrade`` makes (``degraded-real/<degradation>/truth_A.csv``);
 - ``demo`` and ``loops``: the project's own numpy demo songs (``synth.demo_song``: kick on 1 and 3,
   snare on 2 and 4, eighth hats) at 70-178 BPM, 30 s long, and as loops of 6-22 s
   (``benchmarks/demo_tempo.py``).
@@ -42,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from accuracy import DEGRADATIONS
 
 from analysis_service.audio import features as features_module
 from analysis_service.audio import key, synth, tempo
@@ -55,6 +58,7 @@ CORPORA = {
     "real": "real/truth_real.csv",
     "seed1": "corpus-seed1/truth_A.csv",
     "seed2": "corpus-seed2/truth_A.csv",
+    **{f"real-{name}": f"degraded-real/{name}/truth_A.csv" for name in DEGRADATIONS},
 }
 DEMO_SETS = ("demo", "loops")
 DEMO_SR = 22050
