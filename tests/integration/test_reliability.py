@@ -531,3 +531,31 @@ async def test_copies_of_one_id_in_flight_leave_the_stores_agreeing(settings: Se
         settings.postgres.dsn, "SELECT status FROM analysis_results WHERE request_id = 'shared'"
     )
     assert [r["status"] for r in rows] == ["completed"]
+
+
+async def test_a_redis_refusing_writes_costs_progress_and_cache_only(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Redis out of memory (``maxmemory`` with ``noeviction``: every write answers ``OOM``) or unable
+    to persist (``MISCONF``) is a best-effort store refusing writes: the request still completes."""
+    from redis.asyncio import Redis
+    from redis.exceptions import OutOfMemoryError
+
+    from tests.integration.conftest import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"url": url})})
+    write_song(settings.worker.media_root / "a.wav", seconds=6.0)
+    async with private_redis(port, tmp_path), Broker(settings) as broker, running_worker(settings):
+        client = Redis.from_url(url, decode_responses=True)
+        try:
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", "1")  # below what the server already uses
+            with pytest.raises(OutOfMemoryError):
+                await client.set("probe", "x")
+            await broker.publish({"request_id": "redis-oom", "file": "a.wav"})
+            [result] = await broker.results(1)
+        finally:
+            await client.aclose()
+    assert result.status is ResultStatus.COMPLETED, result.error

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Final
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -47,14 +48,43 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-#: Errors meaning "Redis cannot be reached or is not serving writes right now". ``ResponseError``s
-#: (wrong type, bad command) are bugs and propagate.
+#: Errors meaning "Redis cannot be reached or is not serving writes right now": unreachable,
+#: timed out, a replica during failover (``READONLY``), still loading its data (``LOADING``), out of
+#: memory under ``noeviction`` (``OOM``), a cluster or its master down (``CLUSTERDOWN``,
+#: ``MASTERDOWN``, ``TRYAGAIN``). Other ``ResponseError``s (wrong type, bad command) are bugs and
+#: propagate, except the refusals :func:`translate_redis` also recognises by their reply.
 REDIS_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,  # includes BusyLoadingError, MaxConnectionsError
     redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,  # a replica during failover
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterDownError,  # MASTERDOWN (MasterDownError) too
+    redis.exceptions.TryAgainError,
     OSError,
 )
+
+#: Replies of a Redis refusing writes that redis-py raises as a plain ``ResponseError``: ``MISCONF``
+#: (it cannot save its snapshot and stops accepting writes) and ``BUSY`` (a script runs too long).
+_REDIS_REFUSALS: Final = ("MISCONF ", "BUSY ")
+
+
+@contextmanager
+def translate_redis(*, store: str, action: str) -> Iterator[None]:
+    """:func:`translate_unavailable` for Redis: :data:`REDIS_TRANSIENT_ERRORS` and the refusals
+    redis-py reports only by their reply (``MISCONF``, ``BUSY``) become :class:`SinkUnavailable`.
+
+    Raises
+    ------
+    SinkUnavailable
+        When Redis cannot be reached or refuses the command for now.
+    """
+    try:
+        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=store, action=action):
+            yield
+    except redis.exceptions.ResponseError as exc:
+        if not str(exc).startswith(_REDIS_REFUSALS):
+            raise
+        raise SinkUnavailable(f"{store} unavailable while {action}: {type(exc).__name__}: {exc}") from exc
 
 
 def redis_client(settings: RedisSettings) -> Redis:

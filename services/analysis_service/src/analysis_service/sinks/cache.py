@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from analysis_service.settings import RedisSettings
-from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS, redis_client, translate_unavailable
+from analysis_service.sinks._util import redis_client, translate_redis
 from service_shared.messages import EngineOutput
 
 STORE = "Redis (cache)"
@@ -136,7 +136,7 @@ class ResultCache:
             timeline=timeline,
             bpm_range=bpm_range,
         )
-        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"reading {key!r}"):
+        with translate_redis(store=STORE, action=f"reading {key!r}"):
             raw: bytes | str | None = await self._client.get(key)
         if raw is None:
             return None
@@ -144,7 +144,7 @@ class ResultCache:
             return EngineOutput.model_validate_json(raw)
         except ValidationError as exc:
             self._log.warning("cache_entry_invalid", key=key, errors=exc.error_count(), error=str(exc))
-            with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"deleting {key!r}"):
+            with translate_redis(store=STORE, action=f"deleting {key!r}"):
                 await self._client.delete(key)
             return None
 
@@ -172,12 +172,12 @@ class ResultCache:
             timeline=timeline,
             bpm_range=bpm_range,
         )
-        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"writing {key!r}"):
+        with translate_redis(store=STORE, action=f"writing {key!r}"):
             await self._client.set(key, output.model_dump_json(), ex=self._settings.cache_ttl_s)
 
     async def ping(self) -> None:
         """Raise :class:`SinkUnavailable` unless Redis answers ``PING`` now."""
-        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action="pinging"):
+        with translate_redis(store=STORE, action="pinging"):
             await self._client.ping()
 
     async def close(self) -> None:

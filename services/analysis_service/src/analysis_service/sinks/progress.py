@@ -48,12 +48,7 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT
 
 from analysis_service.settings import RedisSettings
-from analysis_service.sinks._util import (
-    REDIS_TRANSIENT_ERRORS,
-    redis_client,
-    translate_unavailable,
-    utc_now_iso,
-)
+from analysis_service.sinks._util import redis_client, translate_redis, utc_now_iso
 
 STORE = "Redis (progress)"
 
@@ -187,7 +182,7 @@ class ProgressStore:
             *removed,
         ]
         action = f"updating progress of {request_id!r}"
-        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=action):
+        with translate_redis(store=STORE, action=action):
             await self._update(keys=[self.key(request_id)], args=args)
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
@@ -203,7 +198,7 @@ class ProgressStore:
         SinkUnavailable
             When Redis cannot be reached in ``socket_timeout_s``.
         """
-        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action=f"reading {request_id!r}"):
+        with translate_redis(store=STORE, action=f"reading {request_id!r}"):
             raw = await self._client.hgetall(self.key(request_id))
         if not raw:
             return None
@@ -214,7 +209,7 @@ class ProgressStore:
 
     async def ping(self) -> None:
         """Raise :class:`SinkUnavailable` unless Redis answers ``PING`` now."""
-        with translate_unavailable(REDIS_TRANSIENT_ERRORS, store=STORE, action="pinging"):
+        with translate_redis(store=STORE, action="pinging"):
             await self._client.ping()
 
     async def close(self) -> None:
