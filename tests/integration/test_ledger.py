@@ -225,6 +225,26 @@ async def test_begin_counts_starts_and_reports_terminal_requests(
     assert known.record.attempts == 0  # a terminal request is never counted again
 
 
+async def test_a_give_back_carried_by_a_copy_counts_once_however_often_it_is_delivered(
+    make_sink: SinkFactory, db: asyncpg.Connection
+) -> None:
+    """A copy requeued with a delay carries the starts to give back (``x-analysis-given-back``, a
+    running total). When that copy kills worker after worker, the broker redelivers it with the
+    same header: its give-back must count once, or the starts never add up to ``max_deliveries``."""
+    sink = await make_sink()
+    expire = "UPDATE requests SET heartbeat_at = now() - interval '1 hour'"
+    assert await sink.begin("req-1", FIELDS, count_attempt=True) == Started(1)  # stores down: requeued
+    await db.execute(expire)
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, given_back=1) == Started(1)  # the copy
+    for attempts in (2, 3, 4):  # the copy's analysis kills the worker; the broker delivers it again
+        await db.execute(expire)
+        assert await sink.begin("req-1", FIELDS, count_attempt=True, given_back=1) == Started(attempts)
+    await sink.give_back("req-1")  # then a shutdown requeues it in order: that start is given back
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, given_back=1) == Started(4)
+    await db.execute(expire)
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, given_back=2) == Started(4)  # a later copy
+
+
 async def test_an_id_of_another_request_is_never_touched(
     make_sink: SinkFactory, db: asyncpg.Connection
 ) -> None:

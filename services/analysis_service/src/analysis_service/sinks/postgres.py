@@ -4,8 +4,8 @@ Schema (``migrations/``)::
 
     requests          (request_id PK, fingerprint, file, analyses, priority, options, correlation_id,
                        batch_id, status queued|running|completed|failed|cancelled, error_code,
-                       attempts, submitted_at, started_at, finished_at, cancel_requested_at,
-                       published_at, updated_at)
+                       attempts, given_back, submitted_at, started_at, finished_at,
+                       cancel_requested_at, published_at, updated_at)
     analysis_results  (request_id PK -> requests, the terminal outcome in typed columns, the full
                        EngineOutput as ``output`` and the announced result message as ``result``)
     recordings        (content_hash PK, path, duration_s, format, sample_rate, channels, the file's
@@ -32,7 +32,9 @@ The ledger's rules (:class:`PostgresLedger`):
 * **Attempts count starts without an outcome.** :meth:`~PostgresLedger.begin` adds one per start
   (minus the starts the worker gave back by requeueing in an orderly way), which is how a request
   that keeps killing workers is recognised on classic queues. A start refused for a live lease
-  is not counted.
+  is not counted. A copy requeued with a delay carries the running total of starts given back;
+  ``given_back`` records how much of it has been subtracted, so a copy delivered again (it
+  crashed a worker) gives nothing back twice.
 
 Migrations are the files ``migrations/NNNN_<name>.sql`` of this package. :meth:`PostgresLedger.start`
 applies the ones not yet recorded in ``schema_migrations``, in version order, in one transaction
@@ -387,16 +389,19 @@ def _recording_row(result: AnalysisResultMessage) -> tuple[Any, ...]:
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 
 #: A start: create the row 'running', or move a queued/running row of the same request to
-#: 'running', counting the attempt ($8: 1 or 0) minus the starts given back ($9) and taking the
-#: lease. No row comes back when the id is terminal, belongs to another request, has a
+#: 'running', counting the attempt ($8: 1 or 0) minus the starts given back since the last start
+#: (the running total $9 that the message carries, less what ``given_back`` has already taken) and
+#: taking the lease. No row comes back when the id is terminal, belongs to another request, has a
 #: cancellation pending, or another worker's lease on it is younger than $10 seconds.
 _BEGIN = """
 INSERT INTO requests AS r (request_id, fingerprint, file, analyses, priority, options, correlation_id,
-                           status, attempts, started_at, heartbeat_at)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, 'running', $8, now(), now())
+                           status, attempts, given_back, started_at, heartbeat_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, 'running', $8, $9, now(), now())
 ON CONFLICT (request_id) DO UPDATE SET
     status       = 'running',
-    attempts     = GREATEST(r.attempts + EXCLUDED.attempts - $9, 0),
+    attempts     = GREATEST(r.attempts + EXCLUDED.attempts
+                            - GREATEST(EXCLUDED.given_back - r.given_back, 0), 0),
+    given_back   = GREATEST(r.given_back, EXCLUDED.given_back),
     started_at   = COALESCE(r.started_at, now()),
     heartbeat_at = now(),
     updated_at   = now()
@@ -578,8 +583,9 @@ class PostgresLedger:
             Add one to ``attempts`` (classic queues count starts here; quorum queues use the
             broker's delivery count).
         given_back : int
-            Starts of this request that ended in an orderly requeue, as carried by the message;
-            subtracted from ``attempts``.
+            Starts of this request that ended in an orderly requeue, a running total carried by the
+            message; what it adds to the total the ledger has already subtracted is subtracted from
+            ``attempts`` (so a message delivered again gives nothing back twice).
 
         Returns
         -------
