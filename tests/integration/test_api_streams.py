@@ -278,3 +278,28 @@ async def test_slow_websocket_client_memory_is_bounded(
         assert [u["stage"] for u in kept if u] == ["stage-46", "stage-47", "stage-48", "stage-49"]
         assert "analysis_api_stream_events_dropped_total 46.0" in (await s.client.get("/metrics")).text
         hub.unsubscribe(stuck)
+
+
+@pytest.mark.timeout(60)
+async def test_the_progress_hub_stops_however_its_cancel_lands(redis_settings: RedisSettings) -> None:
+    """Closing the hub ends its listener wherever the cancellation lands. One that lands as a socket
+    write completes is lost inside the Redis client (CPython 3.11's ``asyncio.wait_for``); the
+    listener then blocked in its next read and the API's shutdown waited for it forever (about one
+    close in twenty did, closed within the hub's first 20 ms)."""
+    import random
+
+    from analysis_service.api.events import ProgressHub
+    from analysis_service.sinks._util import redis_client
+
+    rng = random.Random(7)
+    for _ in range(120):
+        client = redis_client(redis_settings)
+        hub = ProgressHub(client, channel=f"{redis_settings.key_prefix}:progress", queue_size=4)
+        try:
+            await hub.start()
+            await asyncio.sleep(rng.random() * 0.02)
+            closing = asyncio.create_task(hub.close())
+            done, _ = await asyncio.wait({closing}, timeout=5)
+            assert closing in done, "the hub's listener did not stop when closed"
+        finally:
+            await client.aclose()

@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 #: Seconds between re-subscription attempts while Redis is unreachable (doubling up to the max).
 RESUBSCRIBE_MIN_S = 0.5
 RESUBSCRIBE_MAX_S = 10.0
+#: How long :meth:`ProgressHub.close` waits for the listener before cancelling it again.
+CANCEL_REPEAT_S = 0.1
 
 
 class Subscription:
@@ -125,11 +127,21 @@ class ProgressHub:
             self._task = asyncio.create_task(self._listen(), name="progress-hub")
 
     async def close(self) -> None:
+        """Stop the listener and wait for it.
+
+        A cancellation can be lost inside the Redis client: one that lands as a socket write
+        completes is swallowed by CPython 3.11's ``asyncio.wait_for`` (which redis-py wraps around
+        its writes), and the listener then blocks in its next read. So the listener checks for a
+        pending cancellation before each read, and the cancel is repeated until it has ended.
+        """
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=CANCEL_REPEAT_S)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("progress subscription failed", error=repr(task.exception()))
 
     async def _listen(self) -> None:
         delay = RESUBSCRIBE_MIN_S
@@ -141,6 +153,7 @@ class ProgressHub:
                 delay = RESUBSCRIBE_MIN_S
                 log.info("progress subscription open", channel=self._channel)
                 while True:
+                    _raise_if_cancel_lost()
                     message = await pubsub.get_message(timeout=None)
                     if message is None or message.get("type") != "message":
                         continue
@@ -154,6 +167,14 @@ class ProgressHub:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESUBSCRIBE_MAX_S)
+
+
+def _raise_if_cancel_lost() -> None:
+    """Raise the current task's cancellation if it was requested but swallowed (see
+    :meth:`ProgressHub.close`)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 def _decode(data: Any) -> dict[str, Any]:
