@@ -211,6 +211,34 @@ async def test_unroutable_submission_is_withdrawn_and_answers_503(
         assert await s.pg.fetchval("SELECT count(*) FROM requests") == 0
 
 
+async def test_a_submission_whose_confirms_time_out_is_cancelled_not_forgotten(
+    pg_dsn: str,
+    redis_settings: RedisSettings,
+    rabbit: RabbitSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A publish whose confirm never came (a timeout, a dropped connection) may have been enqueued.
+    Its row must stay, with its cancellation requested, so that a worker receiving the message
+    records ``cancelled`` instead of analysing a submission the client was told was refused."""
+    media = make_media(tmp_path / "media", ["a.wav", "b.wav"])
+    real_publish = aio_pika.Exchange.publish
+
+    async def enqueued_then_timed_out(self: aio_pika.Exchange, *args: Any, **kwargs: Any) -> Any:
+        await real_publish(self, *args, **kwargs)
+        raise TimeoutError("no confirm within publish_timeout_s")
+
+    async with api_stack(pg_dsn=pg_dsn, redis_settings=redis_settings, rabbit=rabbit, media_root=media) as s:
+        monkeypatch.setattr(aio_pika.Exchange, "publish", enqueued_then_timed_out)
+        response = await s.client.post("/v1/jobs", json={"files": ["a.wav", "b.wav"]}, headers=AUTH)
+        assert error_of(response) == (503, "broker_unavailable")
+        assert s.queue is not None
+        assert (await s.queue.declare()).message_count == 2  # both were enqueued
+        rows = await s.pg.fetch("SELECT status, cancel_requested_at FROM requests")
+        assert len(rows) == 2
+        assert all(r["status"] == "queued" and r["cancel_requested_at"] is not None for r in rows)
+
+
 async def test_missing_request_exchange_answers_503_and_records_nothing(
     pg_dsn: str, redis_settings: RedisSettings, rabbit: RabbitSettings, tmp_path: Path
 ) -> None:

@@ -703,15 +703,17 @@ def create_app(settings: Settings, *, resources: Resources | None = None) -> Fas
         await res.ledger.insert_queued(batch_id, requests, options_json=submission.options.model_dump_json())
         report = await res.publisher.publish(requests)
         if report.failure is not None:
-            confirmed = set(report.confirmed)
+            maybe_enqueued = [*report.confirmed, *report.uncertain]
+            sent = set(maybe_enqueued)
             await res.ledger.withdraw(
-                [r.request_id for r in requests if r.request_id not in confirmed], report.confirmed
+                [r.request_id for r in requests if r.request_id not in sent], maybe_enqueued
             )
             log.warning(
                 "submission refused by the broker",
                 batch_id=batch_id,
                 jobs=len(requests),
-                published_then_cancelled=len(confirmed),
+                published_then_cancelled=len(report.confirmed),
+                unconfirmed_then_cancelled=len(report.uncertain),
                 reason=report.failure,
             )
             raise BrokerUnavailable(

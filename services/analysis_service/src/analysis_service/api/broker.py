@@ -38,9 +38,16 @@ CHANNEL_OPEN_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, RuntimeE
 
 @dataclass
 class PublishReport:
-    """Which requests the broker confirmed, and the first failure (None when all were)."""
+    """Which requests the broker confirmed, which it may hold unconfirmed, and the first failure
+    (None when all were confirmed).
+
+    ``uncertain`` are the requests sent whose confirm never came (a timeout, a connection or channel
+    lost meanwhile): the broker may have enqueued them. The rest of a failed submission was never
+    enqueued (not sent, or returned unroutable).
+    """
 
     confirmed: list[str] = field(default_factory=list)
+    uncertain: list[str] = field(default_factory=list)
     failure: str | None = None
 
 
@@ -130,6 +137,7 @@ class RequestPublisher:
                             f"to {settings.request_exchange!r} with {routing_key!r}"
                         )
                     except BROKER_ERRORS as exc:
+                        report.uncertain.append(request.request_id)
                         report.failure = report.failure or (
                             f"request {request.request_id} was not confirmed: {_describe(exc)}"
                         )

@@ -227,16 +227,18 @@ class JobLedger:
                     batch_id,
                 )
 
-    async def withdraw(self, unpublished: Sequence[str], published: Sequence[str]) -> None:
-        """Undo a submission the broker refused: delete the rows never published (still queued and
-        never started) and request the cancellation of those already published, so that a worker that
-        receives one records ``cancelled`` instead of analysing it."""
+    async def withdraw(self, never_enqueued: Sequence[str], maybe_enqueued: Sequence[str]) -> None:
+        """Undo a submission the broker refused: delete the rows of requests it never enqueued
+        (still queued and never started) and request the cancellation of those it confirmed or may
+        hold unconfirmed, so that a worker that receives one records ``cancelled`` instead of
+        analysing it. (An unconfirmed request the broker did not keep stays ``queued`` with its
+        cancellation requested: no message will ever end it.)"""
         with _unavailable("withdrawing a refused submission"):
             async with self.pool.acquire() as connection, connection.transaction():
-                if unpublished:
-                    await connection.execute(_DELETE_QUEUED, list(unpublished))
-                if published:
-                    await connection.execute(_CANCEL_IDS, list(published))
+                if never_enqueued:
+                    await connection.execute(_DELETE_QUEUED, list(never_enqueued))
+                if maybe_enqueued:
+                    await connection.execute(_CANCEL_IDS, list(maybe_enqueued))
 
     async def job(self, request_id: str) -> Any:
         """The job's row (an ``asyncpg.Record`` of ``_JOB_COLUMNS``) or None."""
