@@ -3,6 +3,7 @@ ledger rows and Redis progress the way the worker does (see ``api_harness``)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -146,8 +147,14 @@ def test_fingerprint_is_the_ledger_canonical_form() -> None:
         ({"files": ["a.wav"], "priority": 10}, 422, "invalid_priority"),
         ({"files": ["a.wav"], "priority": -1}, 422, "invalid_priority"),
         ({"files": ["a.wav"], "priority": "high"}, 422, "invalid_priority"),
-        ({"files": []}, 422, "too_many_files"),
+        ({"files": ["a.wav"], "priority": "5"}, 422, "invalid_priority"),  # a JSON integer only
+        ({"files": ["a.wav"], "priority": True}, 422, "invalid_priority"),
+        ({"files": ["a.wav"], "priority": 5.0}, 422, "invalid_priority"),
+        ({"files": []}, 422, "invalid_file"),
         ({"files": FILES[:6]}, 422, "too_many_files"),
+        ({"files": ["a.wav"] * 100_001}, 422, "too_many_files"),  # refused before its items are read
+        ({"files": ["x" * 300 + ".wav"]}, 422, "file_unreadable"),  # a name longer than the OS allows
+        ({"files": ["."]}, 422, "invalid_file"),  # the media root itself: a folder, not a file
         ({"files": ["a\x00.wav"]}, 422, "invalid_file"),
         ({"files": ["a\n.wav"]}, 422, "invalid_file"),
         ({"files": ["x" * 4097]}, 422, "invalid_file"),
@@ -313,6 +320,17 @@ async def test_every_configured_key_is_accepted_and_operations_need_none(
 # ------------------------------------------------------------------------------------ status
 
 
+async def test_methods_a_client_invents_do_not_grow_the_metrics(stack: Stack) -> None:
+    """Any token is a method to the HTTP parser: each one must not become a series of its own."""
+    for method in ("FOO1", "FOO2", "BREW"):
+        response = await stack.client.request(method, "/v1/jobs", headers=AUTH)
+        assert response.status_code == 405
+    text = (await stack.client.get("/metrics")).text
+    assert "FOO1" not in text
+    assert "BREW" not in text
+    assert 'analysis_api_requests_total{method="other",route="/v1/jobs",status="405"} 3.0' in text
+
+
 async def test_job_status_ledger_decides_status_redis_adds_progress(stack: Stack) -> None:
     (job,) = (await stack.submit(["a.wav"], correlation_id="c-1"))["jobs"]
     url = job["url"]
@@ -458,6 +476,16 @@ async def test_list_pages_with_a_cursor_and_filters(stack: Stack) -> None:
         400,
         "invalid_cursor",
     )
+    # Well-formed JSON that PostgreSQL would refuse is no cursor either (not a 503 ledger_unavailable).
+    for forged in (
+        ["2024-01-01T00:00:00+00:00", "a\u0000"],
+        ["2024-01-01T00:00:00+00:00", "\ud800"],
+        ["0001-01-01T00:00:00+01:00", "a"],
+        ["9999-12-31T23:59:59-14:00", "a"],
+    ):
+        cursor = base64.urlsafe_b64encode(json.dumps(forged).encode()).decode().rstrip("=")
+        response = await stack.client.get("/v1/jobs", params={"cursor": cursor}, headers=AUTH)
+        assert error_of(response) == (400, "invalid_cursor"), (forged, response.text)
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -303,3 +303,38 @@ async def test_the_progress_hub_stops_however_its_cancel_lands(redis_settings: R
             assert closing in done, "the hub's listener did not stop when closed"
         finally:
             await client.aclose()
+
+
+async def test_a_websocket_client_leaving_during_the_handshake_leaves_no_subscription(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream subscribes before it accepts the WebSocket (so that no update is missed); a client
+    that leaves before the accept must not leave that subscription behind (each one would keep
+    taking updates for as long as the server runs)."""
+    (job,) = (await stack.submit(["a.wav"]))["jobs"]
+    ledger = stack.resources.ledger
+    read_job = ledger.job
+
+    async def slow_job(request_id: str) -> Any:
+        await asyncio.sleep(0.5)  # the client leaves meanwhile
+        return await read_job(request_id)
+
+    monkeypatch.setattr(ledger, "job", slow_job)
+    async with served(stack.app) as address:
+        host, port = address.rsplit(":", 1)
+        for _ in range(3):
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                (
+                    f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: {address}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    f"Authorization: {AUTH['Authorization']}\r\n\r\n"
+                ).encode()
+            )
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(1.0)  # every handshake has ended
+        assert stack.resources.hub.clients == 0

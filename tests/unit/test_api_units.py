@@ -84,7 +84,8 @@ def test_hub_dispatches_by_request_id_and_forgets_unsubscribed() -> None:
     [
         ([{"loc": ("body",), "type": "json_invalid", "msg": "bad"}], MalformedJson, 400),
         ([{"loc": ("body",), "type": "model_attributes_type", "msg": "bad"}], MalformedJson, 400),
-        ([{"loc": ("body", "files"), "type": "too_short", "msg": "bad"}], TooManyFiles, 422),
+        ([{"loc": ("body", "files"), "type": "too_short", "msg": "bad"}], InvalidFile, 422),  # no file
+        ([{"loc": ("body", "files"), "type": "too_long", "msg": "bad"}], TooManyFiles, 422),
         ([{"loc": ("body", "files", 3), "type": "string_pattern_mismatch", "msg": "bad"}], InvalidFile, 422),
         ([{"loc": ("query", "limit"), "type": "less_than_equal", "msg": "bad"}], InvalidQuery, 422),
     ],

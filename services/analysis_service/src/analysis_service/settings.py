@@ -247,6 +247,12 @@ class HttpSettings(BaseModel):
     port: int = 8080
 
 
+#: Most files one job-API submission can list whatever ``api.max_files`` says: the request model
+#: refuses a longer list before validating its items (each bad item of a long list would otherwise
+#: cost an error object).
+MAX_SUBMISSION_FILES = 100_000
+
+
 class ApiSettings(BaseModel):
     """The job API (``analysis-service api``): an HTTP front end to the request exchange and the ledger."""
 
@@ -257,7 +263,12 @@ class ApiSettings(BaseModel):
     )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535, description="Listen port (0: a free one).")
-    max_files: int = Field(default=10_000, ge=1, description="Most files one submission (batch) may list.")
+    max_files: int = Field(
+        default=10_000,
+        ge=1,
+        le=MAX_SUBMISSION_FILES,
+        description="Most files one submission (batch) may list.",
+    )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Larger request bodies are refused unread (413)."
     )

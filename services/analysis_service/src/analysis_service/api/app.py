@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import re
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -72,6 +73,7 @@ from analysis_service.errors import (
     BatchNotFound,
     BrokerUnavailable,
     FileMissing,
+    FileUnreadable,
     InvalidAnalyses,
     InvalidCorrelationId,
     InvalidFile,
@@ -338,8 +340,10 @@ def validation_error(errors: list[Any]) -> AnalysisServiceError:
     if kind == "json_invalid" or (len(loc) == 1 and kind in ("model_attributes_type", "dict_type")):
         return MalformedJson(f"the body is not a JSON object: {problems}")
     field = str(loc[1]) if len(loc) > 1 else ""
-    if field == "files" and len(loc) == 2 and kind in ("too_short", "too_long"):
+    if field == "files" and len(loc) == 2 and kind == "too_long":
         return TooManyFiles(problems)
+    if field == "files" and len(loc) == 2 and kind == "too_short":
+        return InvalidFile(f"name at least one file: {problems}")
     return _FIELD_ERRORS.get(field, InvalidRequest)(problems)
 
 
@@ -351,6 +355,11 @@ def _ok_id(value: str, missing: type[ApiError]) -> str:
 
 
 # ------------------------------------------------------------------------------------ middleware
+
+
+#: HTTP methods counted under their own name on ``/metrics``; any other is counted as ``other`` (a
+#: label per method a client invents would grow the metrics without bound).
+_METHOD_LABELS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class BodyLimitAndMetrics:
@@ -369,6 +378,7 @@ class BodyLimitAndMetrics:
         started = time.perf_counter()
         status = 500
         method = scope["method"]
+        method_label = method if method in _METHOD_LABELS else "other"  # any token is a method to h11
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -411,8 +421,8 @@ class BodyLimitAndMetrics:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.request_seconds.labels(template, method).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(template, method_label, str(status)).inc()
+            self.metrics.request_seconds.labels(template, method_label).observe(time.perf_counter() - started)
 
     async def _too_large(self, send: Send) -> None:
         self.metrics.refused.labels(RequestTooLarge.code).inc()
@@ -659,7 +669,8 @@ def create_app(settings: Settings, *, resources: Resources | None = None) -> Fas
             **_ERROR_413,
             422: _error_doc(
                 "The submission is refused; nothing was published. Codes: `invalid_file`, "
-                "`too_many_files`, `path_outside_media_root`, `file_not_found`, `invalid_priority`, "
+                "`too_many_files`, `path_outside_media_root`, `file_not_found`, `file_unreadable`, "
+                "`invalid_priority`, "
                 "`invalid_analyses`, `unknown_analyzer`, `invalid_options`, `invalid_correlation_id`, "
                 "`invalid_request`."
             ),
@@ -995,14 +1006,23 @@ def create_app(settings: Settings, *, resources: Resources | None = None) -> Fas
 
 
 def _check_files(media_root: Path, files: list[str]) -> None:
-    """Every file resolves inside the media root and exists (runs in a thread: it touches disk)."""
+    """Every file resolves inside the media root and is a regular file there (runs in a thread: it
+    touches disk). The messages name the file as the client did, never the media root's path."""
     for index, file in enumerate(files):
         try:
             path = resolve_media_path(media_root, file)
         except PathOutsideMediaRoot as exc:
             raise PathOutsideMediaRoot(f"files[{index}]: path {file!r} leads outside the media root") from exc
-        if not path.exists():
-            raise FileMissing(f"files[{index}]: {file!r} does not exist in the media root")
+        except FileUnreadable:
+            raise FileUnreadable(f"files[{index}]: the path {file!r} cannot be resolved") from None
+        try:
+            mode = path.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileMissing(f"files[{index}]: {file!r} does not exist in the media root") from None
+        except OSError as exc:  # a name too long, a folder it may not enter
+            raise FileUnreadable(f"files[{index}]: {file!r} cannot be read: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise InvalidFile(f"files[{index}]: {file!r} is not a regular file (a folder, device or pipe)")
 
 
 @dataclass
@@ -1118,7 +1138,11 @@ async def _ws_auth(websocket: WebSocket, keys: list[str]) -> Resources | None:
 async def _ws_pump(websocket: WebSocket, stream: Stream, res: Resources) -> None:
     """Send the stream's events as JSON text frames until it ends (close 1000) or the client leaves."""
     gauge = res.metrics.stream_clients.labels("websocket")
-    await websocket.accept()
+    try:
+        await websocket.accept()
+    except BaseException:  # the client left during the handshake: nothing will unsubscribe later
+        res.hub.unsubscribe(stream.sub)
+        raise
     gauge.inc()
 
     async def watch_disconnect() -> None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -26,7 +27,12 @@ import asyncpg
 from analysis_service.errors import InvalidCursor, LedgerUnavailable
 from analysis_service.settings import PostgresSettings
 from analysis_service.sinks.postgres import fingerprint, load_migrations, open_migrated_pool
-from service_shared.messages import AnalysisRequest
+from service_shared.messages import ID_PATTERN, AnalysisRequest
+
+_ID_RE = re.compile(ID_PATTERN)
+#: The span of submission times a cursor may name (well inside PostgreSQL's ``timestamptz``).
+_CURSOR_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_CURSOR_LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 
 #: Columns of a job as the API shows it.
 _JOB_COLUMNS = """
@@ -131,7 +137,12 @@ class Cursor:
             submitted_at = datetime.fromisoformat(when)
         except (ValueError, TypeError) as exc:
             raise InvalidCursor(f"cursor {text[:80]!r} is not one this API handed out") from exc
-        if not isinstance(request_id, str) or submitted_at.tzinfo is None:
+        if (
+            not isinstance(request_id, str)
+            or not _ID_RE.match(request_id)
+            or submitted_at.tzinfo is None
+            or not _CURSOR_EARLIEST <= submitted_at <= _CURSOR_LATEST
+        ):  # PostgreSQL would refuse it (a NUL, a surrogate, a time outside timestamptz's range)
             raise InvalidCursor(f"cursor {text[:80]!r} is not one this API handed out")
         return cls(submitted_at, request_id)
 

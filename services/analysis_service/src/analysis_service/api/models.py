@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from analysis_service.settings import MAX_SUBMISSION_FILES
 from service_shared.messages import (
     ANALYZER_NAME_PATTERN,
     FILE_PATTERN,
@@ -50,10 +51,13 @@ class JobSubmission(BaseModel):
 
     files: list[Annotated[str, Field(min_length=1, max_length=MAX_FILE_CHARS, pattern=FILE_PATTERN)]] = Field(
         min_length=1,
+        max_length=MAX_SUBMISSION_FILES,
         description="Paths of audio files, relative to (or inside) the media root; one job each. "
-        "At most `api.max_files` (default 10,000).",
+        f"At most `api.max_files` (default 10,000; never more than {MAX_SUBMISSION_FILES:,}).",
     )
-    priority: int = Field(default=5, ge=0, le=9, description="0 (lowest) to 9 (highest).")
+    priority: int = Field(
+        default=5, ge=0, le=9, strict=True, description="0 (lowest) to 9 (highest), a JSON integer."
+    )
     analyses: list[Annotated[str, Field(pattern=ANALYZER_NAME_PATTERN)]] = Field(
         default_factory=lambda: [kind.value for kind in AnalysisKind],
         min_length=1,
