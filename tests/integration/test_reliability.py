@@ -338,6 +338,42 @@ async def test_a_request_cancelled_while_queued_is_never_analysed(settings: Sett
     assert await ledger_status(settings.postgres.dsn, "cancel-queued") == "cancelled"
 
 
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        # A plugin analyzer the API knows but this worker lacks.
+        (
+            {"request_id": "api-job-plugin", "file": "a.wav", "analyses": ["bpm", "loudness"]},
+            "unknown_analyzer",
+        ),
+        # A path that resolves outside this worker's media root (another mount, a changed symlink).
+        ({"request_id": "api-job-outside", "file": "../elsewhere.wav"}, "path_outside_media_root"),
+    ],
+)
+async def test_a_queued_job_this_worker_refuses_ends_under_its_own_id(
+    settings: Settings, body: dict[str, Any], code: str
+) -> None:
+    """The job API records a queued row before it publishes. A request this worker refuses after
+    reading it (a valid body it cannot run) must end that row, not a ``rejected-...`` one: the job,
+    its batch and a client waiting on it would otherwise wait forever."""
+    write_song(settings.worker.media_root / "a.wav", seconds=2.0)
+    request = AnalysisRequest.model_validate(body)
+    async with Broker(settings) as broker, running_worker(settings):
+        await pg_rows(
+            settings.postgres.dsn,
+            "INSERT INTO requests (request_id, fingerprint, file, status) VALUES ($1, $2, $3, 'queued')",
+            request.request_id,
+            fingerprint(request),
+            request.file,
+        )
+        await broker.publish(body)
+        [result] = await broker.results(1)
+    assert result.request_id == request.request_id
+    assert result.error is not None
+    assert result.error.code == code
+    assert await ledger_status(settings.postgres.dsn, request.request_id) == "failed"
+
+
 async def test_a_running_request_is_cancelled_and_its_slot_killed(settings: Settings) -> None:
     # Two hours: about 11 s of analysis on a fast machine, where 30 minutes (2 s) completed before
     # the cancellation (a 1 s pause, then the worker's cancellation poll) arrived.

@@ -172,19 +172,23 @@ def parse(message: AbstractIncomingMessage, *, settings: Settings, registry: dic
     request or the ``problem`` that makes it invalid (a specific :class:`InvalidRequest`)."""
     body = message.body
     received = time.monotonic()
-    digest = "body:" + hashlib.sha256(body).hexdigest()
     try:
         request = _validate(body, max_bytes=settings.worker.max_body_bytes)
-        resolve(registry, request.analyses)  # an unknown (plugin) analyzer: unknown_analyzer
-        path = resolve_media_path(settings.worker.media_root, request.file)
     except AnalysisServiceError as exc:
         # A body refused before parsing (too large, not UTF-8) is never parsed for its id.
         parsed = not isinstance(exc, RequestTooLarge | InvalidEncoding)
         rid = (_claimed_id(body) if parsed else None) or rejected_id(body)
+        digest = "body:" + hashlib.sha256(body).hexdigest()
         return Delivery(message, received, rid, RequestFields(fingerprint=digest), problem=exc)
-    return Delivery(
-        message, received, request.request_id, RequestFields.of(request), request=request, path=str(path)
-    )
+    fields = RequestFields.of(request)
+    try:
+        resolve(registry, request.analyses)  # an unknown (plugin) analyzer: unknown_analyzer
+        path = resolve_media_path(settings.worker.media_root, request.file)
+    except AnalysisServiceError as exc:
+        # A valid request this worker cannot run keeps its fingerprint: its outcome ends the row
+        # the job API recorded for it (the same request), not one of its own.
+        return Delivery(message, received, request.request_id, fields, problem=exc)
+    return Delivery(message, received, request.request_id, fields, request=request, path=str(path))
 
 
 def rejected_id(body: bytes) -> str:
