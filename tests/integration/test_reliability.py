@@ -595,3 +595,42 @@ async def test_a_redis_refusing_writes_costs_progress_and_cache_only(
         finally:
             await client.aclose()
     assert result.status is ResultStatus.COMPLETED, result.error
+
+
+async def test_a_stored_outcome_is_what_progress_shows_when_the_last_resort_fails_too(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error after the outcome was stored (here: the graph write raising a bug's
+    error every time) sends the delivery to the last resort, whose own attempt fails the same way.
+    Progress must then show the stored outcome (completed), never the last resort's internal_error."""
+    from redis.asyncio import Redis
+
+    from analysis_service.sinks.graph import GraphSink
+
+    async def broken_write(self: GraphSink, result: AnalysisResultMessage) -> None:
+        raise RuntimeError("a bug in the graph projection")
+
+    monkeypatch.setattr(GraphSink, "write", broken_write)
+    write_song(settings.worker.media_root / "a.wav", seconds=2.0)
+    client = Redis.from_url(settings.redis.url, decode_responses=True)
+    key = f"{settings.redis.key_prefix}:progress:graph-bug"
+    try:
+        async with Broker(settings) as broker, running_worker(settings):
+            await broker.publish({"request_id": "graph-bug", "file": "a.wav"})
+            await until("settled", lambda: _ledger_terminal(settings.postgres.dsn, "graph-bug"), timeout_s=60)
+            await until(
+                "terminal progress", lambda: _status_in(client, key, {"completed", "failed"}), timeout_s=30
+            )
+        assert await ledger_status(settings.postgres.dsn, "graph-bug") == "completed"
+        assert await client.hget(key, "status") == "completed"
+        assert await client.hget(key, "error_code") is None
+    finally:
+        await client.aclose()
+
+
+async def _ledger_terminal(dsn: str, request_id: str) -> bool:
+    return await ledger_status(dsn, request_id) in {"completed", "failed", "cancelled"}
+
+
+async def _status_in(client: Any, key: str, statuses: set[str]) -> bool:
+    return bool(await client.hget(key, "status") in statuses)
