@@ -439,8 +439,14 @@ class Worker:
         delivery = parse(message, settings=self.settings, registry=self.registry)
         delivery.urgent = urgent
         running = self._inflight.get(delivery.request_id)
-        if running is not None and _channel_closed(running[0].message):
-            # Its first delivery's channel died (a blip): the running work adopts this delivery.
+        if (
+            running is not None
+            and delivery.fields.fingerprint == running[0].fields.fingerprint
+            and _channel_closed(running[0].message)
+        ):
+            # Its first delivery's channel died (a blip): the running work adopts this delivery of
+            # the same request. Another message reusing the id runs after it and gets its own
+            # outcome (request_id_conflict).
             log.info("redelivery adopted by the running work", request_id=delivery.request_id)
             running[0].message = message
             return
