@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 
+from analysis_service import cancellation
 from analysis_service.worker import pipeline as pipeline_module
 from analysis_service.worker import worker as worker_module
 
@@ -22,7 +23,7 @@ async def test_checkpoint_raises_a_cancellation_that_was_swallowed() -> None:
     async def delivery() -> None:
         with contextlib.suppress(asyncio.CancelledError):  # what a client library may do
             await asyncio.sleep(60)
-        pipeline_module._checkpoint()
+        cancellation.checkpoint()
         reached_next_step.set()
 
     task = asyncio.create_task(delivery())
@@ -34,7 +35,7 @@ async def test_checkpoint_raises_a_cancellation_that_was_swallowed() -> None:
 
 
 async def test_checkpoint_lets_an_uncancelled_task_go_on() -> None:
-    pipeline_module._checkpoint()  # no exception
+    cancellation.checkpoint()  # no exception
 
 
 async def test_a_cancelled_delivery_cancels_the_slot_work_it_waits_for() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
+from analysis_service.cancellation import checkpoint
 from analysis_service.sinks._util import REDIS_TRANSIENT_ERRORS
 
 log = structlog.get_logger(__name__)
@@ -153,7 +154,7 @@ class ProgressHub:
                 delay = RESUBSCRIBE_MIN_S
                 log.info("progress subscription open", channel=self._channel)
                 while True:
-                    _raise_if_cancel_lost()
+                    checkpoint()
                     message = await pubsub.get_message(timeout=None)
                     if message is None or message.get("type") != "message":
                         continue
@@ -167,14 +168,6 @@ class ProgressHub:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESUBSCRIBE_MAX_S)
-
-
-def _raise_if_cancel_lost() -> None:
-    """Raise the current task's cancellation if it was requested but swallowed (see
-    :meth:`ProgressHub.close`)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 def _decode(data: Any) -> dict[str, Any]:

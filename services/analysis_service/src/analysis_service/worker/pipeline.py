@@ -45,6 +45,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from analysis_service.audio.registry import Analyzer, resolve
+from analysis_service.cancellation import checkpoint, raise_if_cancelling
 from analysis_service.errors import (
     AnalysisServiceError,
     Cancelled,
@@ -303,7 +304,7 @@ class Pipeline:
         )
         try:
             for name, step in steps:
-                _checkpoint()
+                checkpoint()
                 for hook in self.hooks:
                     await hook.step_started(name, delivery)
                 started = time.perf_counter()
@@ -452,7 +453,7 @@ class Pipeline:
                 )
                 if hit is not None:
                     return hit, facts.content_hash, True
-            _checkpoint()
+            checkpoint()
             bound = facts.duration_bound_s(max_duration_s=s.engine.max_duration_s)
             w = s.worker
             limit = min(
@@ -602,7 +603,7 @@ class Pipeline:
                     guard.call(self._attempt, name, fn, *args, **kwargs), max(remaining, 0.05)
                 )
             except (SinkUnavailable, TimeoutError) as exc:
-                _raise_if_cancelling(exc)
+                raise_if_cancelling(exc)
                 error = str(exc) or f"no answer within {max(remaining, 0.05):.1f} s"
                 if time.monotonic() + pause >= deadline:
                     raise RetryLater(f"{name}: {error}") from exc
@@ -661,26 +662,6 @@ def _int_header(message: AbstractIncomingMessage, name: str) -> int:
     if isinstance(value, int | str) and str(value).isdigit():
         return int(value)
     return 0
-
-
-def _raise_if_cancelling(exc: BaseException) -> None:
-    """Re-raise a cancellation that a client library turned into a connection error."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError() from exc
-
-
-def _checkpoint() -> None:
-    """Raise the cancellation of the current task if one is pending but was swallowed.
-
-    Client libraries sometimes absorb a cancellation (a driver that turns it into a connection
-    error and retries the command); the task then runs on although its cancel was requested. The
-    pipeline calls this between steps so that a shutdown's cancel stops the delivery at the next
-    step at the latest, instead of letting it analyse, store and publish after its grace ended.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 async def _drop(task: asyncio.Future[_T], undo: Callable[[_T], None] | None) -> None:

@@ -40,6 +40,7 @@ from aio_pika.abc import (
 )
 
 from analysis_service.audio.registry import build_registry
+from analysis_service.cancellation import raise_if_cancelling
 from analysis_service.errors import AnalysisServiceError, InternalError, SinkRejected, SinkUnavailable
 from analysis_service.http.server import HttpServer
 from analysis_service.media import resolve_media_path
@@ -61,7 +62,6 @@ from analysis_service.worker.pipeline import (
     RetryLater,
     Settlement,
     _int_header,
-    _raise_if_cancelling,
     decide,
     failed,
     parse,
@@ -339,7 +339,7 @@ class Worker:
         try:
             await asyncio.wait_for(channel.set_qos(prefetch_count=prefetch, global_=True), timeout=5)
         except _AMQP_ERRORS as exc:
-            _raise_if_cancelling(exc)
+            raise_if_cancelling(exc)
             log.info("could not resize the prefetch window", prefetch=prefetch, error=str(exc) or "time-out")
 
     async def _prepare(self, store: str) -> None:
@@ -583,7 +583,7 @@ class Worker:
         try:
             return await guard.call(fn, *args, **kwargs)
         except SinkUnavailable as exc:
-            _raise_if_cancelling(exc)
+            raise_if_cancelling(exc)
             self.metrics.sink_errors.labels(sink="redis").inc()
             log.debug("redis unavailable", operation=what, error=str(exc))
             return None
@@ -695,7 +695,7 @@ class Worker:
                 try:
                     await self._start_consuming()
                 except _AMQP_ERRORS as exc:  # the channel is down: the next round tries again
-                    _raise_if_cancelling(exc)
+                    raise_if_cancelling(exc)
                     log.warning("could not resume consumption", error=f"{type(exc).__name__}: {exc}")
                 except Exception as exc:  # not a broker blip: a worker that cannot consume exits
                     log.error(
@@ -758,7 +758,7 @@ class Worker:
                         ok.message_count or 0
                     )
                 except _AMQP_ERRORS as exc:
-                    _raise_if_cancelling(exc)  # aiormq turns a cancelled RPC into a channel error
+                    raise_if_cancelling(exc)  # aiormq turns a cancelled RPC into a channel error
                     log.debug("queue depth not sampled", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(10.0)
 
