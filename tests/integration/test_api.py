@@ -295,6 +295,27 @@ async def test_auth_missing_is_401_and_wrong_is_403(
     assert await stack.pg.fetchval("SELECT count(*) FROM requests") == 0
 
 
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [({}, 401, "missing_api_key"), ({"Authorization": "Bearer not-a-key"}, 403, "invalid_api_key")],
+)
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b'{"files": 5, "priority": "high"}', b"[]", b"\xff\xfe"],
+    ids=["malformed", "invalid", "wrong-shape", "not-utf8"],
+)
+async def test_a_client_without_a_valid_key_learns_nothing_about_its_body(
+    stack: Stack, headers: dict[str, str], status: int, code: str, body: bytes
+) -> None:
+    """The key is checked before the body is read: an unauthenticated client gets 401/403, never a
+    400/422 that would describe the contract to whoever holds no key."""
+    response = await stack.client.post(
+        "/v1/jobs", headers={**headers, "Content-Type": "application/json"}, content=body
+    )
+    assert error_of(response) == (status, code)
+    assert await stack.pg.fetchval("SELECT count(*) FROM requests") == 0
+
+
 async def test_every_configured_key_is_accepted_and_operations_need_none(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,7 +19,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -540,6 +540,29 @@ async def authenticated(
 Api = Annotated[Resources, Depends(authenticated)]
 
 
+def _needs_key(dependant: Dependant) -> bool:
+    return any(sub.call is authenticated or _needs_key(sub) for sub in dependant.dependencies)
+
+
+class KeyFirstRoute(APIRoute):
+    """An operation that takes :data:`Api` checks the key before FastAPI reads its body.
+
+    FastAPI parses the JSON body before it solves dependencies, so without this a client holding no
+    key got 400 ``malformed_json`` or 422 for its body (a description of the contract) before 401.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if not _needs_key(self.dependant):
+            return handler
+
+        async def key_first(request: Request) -> Response:
+            check_key(request.headers.get("authorization"), request.app.state.api_keys)
+            return await handler(request)
+
+        return key_first
+
+
 def create_app(settings: Settings, *, resources: Resources | None = None) -> FastAPI:
     """The job API application.
 
@@ -581,6 +604,7 @@ def create_app(settings: Settings, *, resources: Resources | None = None) -> Fas
         description='See docs/api.md. Every error response is `{"error": {"code", "message"}}`.',
         lifespan=lifespan,
     )
+    app.router.route_class = KeyFirstRoute
     app.state.api_keys = keys
     if resources is not None:
         app.state.resources = resources
