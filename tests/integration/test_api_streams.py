@@ -121,6 +121,41 @@ async def test_sse_job_stream_ends_from_the_ledger_even_without_a_redis_message(
             await anext(events)
 
 
+async def test_a_job_stream_shows_a_cancel_request_while_progress_keeps_arriving(stack: Stack) -> None:
+    """Progress more often than the stream's poll must not hide the ledger's own changes: the
+    client that cancelled sees ``cancel_requested`` before the worker ends the job."""
+    (job,) = (await stack.submit(["a.wav"]))["jobs"]
+    await stack.start(job["id"])
+    await stack.report(job["id"], "running", 1.0, "decode")
+
+    async def keep_reporting() -> None:
+        for step in range(2, 100):
+            await stack.report(job["id"], "running", float(step), "features")
+            await asyncio.sleep(0.05)
+
+    async with (
+        served(stack.app) as address,
+        websockets.connect(f"ws://{address}/v1/jobs/{job['id']}/events", additional_headers=AUTH) as ws,
+    ):
+        assert (await next_event(ws))["job"]["cancel_requested"] is False
+        reporter = asyncio.create_task(keep_reporting())
+        try:
+            await next_event(ws)  # progress is flowing
+            cancelled = await stack.client.delete(f"/v1/jobs/{job['id']}", headers=AUTH)
+            assert cancelled.status_code == 202, cancelled.text
+            seen = False
+            for _ in range(40):  # 2 s of progress at 50 ms; the poll is 0.3 s
+                event = await next_event(ws)
+                if event["job"]["cancel_requested"]:
+                    seen = True
+                    break
+            assert seen, "the stream never showed the cancel request"
+            assert event["type"] == "state"
+            assert event["job"]["status"] == "running"
+        finally:
+            reporter.cancel()
+
+
 async def test_stream_of_a_finished_job_is_its_state_then_the_end(stack: Stack) -> None:
     (job,) = (await stack.submit(["a.wav"]))["jobs"]
     await stack.finish(job["id"], "completed")

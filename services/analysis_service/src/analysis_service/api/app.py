@@ -1063,22 +1063,24 @@ async def _job_events(
     """A job's events: its state, then one per progress update, ended by its terminal state.
 
     The ledger row decides the status: it is re-read when an update names another status than the
-    row's (the row's status is then shown, Redis only adds percent and stage), and every ``poll_s``
-    seconds without an update, so an outcome whose progress message never came still ends the
-    stream.
+    row's (the row's status is then shown, Redis only adds percent and stage), and at least every
+    ``poll_s`` seconds, updates or not, so an outcome whose progress message never came still ends
+    the stream and a cancel request shows while progress keeps arriving.
     """
     yield StreamEvent(type="state", job=first)
     current = first
     progress: dict[str, Any] | None = None
+    read_at = time.monotonic()
     while current.status not in TERMINAL_STATES:
-        update = await sub.next(poll_s)
+        update = await sub.next(max(0.0, poll_s - (time.monotonic() - read_at)))
         if update is not None:
             progress = update
-            if update.get("status") == current.status.value:
+            if update.get("status") == current.status.value and time.monotonic() - read_at < poll_s:
                 current = job_status(row, progress)
                 yield StreamEvent(type="progress", job=current, dropped=sub.take_dropped())
                 continue
-        # Idle, or the worker announced another status: the ledger decides.
+        # Idle, a poll is due, or the worker announced another status: the ledger decides.
+        read_at = time.monotonic()
         try:
             fresh = await res.ledger.job(current.id)
         except LedgerUnavailable:
