@@ -245,6 +245,24 @@ async def test_a_give_back_carried_by_a_copy_counts_once_however_often_it_is_del
     assert await sink.begin("req-1", FIELDS, count_attempt=True, given_back=2) == Started(4)  # a later copy
 
 
+async def test_a_start_retried_after_its_reply_was_lost_counts_once(
+    make_sink: SinkFactory, db: asyncpg.Connection
+) -> None:
+    """A ``begin`` that committed but whose reply was lost (the connection dropped) is retried with
+    the same lease token: it is the same start, so it is neither counted again nor taken for a
+    lease held elsewhere. Another delivery (another token) still meets the live lease."""
+    sink = await make_sink()
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="delivery-a") == Started(1)
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="delivery-a") == Started(1)
+    other = await sink.begin("req-1", FIELDS, count_attempt=True, lease="delivery-b")
+    assert isinstance(other, Known)
+    assert (other.record.leased, other.record.attempts) == (True, 1)
+    await db.execute("UPDATE requests SET heartbeat_at = now() - interval '1 hour'")
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="delivery-b") == Started(2)
+    await sink.give_back("req-1")  # an orderly requeue: the token goes with the lease
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="delivery-b") == Started(2)
+
+
 async def test_an_id_of_another_request_is_never_touched(
     make_sink: SinkFactory, db: asyncpg.Connection
 ) -> None:

@@ -13,7 +13,8 @@ import pytest
 from redis.asyncio import Redis
 
 from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
-from analysis_service.sinks.postgres import fingerprint
+from analysis_service.errors import SinkUnavailable
+from analysis_service.sinks.postgres import Known, PostgresLedger, Started, fingerprint
 from analysis_service.worker.slots import Phase
 from analysis_service.worker.worker import Worker
 from service_shared.messages import AnalysisRequest, ResultStatus
@@ -420,6 +421,34 @@ async def test_request_that_keeps_killing_workers_is_failed(settings: Settings) 
     assert result.error is not None
     assert result.error.code == "worker_crashed"
     assert len(dead) == 1
+
+
+async def test_a_start_whose_reply_was_lost_is_not_counted_twice(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger commits the start, then the connection drops before the reply: the retry must
+    find its own lease, not "running in another worker" (a requeue, the lease waited out and a
+    start counted toward ``max_deliveries`` that never ran)."""
+    real_begin = PostgresLedger.begin
+    lost = 0
+
+    async def begin_reply_lost(self: PostgresLedger, *args: Any, **kwargs: Any) -> Started | Known:
+        nonlocal lost
+        began = await real_begin(self, *args, **kwargs)
+        if lost == 0:
+            lost += 1
+            raise SinkUnavailable("postgres: connection lost while reading the reply (test)")
+        return began
+
+    monkeypatch.setattr(PostgresLedger, "begin", begin_reply_lost)
+    write_song(settings.worker.media_root / "a.wav")
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish(request("req-lost", "a.wav"))
+        [result] = await broker.results(1, timeout_s=settings.worker.lease_s / 2)
+    assert lost == 1
+    assert result.status is ResultStatus.COMPLETED
+    [row] = await pg_rows(settings.postgres.dsn, "SELECT attempts FROM requests WHERE request_id = 'req-lost'")
+    assert row["attempts"] == 1
 
 
 async def test_tags_are_stored_with_how_they_compare_to_the_measurement(settings: Settings) -> None:

@@ -391,24 +391,29 @@ TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 #: A start: create the row 'running', or move a queued/running row of the same request to
 #: 'running', counting the attempt ($8: 1 or 0) minus the starts given back since the last start
 #: (the running total $9 that the message carries, less what ``given_back`` has already taken) and
-#: taking the lease. No row comes back when the id is terminal, belongs to another request, has a
-#: cancellation pending, or another worker's lease on it is younger than $10 seconds.
+#: taking the lease for the delivery whose token is $11. No row comes back when the id is terminal,
+#: belongs to another request, has a cancellation pending, or another delivery's lease on it is
+#: younger than $10 seconds. The same token again is the same start retried after its reply was
+#: lost: it keeps its lease and counts nothing more.
 _BEGIN = """
 INSERT INTO requests AS r (request_id, fingerprint, file, analyses, priority, options, correlation_id,
-                           status, attempts, given_back, started_at, heartbeat_at)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, 'running', $8, $9, now(), now())
+                           status, attempts, given_back, started_at, heartbeat_at, lease_token)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, 'running', $8, $9, now(), now(), $11)
 ON CONFLICT (request_id) DO UPDATE SET
     status       = 'running',
-    attempts     = GREATEST(r.attempts + EXCLUDED.attempts
-                            - GREATEST(EXCLUDED.given_back - r.given_back, 0), 0),
+    attempts     = CASE WHEN r.lease_token = EXCLUDED.lease_token THEN r.attempts
+                        ELSE GREATEST(r.attempts + EXCLUDED.attempts
+                                      - GREATEST(EXCLUDED.given_back - r.given_back, 0), 0) END,
     given_back   = GREATEST(r.given_back, EXCLUDED.given_back),
     started_at   = COALESCE(r.started_at, now()),
     heartbeat_at = now(),
+    lease_token  = EXCLUDED.lease_token,
     updated_at   = now()
 WHERE r.status IN ('queued', 'running')
   AND r.fingerprint = EXCLUDED.fingerprint
   AND r.cancel_requested_at IS NULL
-  AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - make_interval(secs => $10))
+  AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - make_interval(secs => $10)
+       OR r.lease_token = EXCLUDED.lease_token)
 RETURNING attempts
 """
 
@@ -422,7 +427,8 @@ WHERE r.request_id = $1
 
 #: An orderly requeue: the start does not count, and the lease is released at once.
 _GIVE_BACK = """
-UPDATE requests SET attempts = GREATEST(attempts - 1, 0), heartbeat_at = NULL, updated_at = now()
+UPDATE requests SET attempts = GREATEST(attempts - 1, 0), heartbeat_at = NULL, lease_token = NULL,
+                    updated_at = now()
 WHERE request_id = $1 AND status = 'running'
 """
 
@@ -569,7 +575,13 @@ class PostgresLedger:
             self._pool = await open_migrated_pool(self._settings, migrations, pool=self._pool)
 
     async def begin(
-        self, request_id: str, fields: RequestFields, *, count_attempt: bool, given_back: int = 0
+        self,
+        request_id: str,
+        fields: RequestFields,
+        *,
+        count_attempt: bool,
+        given_back: int = 0,
+        lease: str | None = None,
     ) -> Started | Known:
         """Record that a delivery of ``request_id`` starts, unless the ledger says it must not.
 
@@ -586,6 +598,10 @@ class PostgresLedger:
             Starts of this request that ended in an orderly requeue, a running total carried by the
             message; what it adds to the total the ledger has already subtracted is subtracted from
             ``attempts`` (so a message delivered again gives nothing back twice).
+        lease : str, optional
+            A token of this delivery, the same for every retry of this call: a retry whose first
+            try committed but lost its reply finds its own lease, counted once. None: every call is
+            a new start.
 
         Returns
         -------
@@ -600,7 +616,13 @@ class PostgresLedger:
         pool = self._require_pool("begin")
         with _translated(f"starting {request_id!r}"):
             attempts = await pool.fetchval(
-                _BEGIN, request_id, *fields.values(), 1 if count_attempt else 0, given_back, self._lease_s
+                _BEGIN,
+                request_id,
+                *fields.values(),
+                1 if count_attempt else 0,
+                given_back,
+                self._lease_s,
+                lease,
             )
             if attempts is not None:
                 return Started(int(attempts))

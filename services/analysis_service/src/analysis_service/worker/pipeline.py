@@ -35,6 +35,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -133,6 +134,8 @@ class Delivery:
     problem: AnalysisServiceError | None = None
     claimed_id: str | None = None
     counted_start: bool = False
+    #: This delivery's lease token: a retried ``begin`` whose reply was lost finds its own lease.
+    lease: str = field(default_factory=lambda: uuid.uuid4().hex)
     outcome: AnalysisResultMessage | None = None
     stored: Finished | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
@@ -331,6 +334,7 @@ class Pipeline:
             d.fields,
             count_attempt=True,
             given_back=_int_header(d.message, GIVEN_BACK_HEADER),
+            lease=d.lease,
             deadline=time.monotonic() + self.settings.worker.persist_deadline_s,
         )
         limit = self.settings.worker.max_deliveries
