@@ -12,8 +12,8 @@ import neo4j
 import pytest
 from redis.asyncio import Redis
 
-from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
 from analysis_service.errors import SinkUnavailable
+from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
 from analysis_service.sinks.postgres import Known, PostgresLedger, Started, fingerprint
 from analysis_service.worker.slots import Phase
 from analysis_service.worker.worker import Worker
@@ -447,7 +447,8 @@ async def test_a_start_whose_reply_was_lost_is_not_counted_twice(
         [result] = await broker.results(1, timeout_s=settings.worker.lease_s / 2)
     assert lost == 1
     assert result.status is ResultStatus.COMPLETED
-    [row] = await pg_rows(settings.postgres.dsn, "SELECT attempts FROM requests WHERE request_id = 'req-lost'")
+    sql = "SELECT attempts FROM requests WHERE request_id = $1"
+    [row] = await pg_rows(settings.postgres.dsn, sql, "req-lost")
     assert row["attempts"] == 1
 
 
