@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import threading
 import time
@@ -116,6 +117,9 @@ class Worker:
         }
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._inflight: dict[str, tuple[Delivery, asyncio.Task[None]]] = {}
+        #: The last task created for each request id: a new copy runs after it, so copies of one
+        #: request run one at a time and the running one is the one in ``_inflight``.
+        self._latest: dict[str, asyncio.Task[None]] = {}
         self._fatal: asyncio.Event = asyncio.Event()
         self._exit_code = EXIT_OK
         self._stopping = False
@@ -450,9 +454,16 @@ class Worker:
             log.info("redelivery adopted by the running work", request_id=delivery.request_id)
             running[0].message = message
             return
-        task = asyncio.create_task(self._handle(delivery, after=running[1] if running else None))
+        key = delivery.request_id
+        task = asyncio.create_task(self._handle(delivery, after=self._latest.get(key)))
         self._tasks[task] = delivery
+        self._latest[key] = task
         task.add_done_callback(self._tasks.pop)
+        task.add_done_callback(functools.partial(self._forget_latest, key))
+
+    def _forget_latest(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._latest.get(key) is task:
+            del self._latest[key]
 
     async def _handle(self, d: Delivery, *, after: asyncio.Task[None] | None) -> None:
         """Run the pipeline for one delivery, then settle it from the pipeline's verdict."""
