@@ -263,6 +263,33 @@ async def test_a_start_retried_after_its_reply_was_lost_counts_once(
     assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="delivery-b") == Started(2)
 
 
+async def test_a_worker_whose_lease_was_taken_neither_renews_nor_gives_back_the_new_one(
+    make_sink: SinkFactory, db: asyncpg.Connection
+) -> None:
+    """Worker A's heartbeat stalled past the lease and worker B took the request over. A's late
+    heartbeat must not renew B's lease, and A's orderly requeue must not give back B's start nor
+    release B's lease (a third worker would then start beside B)."""
+    sink = await make_sink()
+    expire = "UPDATE requests SET heartbeat_at = now() - interval '1 hour'"
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="worker-a") == Started(1)
+    await db.execute(expire)
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="worker-b") == Started(2)
+    await db.execute("UPDATE requests SET heartbeat_at = now() - interval '10 seconds'")
+    before = await db.fetchval("SELECT heartbeat_at FROM requests WHERE request_id = 'req-1'")
+    assert await sink.heartbeat({"req-1": "worker-a"}) == set()
+    assert await db.fetchval("SELECT heartbeat_at FROM requests WHERE request_id = 'req-1'") == before
+    await sink.give_back("req-1", lease="worker-a")
+    row = await db.fetchrow(
+        "SELECT attempts, heartbeat_at, lease_token FROM requests WHERE request_id = 'req-1'"
+    )
+    assert row is not None
+    assert (row["attempts"], row["heartbeat_at"], row["lease_token"]) == (2, before, "worker-b")
+    assert await sink.heartbeat({"req-1": "worker-b"}) == set()
+    assert await db.fetchval("SELECT heartbeat_at FROM requests WHERE request_id = 'req-1'") > before
+    await sink.give_back("req-1", lease="worker-b")
+    assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="worker-c") == Started(2)
+
+
 async def test_an_id_of_another_request_is_never_touched(
     make_sink: SinkFactory, db: asyncpg.Connection
 ) -> None:
@@ -282,7 +309,7 @@ async def test_published_and_cancellations(make_sink: SinkFactory, db: asyncpg.C
     await sink.begin("req-1", FIELDS, count_attempt=True)
     await sink.begin("req-2", OTHER, count_attempt=True)
     await db.execute("UPDATE requests SET cancel_requested_at = now() WHERE request_id = 'req-2'")
-    assert await sink.heartbeat(["req-1", "req-2", "unknown"]) == {"req-2"}
+    assert await sink.heartbeat({"req-1": None, "req-2": None, "unknown": None}) == {"req-2"}
     known = await sink.begin("req-2", OTHER, count_attempt=True)
     assert isinstance(known, Known)
     assert known.record.cancel_requested

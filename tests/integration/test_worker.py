@@ -452,6 +452,41 @@ async def test_a_start_whose_reply_was_lost_is_not_counted_twice(
     assert row["attempts"] == 1
 
 
+async def test_a_start_that_may_have_committed_is_given_back_when_the_delivery_is_requeued(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every reply of the ledger's start is lost until the persist deadline passes: the delivery
+    is requeued with a delay, not knowing whether its start committed. It must give that start
+    back (by its token), or the copy waits out a lease nobody holds and counts a second start."""
+    real_begin = PostgresLedger.begin
+    loop = asyncio.get_running_loop()
+    lose_until: float | None = None
+    lost = 0
+
+    async def begin_replies_lost(self: PostgresLedger, *args: Any, **kwargs: Any) -> Started | Known:
+        nonlocal lost, lose_until
+        if lose_until is None:  # from the first start on, for longer than the deadline
+            lose_until = loop.time() + settings.worker.persist_deadline_s + 0.5
+        began = await real_begin(self, *args, **kwargs)
+        if loop.time() < lose_until:
+            lost += 1
+            raise SinkUnavailable("postgres: connection lost while reading the reply (test)")
+        return began
+
+    monkeypatch.setattr(PostgresLedger, "begin", begin_replies_lost)
+    write_song(settings.worker.media_root / "a.wav")
+    async with Broker(settings) as broker, running_worker(settings):
+        await broker.publish(request("req-unsure", "a.wav"))
+        [result] = await broker.results(
+            1, timeout_s=settings.worker.persist_deadline_s + settings.worker.lease_s / 2
+        )
+    assert lost >= 1
+    assert result.status is ResultStatus.COMPLETED
+    sql = "SELECT attempts FROM requests WHERE request_id = $1"
+    [row] = await pg_rows(settings.postgres.dsn, sql, "req-unsure")
+    assert row["attempts"] == 1
+
+
 async def test_tags_are_stored_with_how_they_compare_to_the_measurement(settings: Settings) -> None:
     import mutagen.flac
     import soundfile as sf

@@ -54,7 +54,7 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -425,22 +425,30 @@ FROM requests r LEFT JOIN analysis_results a USING (request_id)
 WHERE r.request_id = $1
 """
 
-#: An orderly requeue: the start does not count, and the lease is released at once.
+#: An orderly requeue: the start does not count, and the lease is released at once; only while
+#: the lease is still the delivery's own ($2; NULL: whoever holds it).
 _GIVE_BACK = """
 UPDATE requests SET attempts = GREATEST(attempts - 1, 0), heartbeat_at = NULL, lease_token = NULL,
                     updated_at = now()
-WHERE request_id = $1 AND status = 'running'
+WHERE request_id = $1 AND status = 'running' AND ($2::text IS NULL OR lease_token = $2::text)
 """
 
 _MARK_PUBLISHED = """
 UPDATE requests SET published_at = COALESCE(published_at, now()) WHERE request_id = $1
 """
 
-#: Renew the leases of the requests a worker is running; report those whose cancellation is pending.
+#: Renew the leases a worker still holds (request $1[i] under token $2[i]; NULL: whoever holds
+#: it): a lease another worker took over after this one stalled stays that worker's. Report the
+#: requests whose cancellation is pending, held or not.
 _HEARTBEAT = """
-UPDATE requests SET heartbeat_at = now()
-WHERE request_id = ANY($1::text[]) AND status = 'running'
-RETURNING request_id, cancel_requested_at IS NOT NULL AS cancel
+WITH renewed AS (
+    UPDATE requests r SET heartbeat_at = now()
+    FROM unnest($1::text[], $2::text[]) AS u (request_id, lease_token)
+    WHERE r.request_id = u.request_id AND r.status = 'running'
+      AND (u.lease_token IS NULL OR r.lease_token = u.lease_token)
+)
+SELECT request_id FROM requests
+WHERE request_id = ANY($1::text[]) AND status = 'running' AND cancel_requested_at IS NOT NULL
 """
 
 
@@ -687,11 +695,13 @@ class PostgresLedger:
         with _translated(f"reading {request_id!r}"):
             return await self._lookup(pool, request_id)
 
-    async def give_back(self, request_id: str) -> None:
-        """Undo the attempt count of a start that ended in an orderly requeue (shutdown)."""
+    async def give_back(self, request_id: str, *, lease: str | None = None) -> None:
+        """Undo the attempt count of a start that ended in an orderly requeue (shutdown), and
+        release its lease; with ``lease``, only while that token still holds it (a start whose
+        reply was lost may not have committed, another worker may have taken the lease over)."""
         pool = self._require_pool("give_back")
         with _translated(f"giving back a start of {request_id!r}"):
-            await pool.execute(_GIVE_BACK, request_id)
+            await pool.execute(_GIVE_BACK, request_id, lease)
 
     async def mark_published(self, request_id: str) -> None:
         """Record that the broker confirmed the result of ``request_id``."""
@@ -699,14 +709,15 @@ class PostgresLedger:
         with _translated(f"marking {request_id!r} published"):
             await pool.execute(_MARK_PUBLISHED, request_id)
 
-    async def heartbeat(self, request_ids: Sequence[str]) -> set[str]:
-        """Renew this worker's leases on ``request_ids``; return those whose cancellation is pending."""
-        if not request_ids:
+    async def heartbeat(self, leases: Mapping[str, str | None]) -> set[str]:
+        """Renew this worker's leases (request id -> the token it began with; None: any holder's)
+        where the token still holds them; return the ids whose cancellation is pending."""
+        if not leases:
             return set()
         pool = self._require_pool("heartbeat")
         with _translated("renewing leases"):
-            rows = await pool.fetch(_HEARTBEAT, list(request_ids))
-        return {str(row["request_id"]) for row in rows if row["cancel"]}
+            rows = await pool.fetch(_HEARTBEAT, list(leases), list(leases.values()))
+        return {str(row["request_id"]) for row in rows}
 
     async def ping(self) -> None:
         """Run ``SELECT 1`` (raises SinkUnavailable when PostgreSQL does not answer)."""

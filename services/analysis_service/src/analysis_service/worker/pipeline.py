@@ -134,7 +134,10 @@ class Delivery:
     problem: AnalysisServiceError | None = None
     claimed_id: str | None = None
     counted_start: bool = False
-    #: This delivery's lease token: a retried ``begin`` whose reply was lost finds its own lease.
+    #: A ledger start was sent: it may have committed though no reply came (see ``lease``).
+    start_sent: bool = False
+    #: This delivery's lease token: a retried ``begin`` whose reply was lost finds its own lease,
+    #: and a give-back or heartbeat touches only a lease this delivery still holds.
     lease: str = field(default_factory=lambda: uuid.uuid4().hex)
     outcome: AnalysisResultMessage | None = None
     stored: Finished | None = None
@@ -327,6 +330,7 @@ class Pipeline:
             return
         assert d.request is not None
         quorum = self.settings.rabbitmq.queue_type == "quorum"
+        d.start_sent = True
         begun = await self._store(
             "postgres",
             self.ledger.begin,

@@ -534,12 +534,14 @@ class Worker:
         elif settlement is Settlement.DEAD_LETTER:
             self.counters["failed"] += 1
             await _settle(message.reject(requeue=False))
-        elif settlement is Settlement.RETRY_LATER and await self._publish_retry(d):
-            self.counters["requeued"] += 1
-            await _settle(message.ack())
         else:
+            if d.start_sent and not d.counted_start:  # a start nobody saw commit: only we can undo it
+                await self._give_back(d)
             self.counters["requeued"] += 1
-            await _settle(message.nack(requeue=True))
+            if settlement is Settlement.RETRY_LATER and await self._publish_retry(d):
+                await _settle(message.ack())
+            else:
+                await _settle(message.nack(requeue=True))
 
     async def _publish_retry(self, d: Delivery) -> bool:
         """Publish a copy of ``d`` to the delay queue (confirmed); False when that failed."""
@@ -576,12 +578,14 @@ class Worker:
         return True
 
     async def _give_back(self, d: Delivery) -> None:
-        """Undo the start count of a delivery the worker requeues in an orderly way (shutdown)."""
-        if not d.counted_start or self._ledger is None:
-            return
+        """Undo the start of a delivery the worker requeues in an orderly way (shutdown), or whose
+        start may have committed unseen (its replies lost until the deadline): by its lease token,
+        so a start that never committed, or a lease another worker took over, is left alone."""
+        if not (d.counted_start or d.start_sent) or self._ledger is None or "postgres" not in self._started:
+            return  # (a ledger never started took no start)
         try:
             async with asyncio.timeout(2.0):
-                await self._ledger.give_back(d.request_id)
+                await self._ledger.give_back(d.request_id, lease=d.lease)
         except (SinkUnavailable, SinkRejected, TimeoutError) as exc:
             log.info("could not give back the start", error=str(exc) or "time-out")
 
@@ -642,12 +646,12 @@ class Worker:
         assert ledger is not None
         while True:
             await asyncio.sleep(self.settings.worker.cancel_poll_s)
-            ids = [rid for rid, (d, _) in self._inflight.items() if d.request is not None]
-            if not ids:
+            leases = {rid: d.lease for rid, (d, _) in self._inflight.items() if d.request is not None}
+            if not leases:
                 continue
             try:
                 async with asyncio.timeout(self.settings.postgres.command_timeout_s):
-                    pending = await ledger.heartbeat(ids)
+                    pending = await ledger.heartbeat(leases)
             except (SinkUnavailable, SinkRejected, TimeoutError, RuntimeError):
                 continue  # the ledger is down: cancellations wait for it
             for rid in pending:
