@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from analysis_service.errors import SinkUnavailable
 from analysis_service.settings import EngineSettings, Neo4jSettings, RedisSettings, Settings
 from analysis_service.sinks.postgres import Known, PostgresLedger, Started, fingerprint
+from analysis_service.sinks.progress import ProgressStore
 from analysis_service.worker.slots import Phase
 from analysis_service.worker.worker import Worker
 from service_shared.messages import AnalysisRequest, ResultStatus
@@ -366,6 +367,46 @@ async def test_redis_down_results_still_stored(
         settings.postgres.dsn, "SELECT status FROM analysis_results WHERE request_id = 'no-redis'"
     )
     assert [r["status"] for r in rows] == ["completed"]
+
+
+async def test_terminal_progress_redis_missed_is_owed_in_the_ledger_and_written_by_another_worker(
+    tmp_path: Path,
+    rabbit_url: str,
+    pg_dsn: str,
+    redis_settings: RedisSettings,
+    bolt_server: Neo4jSettings,
+    closed_port: int,
+) -> None:
+    """A worker that ends a request while Redis is down owes its terminal progress. Kept only in
+    that worker's memory, the debt died with it and the request's progress said "running" until
+    it expired; kept in the ledger, any worker writes it once Redis answers."""
+    redis_down = RedisSettings(url=f"redis://127.0.0.1:{closed_port}/0", socket_timeout_s=0.5)
+    down = make_settings(tmp_path, rabbit_url=rabbit_url, pg_dsn=pg_dsn, redis=redis_down, graph=bolt_server)
+    up = down.model_copy(update={"redis": redis_settings})
+    write_song(down.worker.media_root / "a.wav")
+    async with Broker(down) as broker:
+        async with running_worker(down):
+            await broker.publish(request("owed", "a.wav"))
+            [result] = await broker.results(1)
+        assert result.status is ResultStatus.COMPLETED
+        [row] = await pg_rows(pg_dsn, "SELECT progress_owed FROM requests WHERE request_id = $1", "owed")
+        assert row["progress_owed"] is True
+        progress = ProgressStore(redis_settings)
+        try:
+            assert await progress.get("owed") is None
+            async with running_worker(up):  # another worker, Redis up: it pays the debt
+                state = None
+                for _ in range(150):
+                    state = await progress.get("owed")
+                    if state is not None:
+                        break
+                    await asyncio.sleep(0.1)
+        finally:
+            await progress.close()
+    assert state is not None
+    assert (state["status"], state["percent"]) == ("completed", 100.0)
+    [row] = await pg_rows(pg_dsn, "SELECT progress_owed FROM requests WHERE request_id = $1", "owed")
+    assert row["progress_owed"] is False
 
 
 @pytest.mark.parametrize("priority", [5, 9], ids=["routine", "urgent"])

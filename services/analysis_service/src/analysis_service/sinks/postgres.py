@@ -433,6 +433,21 @@ UPDATE requests SET attempts = GREATEST(attempts - 1, 0), heartbeat_at = NULL, l
 WHERE request_id = $1 AND status = 'running' AND ($2::text IS NULL OR lease_token = $2::text)
 """
 
+#: Terminal progress Redis did not take, owed by whichever worker writes it first (see 0006).
+_OWE_PROGRESS = """
+UPDATE requests SET progress_owed = true WHERE request_id = ANY($1::text[]) AND finished_at IS NOT NULL
+"""
+
+_OWED_PROGRESS = """
+SELECT a.result FROM requests r JOIN analysis_results a USING (request_id)
+WHERE r.progress_owed AND a.result IS NOT NULL
+LIMIT $1
+"""
+
+_PROGRESS_PAID = """
+UPDATE requests SET progress_owed = false WHERE request_id = ANY($1::text[]) AND progress_owed
+"""
+
 _MARK_PUBLISHED = """
 UPDATE requests SET published_at = COALESCE(published_at, now()) WHERE request_id = $1
 """
@@ -702,6 +717,25 @@ class PostgresLedger:
         pool = self._require_pool("give_back")
         with _translated(f"giving back a start of {request_id!r}"):
             await pool.execute(_GIVE_BACK, request_id, lease)
+
+    async def owe_progress(self, request_ids: Sequence[str]) -> None:
+        """Record that Redis did not take the terminal progress of these finished requests."""
+        pool = self._require_pool("owe_progress")
+        with _translated("recording terminal progress owed"):
+            await pool.execute(_OWE_PROGRESS, list(request_ids))
+
+    async def owed_progress(self, limit: int) -> list[AnalysisResultMessage]:
+        """Up to ``limit`` stored outcomes whose terminal progress is owed (by any worker)."""
+        pool = self._require_pool("owed_progress")
+        with _translated("reading terminal progress owed"):
+            rows = await pool.fetch(_OWED_PROGRESS, limit)
+        return [AnalysisResultMessage.model_validate_json(row["result"]) for row in rows]
+
+    async def progress_paid(self, request_ids: Sequence[str]) -> None:
+        """Record that the terminal progress of these requests is written."""
+        pool = self._require_pool("progress_paid")
+        with _translated("recording terminal progress written"):
+            await pool.execute(_PROGRESS_PAID, list(request_ids))
 
     async def mark_published(self, request_id: str) -> None:
         """Record that the broker confirmed the result of ``request_id``."""

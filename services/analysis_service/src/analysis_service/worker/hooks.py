@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from analysis_service.metrics import Metrics
+from analysis_service.sinks.postgres import PostgresLedger
 from analysis_service.sinks.progress import ProgressStore
 from analysis_service.worker.pipeline import Delivery, Settlement
 from service_shared.messages import AnalysisResultMessage, EngineOutput, ResultStatus
@@ -256,9 +257,19 @@ class ProgressHook:
     keeps the terminal updates Redis missed to write them again when it answers.
     """
 
-    def __init__(self, progress: ProgressStore, best_effort: BestEffort) -> None:
+    def __init__(
+        self,
+        progress: ProgressStore,
+        best_effort: BestEffort,
+        *,
+        ledger: PostgresLedger | None = None,
+        ledger_best_effort: BestEffort | None = None,
+    ) -> None:
         self._progress = progress
         self._best_effort = best_effort
+        #: Where a terminal update Redis missed is owed too, for any worker to pay (migration 0006).
+        self._ledger = ledger
+        self._ledger_best_effort = ledger_best_effort
         self._analysing: set[str] = set()
         self._last: dict[str, float] = {}
         self._debt: OrderedDict[str, AnalysisResultMessage] = OrderedDict()
@@ -299,6 +310,7 @@ class ProgressHook:
             self._debt.move_to_end(result.request_id)
             while len(self._debt) > MAX_PROGRESS_DEBT:
                 self._debt.popitem(last=False)
+            await self._in_ledger("owe progress", "owe_progress", [result.request_id])
 
     async def write_terminal(self, result: AnalysisResultMessage) -> bool:
         """Write the terminal progress of ``result``; False when Redis did not take it."""
@@ -315,13 +327,30 @@ class ProgressHook:
         )
         return done
 
-    async def repay(self) -> None:
-        """Write again the terminal updates Redis missed (call periodically)."""
-        while self._debt:
-            request_id, result = next(iter(self._debt.items()))
-            if not await self.write_terminal(result):
-                return  # still down: try again later
-            self._debt.pop(request_id, None)
+    async def repay(self, *, limit: int = 100) -> None:
+        """Write again the terminal updates Redis missed (call periodically): this worker's, then
+        up to ``limit`` the ledger says are owed by any worker (one that died meanwhile, say)."""
+        paid: list[str] = []
+        try:
+            while self._debt:
+                request_id, result = next(iter(self._debt.items()))
+                if not await self.write_terminal(result):
+                    return  # still down: try again later
+                self._debt.pop(request_id, None)
+                paid.append(request_id)
+            for result in await self._in_ledger("read progress owed", "owed_progress", limit) or []:
+                if not await self.write_terminal(result):
+                    return
+                paid.append(result.request_id)
+        finally:
+            if paid:
+                await self._in_ledger("record progress written", "progress_paid", paid)
+
+    async def _in_ledger(self, what: str, method: str, *args: Any) -> Any:
+        """Call ``method`` of the ledger, best effort (None when there is none or it failed)."""
+        if self._ledger is None or self._ledger_best_effort is None:
+            return None
+        return await self._ledger_best_effort(what, getattr(self._ledger, method), *args)
 
     @property
     def debt(self) -> int:

@@ -304,7 +304,12 @@ class Worker:
         assert self._slots is not None
         assert self._publisher is not None
         assert self._progress is not None
-        self._progress_hook = ProgressHook(self._progress, self._best_effort)
+        self._progress_hook = ProgressHook(
+            self._progress,
+            self._best_effort,
+            ledger=self._ledger,
+            ledger_best_effort=self._ledger_best_effort,
+        )
         self._prefetch_hook = self._window_hook()
         return Pipeline(
             settings=self.settings,
@@ -604,6 +609,18 @@ class Worker:
             return None
         finally:
             self.metrics.set_breaker("redis", guard.state)
+
+    async def _ledger_best_effort(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """A ledger call that can wait for the next round (the terminal progress owed): through the
+        PostgreSQL breaker, bounded by the command time-out; None when the ledger did not answer."""
+        try:
+            async with asyncio.timeout(self.settings.postgres.command_timeout_s):
+                await self._prepare("postgres")
+                return await self._guards["postgres"].call(fn, *args)
+        except (SinkUnavailable, SinkRejected, TimeoutError) as exc:
+            raise_if_cancelling(exc)
+            log.info("ledger unavailable: will try again", operation=what, error=str(exc) or "time-out")
+            return None
 
     def _pump_progress(self, loop: asyncio.AbstractEventLoop, queue: Any) -> None:
         """Thread: forward ``(request_id, fraction, stage)`` from pool processes to the loop."""
