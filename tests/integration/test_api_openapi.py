@@ -264,6 +264,10 @@ def test_generated_requests_get_documented_responses(
     5xx; invalid data refused; auth enforced) on generated requests, valid and invalid."""
     operation = api_schema[path][method]
 
+    # The examples are the same at every run (derandomize): schemathesis' negative mode also makes
+    # mutations that do not change what is sent, and then reports the 200 as accepted invalid data
+    # (seen once at random: a nullable query string "made an array" of one item, which is sent as
+    # the same string, with the Authorization header "removed" and put back by ``headers=AUTH``).
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
         max_examples=MAX_EXAMPLES,
@@ -271,6 +275,7 @@ def test_generated_requests_get_documented_responses(
         suppress_health_check=list(HealthCheck),
         phases=[Phase.explicit, Phase.generate],
         database=None,
+        derandomize=True,
     )
     def check(case: Any) -> None:
         case.call_and_validate(headers=AUTH, timeout=10, excluded_checks=excluded)
