@@ -290,6 +290,29 @@ async def test_a_worker_whose_lease_was_taken_neither_renews_nor_gives_back_the_
     assert await sink.begin("req-1", FIELDS, count_attempt=True, lease="worker-c") == Started(2)
 
 
+async def test_progress_owed_is_taken_by_one_payer_and_can_be_owed_again(
+    make_sink: SinkFactory, db: asyncpg.Connection
+) -> None:
+    """Terminal progress Redis missed is owed in the ledger; workers paying it take disjoint debts
+    (not every worker the same ones), and what Redis refuses again is owed again."""
+    sink = await make_sink()
+    ids = [f"req-{n}" for n in range(5)]
+    for rid in ids:
+        await sink.begin(rid, FIELDS, count_attempt=True)
+        await sink.finish(completed(rid), FIELDS)
+    await sink.owe_progress(ids)
+    first, second = await asyncio.gather(sink.claim_owed_progress(3), sink.claim_owed_progress(3))
+    taken = [r.request_id for r in first + second]
+    assert sorted(taken) == ids  # every debt taken once
+    assert await sink.claim_owed_progress(10) == []
+    await sink.owe_progress(["req-1"])  # Redis refused it again
+    assert [r.request_id for r in await sink.claim_owed_progress(10)] == ["req-1"]
+    await sink.owe_progress(["req-2"])
+    await sink.progress_paid(["req-2"])  # the worker that owed it wrote it after all
+    assert await sink.claim_owed_progress(10) == []
+    assert await db.fetchval("SELECT count(*) FROM requests WHERE progress_owed") == 0
+
+
 async def test_an_id_of_another_request_is_never_touched(
     make_sink: SinkFactory, db: asyncpg.Connection
 ) -> None:

@@ -61,12 +61,16 @@ from importlib import resources
 from typing import Any, Final
 
 import asyncpg
+import structlog
+from pydantic import ValidationError
 
 from analysis_service.errors import SinkRejected, SinkUnavailable
 from analysis_service.settings import PostgresSettings
 from service_shared.messages import AnalysisRequest, AnalysisResultMessage, EngineOutput, ResultStatus
 
 STORE = "PostgreSQL"
+
+log = structlog.get_logger(__name__)
 
 #: SQLSTATE classes of errors meaning "the database answered and refuses this data": data exceptions
 #: (22: e.g. a NUL byte in text), integrity violations (23) and syntax/access errors (42). Retrying
@@ -438,10 +442,15 @@ _OWE_PROGRESS = """
 UPDATE requests SET progress_owed = true WHERE request_id = ANY($1::text[]) AND finished_at IS NOT NULL
 """
 
-_OWED_PROGRESS = """
-SELECT a.result FROM requests r JOIN analysis_results a USING (request_id)
-WHERE r.progress_owed AND a.result IS NOT NULL
-LIMIT $1
+#: Take up to $1 debts: cleared as they are read, rows another worker is taking are skipped, so
+#: each debt has one payer (it owes it again if Redis refuses the write).
+_CLAIM_OWED_PROGRESS = """
+UPDATE requests r SET progress_owed = false
+FROM analysis_results a
+WHERE a.request_id = r.request_id
+  AND r.request_id IN (SELECT request_id FROM requests WHERE progress_owed
+                       ORDER BY request_id LIMIT $1 FOR UPDATE SKIP LOCKED)
+RETURNING r.request_id, a.result
 """
 
 _PROGRESS_PAID = """
@@ -724,12 +733,26 @@ class PostgresLedger:
         with _translated("recording terminal progress owed"):
             await pool.execute(_OWE_PROGRESS, list(request_ids))
 
-    async def owed_progress(self, limit: int) -> list[AnalysisResultMessage]:
-        """Up to ``limit`` stored outcomes whose terminal progress is owed (by any worker)."""
-        pool = self._require_pool("owed_progress")
-        with _translated("reading terminal progress owed"):
-            rows = await pool.fetch(_OWED_PROGRESS, limit)
-        return [AnalysisResultMessage.model_validate_json(row["result"]) for row in rows]
+    async def claim_owed_progress(self, limit: int) -> list[AnalysisResultMessage]:
+        """Take up to ``limit`` stored outcomes whose terminal progress is owed (by any worker):
+        their debt is now the caller's, to write or to owe again (:meth:`owe_progress`). A stored
+        result that no longer parses is logged and dropped (its debt with it)."""
+        pool = self._require_pool("claim_owed_progress")
+        with _translated("taking terminal progress owed"):
+            rows = await pool.fetch(_CLAIM_OWED_PROGRESS, limit)
+        results = []
+        for row in rows:
+            if row["result"] is None:
+                continue  # stored before whole results were kept: nothing to write
+            try:
+                results.append(AnalysisResultMessage.model_validate_json(row["result"]))
+            except ValidationError as exc:
+                log.error(
+                    "stored result unreadable: its terminal progress is not written",
+                    request_id=row["request_id"],
+                    error=str(exc),
+                )
+        return results
 
     async def progress_paid(self, request_ids: Sequence[str]) -> None:
         """Record that the terminal progress of these requests is written."""

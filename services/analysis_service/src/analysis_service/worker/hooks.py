@@ -328,22 +328,30 @@ class ProgressHook:
         return done
 
     async def repay(self, *, limit: int = 100) -> None:
-        """Write again the terminal updates Redis missed (call periodically): this worker's, then
-        up to ``limit`` the ledger says are owed by any worker (one that died meanwhile, say)."""
+        """Write again the terminal updates Redis missed (call periodically): this worker's, then,
+        once Redis takes them, up to ``limit`` taken from the ledger's debts of any worker (one
+        that died meanwhile, say); what Redis refuses of those is owed in the ledger again."""
+        if not await self._pay(self._debt):
+            return  # Redis is still down: try again later
+        taken = await self._in_ledger("take progress owed", "claim_owed_progress", limit) or []
+        debts = OrderedDict((result.request_id, result) for result in taken)
+        if not await self._pay(debts, ledger_owes=False):
+            await self._in_ledger("owe progress again", "owe_progress", list(debts))
+
+    async def _pay(self, debts: OrderedDict[str, AnalysisResultMessage], *, ledger_owes: bool = True) -> bool:
+        """Write ``debts`` in order, removing each one Redis takes; False at the first refusal.
+        The ledger's flags of the ones paid are cleared (``ledger_owes``: they may be set)."""
         paid: list[str] = []
         try:
-            while self._debt:
-                request_id, result = next(iter(self._debt.items()))
+            while debts:
+                request_id, result = next(iter(debts.items()))
                 if not await self.write_terminal(result):
-                    return  # still down: try again later
-                self._debt.pop(request_id, None)
+                    return False
+                debts.pop(request_id, None)
                 paid.append(request_id)
-            for result in await self._in_ledger("read progress owed", "owed_progress", limit) or []:
-                if not await self.write_terminal(result):
-                    return
-                paid.append(result.request_id)
+            return True
         finally:
-            if paid:
+            if paid and ledger_owes:
                 await self._in_ledger("record progress written", "progress_paid", paid)
 
     async def _in_ledger(self, what: str, method: str, *args: Any) -> Any:
