@@ -34,12 +34,13 @@ def configure_logging(*, service: str, level: str = "info", fmt: Literal["json",
         cache_logger_on_first_use=False,
     )
     # Libraries (aio-pika, aiormq, asyncpg, neo4j) log through the standard library: render those
-    # lines with the same processors so the stream stays one JSON object per line.
+    # lines with the same processors so the stream stays one JSON object per line, their
+    # exceptions as traceback text (``exception``) like the service's own.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[*shared[:-2], structlog.stdlib.add_logger_name],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
     root = logging.getLogger()
