@@ -464,41 +464,19 @@ async def test_request_that_keeps_killing_workers_is_failed(settings: Settings) 
     assert len(dead) == 1
 
 
-async def test_a_start_whose_reply_was_lost_is_not_counted_twice(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("past_deadline", [False, True], ids=["first-reply", "every-reply-past-the-deadline"])
+async def test_a_start_whose_reply_was_lost_is_counted_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, past_deadline: bool
 ) -> None:
-    """The ledger commits the start, then the connection drops before the reply: the retry must
-    find its own lease, not "running in another worker" (a requeue, the lease waited out and a
-    start counted toward ``max_deliveries`` that never ran)."""
-    real_begin = PostgresLedger.begin
-    lost = 0
+    """The ledger commits the start, then the connection drops before the reply.
 
-    async def begin_reply_lost(self: PostgresLedger, *args: Any, **kwargs: Any) -> Started | Known:
-        nonlocal lost
-        began = await real_begin(self, *args, **kwargs)
-        if lost == 0:
-            lost += 1
-            raise SinkUnavailable("postgres: connection lost while reading the reply (test)")
-        return began
-
-    monkeypatch.setattr(PostgresLedger, "begin", begin_reply_lost)
-    write_song(settings.worker.media_root / "a.wav")
-    async with Broker(settings) as broker, running_worker(settings):
-        await broker.publish(request("req-lost", "a.wav"))
-        [result] = await broker.results(1, timeout_s=settings.worker.lease_s / 2)
-    assert lost == 1
-    assert result.status is ResultStatus.COMPLETED
-    sql = "SELECT attempts FROM requests WHERE request_id = $1"
-    [row] = await pg_rows(settings.postgres.dsn, sql, "req-lost")
-    assert row["attempts"] == 1
-
-
-async def test_a_start_that_may_have_committed_is_given_back_when_the_delivery_is_requeued(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every reply of the ledger's start is lost until the persist deadline passes: the delivery
-    is requeued with a delay, not knowing whether its start committed. It must give that start
-    back (by its token), or the copy waits out a lease nobody holds and counts a second start."""
+    * Only the first reply lost: the retry must find its own lease, not "running in another
+      worker" (a requeue, the lease waited out and a start counted toward ``max_deliveries`` that
+      never ran).
+    * Every reply lost until the persist deadline passes: the delivery is requeued with a delay,
+      not knowing whether its start committed. It must give that start back (by its token), or the
+      copy waits out a lease nobody holds and counts a second start.
+    """
     real_begin = PostgresLedger.begin
     loop = asyncio.get_running_loop()
     lose_until: float | None = None
@@ -506,25 +484,24 @@ async def test_a_start_that_may_have_committed_is_given_back_when_the_delivery_i
 
     async def begin_replies_lost(self: PostgresLedger, *args: Any, **kwargs: Any) -> Started | Known:
         nonlocal lost, lose_until
-        if lose_until is None:  # from the first start on, for longer than the deadline
-            lose_until = loop.time() + settings.worker.persist_deadline_s + 0.5
+        if lose_until is None:  # from the first start on
+            lose_until = loop.time() + (settings.worker.persist_deadline_s + 0.5 if past_deadline else 0.0)
         began = await real_begin(self, *args, **kwargs)
-        if loop.time() < lose_until:
+        if lost == 0 or loop.time() < lose_until:
             lost += 1
             raise SinkUnavailable("postgres: connection lost while reading the reply (test)")
         return began
 
     monkeypatch.setattr(PostgresLedger, "begin", begin_replies_lost)
     write_song(settings.worker.media_root / "a.wav")
+    wait_s = settings.worker.lease_s / 2 + (settings.worker.persist_deadline_s if past_deadline else 0.0)
     async with Broker(settings) as broker, running_worker(settings):
-        await broker.publish(request("req-unsure", "a.wav"))
-        [result] = await broker.results(
-            1, timeout_s=settings.worker.persist_deadline_s + settings.worker.lease_s / 2
-        )
-    assert lost >= 1
+        await broker.publish(request("req-lost", "a.wav"))
+        [result] = await broker.results(1, timeout_s=wait_s)
+    assert lost >= 1 if past_deadline else lost == 1
     assert result.status is ResultStatus.COMPLETED
     sql = "SELECT attempts FROM requests WHERE request_id = $1"
-    [row] = await pg_rows(settings.postgres.dsn, sql, "req-unsure")
+    [row] = await pg_rows(settings.postgres.dsn, sql, "req-lost")
     assert row["attempts"] == 1
 
 
