@@ -481,7 +481,6 @@ class Worker:
             self._inflight[key] = (d, asyncio.current_task())  # type: ignore[assignment]
             settlement = await self._run_counted(pipeline, d)
         except asyncio.CancelledError:
-            await self._give_back(d)
             await self._settle(d, Settlement.REQUEUE)
             raise
         except Exception as exc:  # a bug: the last resort still leaves one outcome behind
@@ -540,12 +539,14 @@ class Worker:
             self.counters["failed"] += 1
             await _settle(message.reject(requeue=False))
         else:
-            if d.start_sent and not d.counted_start:  # a start nobody saw commit: only we can undo it
-                await self._give_back(d)
             self.counters["requeued"] += 1
             if settlement is Settlement.RETRY_LATER and await self._publish_retry(d):
+                # The copy's header gives back a counted start; one nobody saw commit only we can.
+                if not d.counted_start:
+                    await self._give_back(d)
                 await _settle(message.ack())
-            else:
+            else:  # requeued as it is: its start, if it made one, does not count
+                await self._give_back(d)
                 await _settle(message.nack(requeue=True))
 
     async def _publish_retry(self, d: Delivery) -> bool:
@@ -583,9 +584,9 @@ class Worker:
         return True
 
     async def _give_back(self, d: Delivery) -> None:
-        """Undo the start of a delivery the worker requeues in an orderly way (shutdown), or whose
-        start may have committed unseen (its replies lost until the deadline): by its lease token,
-        so a start that never committed, or a lease another worker took over, is left alone."""
+        """Undo the start of a delivery the worker requeues (a shutdown; a start that may have
+        committed unseen, its replies lost until the deadline): by its lease token, so a start that
+        never committed, or a lease another worker took over, is left alone."""
         if not (d.counted_start or d.start_sent) or self._ledger is None or "postgres" not in self._started:
             return  # (a ledger never started took no start)
         try:
